@@ -1,0 +1,133 @@
+"""Blob, Layer base class and the layer registry of the numpy engine.
+
+One Caffe layer type is one small :class:`Layer` subclass, registered under its Caffe type
+string with :func:`register`. A layer follows Caffe's protocol:
+
+* ``setup(bottom, top)`` once: check the parameters, create ``self.blobs`` (the learnable
+  parameters, zero-filled with their Caffe shapes; the net fills them from fillers or weights);
+* ``reshape(bottom, top)`` whenever bottom shapes may have changed: reshape the tops;
+* ``forward(bottom, top)``: write ``top[i].data``;
+* ``backward(top, propagate_down, bottom)``: **add** (``+=``) the gradient into
+  ``bottom[i].diff`` for each ``propagate_down[i]`` and into ``self.blobs[j].diff``. The net zeroes
+  bottom diffs before a backward pass (parameter diffs accumulate across passes, as in Caffe,
+  until :meth:`Net.clear_param_diffs`); that is how a blob with several consumers gets the sum of
+  their gradients.
+
+Layer parameters are read from the LayerParameter message, whose descriptor supplies Caffe's
+defaults. All arithmetic is float32, as in Caffe's CPU build.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict, List, Sequence, Tuple, Type
+
+import numpy as np
+
+from caffe_utils.errors import PrototxtError, UnsupportedLayerError
+
+DTYPE = np.float32
+
+
+class Blob:
+    """A Caffe blob: ``data`` and ``diff`` float32 arrays of the same shape."""
+
+    __slots__ = ("data", "diff")
+
+    def __init__(self, shape: Sequence[int] = (0,)) -> None:
+        shape = tuple(int(d) for d in shape)
+        self.data = np.zeros(shape, DTYPE)
+        self.diff = np.zeros(shape, DTYPE)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
+
+    def reshape(self, shape: Sequence[int]) -> None:
+        """Give the blob ``shape``; contents are kept when the shape is unchanged, else zeroed."""
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative blob dimension in {shape}")
+        if shape != self.data.shape:
+            self.data = np.zeros(shape, DTYPE)
+            self.diff = np.zeros(shape, DTYPE)
+
+    def __repr__(self) -> str:
+        return f"Blob{self.shape}"
+
+
+class LayerSetupError(PrototxtError):
+    """A layer's parameters or bottom shapes are invalid (message names the layer)."""
+
+
+class Layer:
+    """Base class of numpy-engine layers (see module docstring for the protocol)."""
+
+    type: ClassVar[str] = ""
+    #: exact number of bottoms / tops, or None for "any"; checked by the net
+    num_bottom: ClassVar[object] = None
+    num_top: ClassVar[object] = None
+
+    def __init__(self, param, phase: int) -> None:
+        self.param = param
+        self.phase = phase
+        self.blobs: List[Blob] = []
+
+    @property
+    def name(self) -> str:
+        return self.param.name
+
+    def error(self, message: str) -> LayerSetupError:
+        """An exception naming this layer, for invalid parameters or shapes."""
+        return LayerSetupError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def setup(self, bottom: List[Blob], top: List[Blob]) -> None:
+        """Check parameters and create ``self.blobs``; default: nothing to do."""
+
+    def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
+        raise NotImplementedError
+
+    def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
+        raise NotImplementedError
+
+    def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
+        raise NotImplementedError
+
+    def can_propagate(self, bottom_index: int) -> bool:
+        """Whether a gradient can flow to ``bottom[bottom_index]`` (False e.g. for labels)."""
+        return True
+
+    def loss_weight_default(self, top_index: int) -> float:
+        """Caffe's default loss weight of a top: 1 for a loss layer's first top, else 0."""
+        return 0.0
+
+
+LAYERS: Dict[str, Type[Layer]] = {}
+
+
+def register(cls: Type[Layer]) -> Type[Layer]:
+    """Class decorator: register ``cls`` under ``cls.type``."""
+    if not cls.type:
+        raise TypeError(f"{cls.__name__} has no Caffe type string")
+    if cls.type in LAYERS:
+        raise TypeError(f"layer type {cls.type!r} registered twice")
+    LAYERS[cls.type] = cls
+    return cls
+
+
+def supported_types() -> List[str]:
+    import caffe_utils.layers  # noqa: F401  (registers every layer module)
+    return sorted(LAYERS)
+
+
+def create_layer(param, phase: int) -> Layer:
+    """Instantiate the numpy implementation of ``param.type``."""
+    supported = supported_types()
+    cls = LAYERS.get(param.type)
+    if cls is None:
+        raise UnsupportedLayerError(
+            f"layer '{param.name}' has type '{param.type}', which the numpy engine does not support "
+            f"(supported: {', '.join(supported)}); use --engine caffe with a Caffe that has it")
+    return cls(param, phase)

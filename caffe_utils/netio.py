@@ -1,0 +1,526 @@
+"""Caffe model files in and out: prototxt nets, caffemodel weights, binaryproto means.
+
+* :func:`read_net` parses a prototxt (current or V1 syntax), upgrades it the way Caffe's
+  ``UpgradeNetAsNeeded`` does (V1 layers, legacy ``input``/``input_dim``/``input_shape``, data
+  transformation fields, BatchNorm param specs) and applies include/exclude rules for a phase.
+* :func:`read_caffemodel` reads V1 (``layers``) and current (``layer``) weight files into
+  ``{layer name: LayerWeights}`` without protobuf's per-element copies.
+* :func:`match_weights` checks a weights file against a net (by layer name, shapes as Caffe's
+  ``Blob::ShapeEquals`` allows, legacy 4-D shapes included).
+* :func:`write_caffemodel` writes a weights file that Caffe's ``Net.copy_from`` loads, atomically.
+* :func:`read_mean` reads a ``.binaryproto`` mean.
+
+Limits: V0 nets (pre-2014 ``layer {}`` inside ``layers {}``) are refused with a pointer to Caffe's
+``upgrade_net_proto_text`` tool; N-d blobs are kept as they are; a single file must stay under
+protobuf's 2 GiB message limit (Caffe's own limit).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from caffe_utils import wire
+from caffe_utils.errors import OutputError, PrototxtError, ShapeMismatchError, WeightsError
+from caffe_utils.schema import caffe_pb2
+
+PathLike = Union[str, os.PathLike]
+
+TRAIN, TEST = 0, 1
+PHASES = {"TRAIN": TRAIN, "TEST": TEST}
+
+# Caffe's UpgradeV1LayerType: V1 enum name -> layer type string.
+V1_TYPE_NAMES = {
+    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
+    "DECONVOLUTION": "Deconvolution", "DATA": "Data", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss",
+    "IM2COL": "Im2col", "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN", "POOLING": "Pooling",
+    "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
+    "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice",
+    "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+
+# ----------------------------------------------------------------------------- prototxt
+
+def _read_text(path: PathLike, what: str, error: type) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} '{p}' does not exist; check the path")
+    if p.is_dir():
+        raise error(f"{what} '{p}' is a directory; pass the file itself")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {what} '{p}': {exc.strerror}; check its permissions") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} '{p}' is not a text file (binary data at byte {exc.start}); "
+                    "pass a .prototxt, not a .caffemodel") from exc
+
+
+def parse_net_text(text: str, source: str = "<string>"):
+    """Parse prototxt text into a raw (not yet upgraded) NetParameter."""
+    net = caffe_pb2().NetParameter()
+    try:
+        text_format.Merge(text, net)
+    except text_format.ParseError as exc:
+        msg = str(exc).strip()
+        raise PrototxtError(f"{source}:{msg} -- fix the prototxt syntax at that line and column") from exc
+    return net
+
+
+def read_net_text(path: PathLike):
+    """Read a prototxt file into a raw (not yet upgraded) NetParameter."""
+    return parse_net_text(_read_text(path, "network definition", PrototxtError), str(path))
+
+
+def upgrade_net(net) -> bool:
+    """Upgrade ``net`` in place the way Caffe's ``UpgradeNetAsNeeded`` does. True if changed."""
+    pb2 = caffe_pb2()
+    changed = False
+    if len(net.layers):
+        if len(net.layer):
+            raise PrototxtError("the net mixes V1 'layers {}' and current 'layer {}' blocks; "
+                                "use one syntax throughout")
+        _upgrade_v1_data_transformation(net)
+        for v1 in net.layers:
+            net.layer.add().CopyFrom(_upgrade_v1_layer(v1, pb2))
+        net.ClearField("layers")
+        changed = True
+    if len(net.input_dim) or len(net.input_shape) or len(net.input):
+        _upgrade_net_input(net, pb2)
+        changed = True
+    for layer in net.layer:
+        if layer.type == "BatchNorm" and len(layer.param) == 3:
+            layer.ClearField("param")
+            changed = True
+    return changed
+
+
+def _upgrade_v1_data_transformation(net) -> None:
+    for v1 in net.layers:
+        tname = v1.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[v1.type].name
+        pname = {"DATA": "data_param", "IMAGE_DATA": "image_data_param",
+                 "WINDOW_DATA": "window_data_param"}.get(tname)
+        if pname is None or not v1.HasField(pname):
+            continue
+        p = getattr(v1, pname)
+        tp = v1.transform_param
+        if p.HasField("scale"):
+            tp.scale = p.scale
+            p.ClearField("scale")
+        if p.HasField("mean_file"):
+            tp.mean_file = p.mean_file
+            p.ClearField("mean_file")
+        if p.HasField("crop_size"):
+            tp.crop_size = p.crop_size
+            p.ClearField("crop_size")
+        if p.HasField("mirror"):
+            tp.mirror = p.mirror
+            p.ClearField("mirror")
+
+
+def _upgrade_v1_layer(v1, pb2):
+    if v1.HasField("layer"):
+        raise PrototxtError(f"layer '{v1.name or v1.layer.name}' uses the V0 format; convert the net "
+                            "with Caffe's tools/upgrade_net_proto_text first")
+    layer = pb2.LayerParameter()
+    enum = v1.DESCRIPTOR.fields_by_name["type"].enum_type
+    if v1.HasField("type"):
+        tname = enum.values_by_number[v1.type].name
+        layer.type = V1_TYPE_NAMES.get(tname, tname)
+    layer.name = v1.name
+    layer.bottom.extend(v1.bottom)
+    layer.top.extend(v1.top)
+    layer.include.extend(v1.include)
+    layer.exclude.extend(v1.exclude)
+    layer.blobs.extend(v1.blobs)
+    layer.loss_weight.extend(v1.loss_weight)
+    n_specs = max(len(v1.param), len(v1.blob_share_mode), len(v1.blobs_lr), len(v1.weight_decay))
+    for i in range(n_specs):
+        spec = layer.param.add()
+        if i < len(v1.param):
+            spec.name = v1.param[i]
+        if i < len(v1.blob_share_mode):
+            spec.share_mode = v1.blob_share_mode[i]
+        if i < len(v1.blobs_lr):
+            spec.lr_mult = v1.blobs_lr[i]
+        if i < len(v1.weight_decay):
+            spec.decay_mult = v1.weight_decay[i]
+    layer_fields = layer.DESCRIPTOR.fields_by_name
+    for fd, value in v1.ListFields():
+        if fd.name.endswith("_param") and fd.name in layer_fields and fd.name != "param":
+            getattr(layer, fd.name).CopyFrom(value)
+    return layer
+
+
+def _upgrade_net_input(net, pb2) -> None:
+    has_shape, has_dim = len(net.input_shape) > 0, len(net.input_dim) > 0
+    if has_shape or has_dim:
+        n = len(net.input)
+        if has_shape and len(net.input_shape) != n:
+            raise PrototxtError(f"the net has {n} 'input' names but {len(net.input_shape)} "
+                                "'input_shape' blocks; give one shape per input")
+        if has_dim and not has_shape and len(net.input_dim) != 4 * n:
+            raise PrototxtError(f"the net has {n} 'input' names but {len(net.input_dim)} 'input_dim' "
+                                "values; give four (num, channels, height, width) per input")
+        inp = pb2.LayerParameter(name="input", type="Input")
+        for i, name in enumerate(net.input):
+            inp.top.append(name)
+            shape = inp.input_param.shape.add()
+            if has_shape:
+                shape.CopyFrom(net.input_shape[i])
+            else:
+                shape.dim.extend(net.input_dim[4 * i:4 * i + 4])
+        layers = [inp] + [pb2.LayerParameter.FromString(l.SerializeToString()) for l in net.layer]
+        net.ClearField("layer")
+        net.layer.extend(layers)
+    net.ClearField("input")
+    net.ClearField("input_shape")
+    net.ClearField("input_dim")
+
+
+def _state_meets_rule(state, rule) -> bool:
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(net, phase: int = TEST, level: int = 0, stages: Sequence[str] = ()):
+    """Return a copy of ``net`` with only the layers that Caffe's ``FilterNet`` keeps."""
+    pb2 = caffe_pb2()
+    state = pb2.NetState()
+    state.CopyFrom(net.state)
+    state.phase = phase
+    state.level = level
+    state.stage.extend(s for s in stages if s not in state.stage)
+    out = pb2.NetParameter()
+    out.CopyFrom(net)
+    out.ClearField("layer")
+    for layer in net.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise PrototxtError(f"layer '{layer.name}' has both include and exclude rules; "
+                                "Caffe allows only one kind per layer")
+        keep = len(layer.include) == 0
+        for rule in layer.exclude:
+            if _state_meets_rule(state, rule):
+                keep = False
+        for rule in layer.include:
+            if _state_meets_rule(state, rule):
+                keep = True
+        if keep:
+            out.layer.add().CopyFrom(layer)
+    out.state.CopyFrom(state)
+    return out
+
+
+def read_net(path_or_net, phase: Union[int, str] = TEST, level: int = 0, stages: Sequence[str] = ()):
+    """Read, upgrade and phase-filter a net: what ``caffe.Net(path, phase)`` would build from.
+
+    ``path_or_net`` is a prototxt path or an already parsed NetParameter (which is not modified).
+    """
+    if isinstance(phase, str):
+        phase = PHASES[phase.upper()]
+    if isinstance(path_or_net, (str, os.PathLike)):
+        net = read_net_text(path_or_net)
+    else:
+        net = caffe_pb2().NetParameter()
+        net.CopyFrom(path_or_net)
+    upgrade_net(net)
+    return filter_net(net, phase, level, stages)
+
+
+def net_to_text(net) -> str:
+    return text_format.MessageToString(net)
+
+
+# ----------------------------------------------------------------------------- caffemodel
+
+@dataclass
+class LayerWeights:
+    """One layer's blobs as read from a weights file (arrays may be read-only views)."""
+    name: str
+    type: str
+    blobs: List[np.ndarray] = field(default_factory=list)
+    legacy_shape: List[bool] = field(default_factory=list)
+
+
+def _read_binary(path: PathLike, what: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"{what} '{p}' does not exist; check the path")
+    if p.is_dir():
+        raise WeightsError(f"{what} '{p}' is a directory; pass the file itself")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read {what} '{p}': {exc.strerror}; check its permissions") from exc
+    if not data:
+        raise WeightsError(f"{what} '{p}' is empty; re-download or re-save it")
+    return data
+
+
+def _decode_blob(buf: memoryview, span: Tuple[int, int]) -> Tuple[np.ndarray, bool]:
+    dims: Optional[List[int]] = None
+    legacy = [0, 0, 0, 0]
+    legacy_set = False
+    chunks: List[np.ndarray] = []
+    dchunks: List[np.ndarray] = []
+    loose: List[float] = []
+    for f, wt, v in wire.iter_fields(buf, *span):
+        if f == 7 and wt == wire.LEN:
+            dims = []
+            for sf, swt, sv in wire.iter_fields(buf, *v):
+                if sf == 1 and swt == wire.LEN:
+                    dims.extend(wire.signed64(d) for d in wire.packed_varints(buf, sv))
+                elif sf == 1 and swt == wire.VARINT:
+                    dims.append(wire.signed64(sv))
+        elif f in (1, 2, 3, 4) and wt == wire.VARINT:
+            legacy[f - 1] = wire.signed64(v)
+            legacy_set = True
+        elif f == 5 and wt == wire.LEN:
+            chunks.append(wire.float_array(buf, v))
+        elif f == 5 and wt == wire.I32:
+            loose.append(wire.fixed32_to_float(v))
+        elif f == 8 and wt == wire.LEN:
+            dchunks.append(wire.double_array(buf, v))
+        elif f == 8 and wt == wire.I64:
+            loose.append(wire.fixed64_to_double(v))
+    if loose:
+        chunks.append(np.asarray(loose, dtype=np.float32))
+    if dchunks and not chunks:
+        data = np.concatenate(dchunks).astype(np.float32) if len(dchunks) > 1 else dchunks[0].astype(np.float32)
+    elif len(chunks) == 1:
+        data = chunks[0]
+    elif chunks:
+        data = np.concatenate(chunks)
+    else:
+        data = np.zeros(0, np.float32)
+    if dims is not None:
+        shape, is_legacy = tuple(dims), False
+    elif legacy_set:
+        shape, is_legacy = tuple(legacy), True
+    else:
+        shape, is_legacy = (data.size,), False
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) != data.size:
+        raise wire.WireFormatError(f"blob of shape {shape} holds {data.size} values")
+    return data.reshape(shape), is_legacy
+
+
+def parse_caffemodel_bytes(data: bytes, source: str = "<bytes>") -> "OrderedDict[str, LayerWeights]":
+    """Parse the bytes of a caffemodel (NetParameter) into ``{layer name: LayerWeights}``."""
+    buf = memoryview(data)
+    v1_enum = caffe_pb2().V1LayerParameter.DESCRIPTOR.fields_by_name["type"].enum_type
+    out: "OrderedDict[str, LayerWeights]" = OrderedDict()
+    try:
+        for f, wt, v in wire.iter_fields(buf, 0, len(buf)):
+            if wt != wire.LEN or f not in (2, 100):
+                continue
+            name, ltype, blobs, legacy = "", "", [], []
+            if f == 100:  # LayerParameter: name 1, type 2, blobs 7
+                for lf, lwt, lv in wire.iter_fields(buf, *v):
+                    if lwt != wire.LEN:
+                        continue
+                    if lf == 1:
+                        name = wire.decode_string(buf, lv)
+                    elif lf == 2:
+                        ltype = wire.decode_string(buf, lv)
+                    elif lf == 7:
+                        arr, leg = _decode_blob(buf, lv)
+                        blobs.append(arr)
+                        legacy.append(leg)
+            else:  # V1LayerParameter: name 4, type 5 (enum), blobs 6, V0 layer 1
+                for lf, lwt, lv in wire.iter_fields(buf, *v):
+                    if lf == 4 and lwt == wire.LEN:
+                        name = wire.decode_string(buf, lv)
+                    elif lf == 5 and lwt == wire.VARINT:
+                        ev = v1_enum.values_by_number.get(lv)
+                        ltype = V1_TYPE_NAMES.get(ev.name, ev.name) if ev else str(lv)
+                    elif lf == 6 and lwt == wire.LEN:
+                        arr, leg = _decode_blob(buf, lv)
+                        blobs.append(arr)
+                        legacy.append(leg)
+                    elif lf == 1 and lwt == wire.LEN:  # V0: name 1, type 2, blobs 50
+                        for zf, zwt, zv in wire.iter_fields(buf, *lv):
+                            if zwt != wire.LEN:
+                                continue
+                            if zf == 1 and not name:
+                                name = wire.decode_string(buf, zv)
+                            elif zf == 2 and not ltype:
+                                ltype = wire.decode_string(buf, zv)
+                            elif zf == 50:
+                                arr, leg = _decode_blob(buf, zv)
+                                blobs.append(arr)
+                                legacy.append(leg)
+            if name in out and out[name].blobs and blobs:
+                raise WeightsError(f"{source}: layer '{name}' appears twice with weights; "
+                                   "the file is not a valid caffemodel")
+            if name not in out or blobs:
+                out[name] = LayerWeights(name, ltype, blobs, legacy)
+    except wire.WireFormatError as exc:
+        hint = ("it looks like a text prototxt; pass the .caffemodel"
+                if data[:200].lstrip()[:1].isalpha() or data.lstrip()[:1] in (b"#", b"l", b"n")
+                else "the file is truncated or not a caffemodel; re-download or re-save it")
+        raise WeightsError(f"{source}: not a readable caffemodel ({exc}); {hint}") from exc
+    if not out:
+        raise WeightsError(f"{source}: contains no layers; it is not a caffemodel (re-save it with Caffe)")
+    return out
+
+
+def read_caffemodel(path: PathLike) -> "OrderedDict[str, LayerWeights]":
+    """Read a binary caffemodel (V1 or current) into ``{layer name: LayerWeights}``."""
+    return parse_caffemodel_bytes(_read_binary(path, "weights file"), str(path))
+
+
+def legacy_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """Caffe's ``Blob::LegacyShape``: the shape left-padded with 1s to 4 axes."""
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def shape_compatible(expected: Sequence[int], array: np.ndarray, is_legacy: bool) -> bool:
+    """Caffe's ``Blob::ShapeEquals``: exact shape, or legacy 4-D equal after padding."""
+    if tuple(array.shape) == tuple(expected):
+        return True
+    return is_legacy and len(expected) <= 4 and legacy_shape(expected) == tuple(array.shape)
+
+
+def match_weights(expected: Mapping[str, Sequence[Sequence[int]]],
+                  weights: Mapping[str, LayerWeights], source: str = "weights"
+                  ) -> "OrderedDict[str, List[np.ndarray]]":
+    """Match file weights to a net's parameter shapes by layer name, as ``Net.copy_from`` does.
+
+    ``expected`` maps each layer that has parameters to its blobs' shapes. Layers of the file that
+    the net lacks (data, loss, Split layers of a training net) are ignored; net layers missing
+    from the file are left out of the result. Returns float32 arrays reshaped to the net's shapes.
+    """
+    out: "OrderedDict[str, List[np.ndarray]]" = OrderedDict()
+    for name, shapes in expected.items():
+        lw = weights.get(name)
+        if lw is None or not lw.blobs:
+            continue
+        if len(lw.blobs) != len(shapes):
+            raise ShapeMismatchError(
+                f"{source}: layer '{name}' has {len(lw.blobs)} blobs in the weights file but the "
+                f"prototxt needs {len(shapes)}; check bias_term and that the files belong together")
+        arrays = []
+        for i, (shape, arr, leg) in enumerate(zip(shapes, lw.blobs, lw.legacy_shape)):
+            if not shape_compatible(shape, arr, leg):
+                raise ShapeMismatchError(
+                    f"{source}: layer '{name}' blob {i} has shape {tuple(arr.shape)} in the weights "
+                    f"file but {tuple(shape)} in the prototxt; use the prototxt that matches these weights")
+            arrays.append(np.asarray(arr, dtype=np.float32).reshape(tuple(shape)))
+        out[name] = arrays
+    return out
+
+
+def _layer_without_blobs(layer) -> bytes:
+    if not len(layer.blobs):
+        return layer.SerializeToString()
+    stripped = layer.__class__()
+    stripped.CopyFrom(layer)
+    stripped.ClearField("blobs")
+    return stripped.SerializeToString()
+
+
+def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]]) -> None:
+    """Write a caffemodel: every layer of ``net`` (a NetParameter) with its blobs from ``params``.
+
+    The file is what Caffe's ``Net::ToProto`` writes (full layer definitions plus blobs), so
+    ``caffe.Net(prototxt, path, phase)`` and ``Net.copy_from`` load it. It is written to a
+    temporary file next to ``path`` and renamed, so an interrupted run never leaves a partial file.
+    """
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if dest.is_dir():
+        raise OutputError(f"output '{dest}' is a directory; give a file name such as {dest}/init.caffemodel")
+    if not parent.is_dir():
+        raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
+    known = {l.name for l in net.layer}
+    missing = [n for n in params if n not in known]
+    if missing:
+        raise ValueError(f"parameters given for layers not in the net: {missing}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to '{parent}': {exc.strerror}; choose a writable -o path") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if net.name:
+                name = net.name.encode("utf-8")
+                fh.write(wire.len_prefix(1, len(name)) + name)
+            for layer in net.layer:
+                head = _layer_without_blobs(layer)
+                blobs = [wire.encode_blob(a) for a in params.get(layer.name, ())]
+                body_len = len(head) + sum(len(wire.len_prefix(7, len(b))) + len(b) for b in blobs)
+                fh.write(wire.len_prefix(100, body_len))
+                fh.write(head)
+                for b in blobs:
+                    fh.write(wire.len_prefix(7, len(b)))
+                    fh.write(b)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise OutputError(f"cannot write '{dest}': {exc.strerror}; free space or choose another -o path") from exc
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- mean file
+
+def read_mean(path: PathLike) -> np.ndarray:
+    """Read a Caffe mean ``.binaryproto`` (a BlobProto) as a float32 (C, H, W) array."""
+    data = _read_binary(path, "mean file")
+    try:
+        blobs = [_decode_blob(memoryview(data), (0, len(data)))]
+    except wire.WireFormatError as exc:
+        raise WeightsError(f"{path}: not a readable mean .binaryproto ({exc}); "
+                           "create it with Caffe's compute_image_mean") from exc
+    arr = np.array(blobs[0][0], dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3 or arr.size == 0:
+        raise WeightsError(f"{path}: mean blob has shape {arr.shape}, expected (1, C, H, W); "
+                           "create it with Caffe's compute_image_mean")
+    return arr
+
+
+def write_mean(path: PathLike, mean: np.ndarray) -> None:
+    """Write a (C, H, W) mean as a legacy 4-D BlobProto, as compute_image_mean does."""
+    pb2 = caffe_pb2()
+    arr = np.asarray(mean, dtype=np.float32)
+    bp = pb2.BlobProto(num=1, channels=arr.shape[0], height=arr.shape[1], width=arr.shape[2])
+    bp.MergeFromString(wire.len_prefix(5, arr.nbytes) + arr.astype("<f4").tobytes())
+    Path(path).write_bytes(bp.SerializeToString())
