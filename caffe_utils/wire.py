@@ -118,6 +118,8 @@ def len_prefix(field: int, length: int) -> bytes:
 
 def encode_blob(array: np.ndarray) -> bytes:
     """Serialize ``array`` as a Caffe BlobProto: ``shape`` (field 7) and packed float ``data`` (5)."""
+    if array is None:
+        raise TypeError("blob data is None")
     arr = np.ascontiguousarray(array, dtype="<f4")
     dims = b"".join(encode_varint(int(d)) for d in arr.shape)
     shape_msg = (len_prefix(1, len(dims)) + dims) if dims else b""

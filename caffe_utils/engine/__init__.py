@@ -1,0 +1,53 @@
+"""One engine interface over two implementations: real pycaffe and the built-in numpy engine.
+
+:func:`open_net` returns a net with pycaffe's vocabulary that the initialization uses without
+knowing which engine runs it:
+
+* ``blobs`` / ``params``: ordered dicts (input to output) of blobs with ``.data`` and ``.diff``
+  numpy arrays; ``inputs`` / ``outputs``; ``net_param`` (the upgraded, phase-filtered
+  NetParameter); ``layer_names``, ``layer_types``, ``bottom_names``, ``top_names`` for the layers
+  of the prototxt;
+* ``forward(start=, end=)``, ``backward(start=, end=)`` (pycaffe's order: backward from ``start``
+  down to ``end``), ``reshape()``, ``clear_param_diffs()``, ``copy_from(path)``, ``save(path)``.
+
+Engine names: ``auto`` (pycaffe when importable, else numpy), ``numpy``, ``caffe``. A GPU id goes
+to pycaffe; asking the numpy engine for a GPU is an error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+from caffe_utils import netio
+from caffe_utils.errors import EngineError
+from caffe_utils.schema import pycaffe_importable
+
+ENGINES = ("auto", "numpy", "caffe")
+
+
+def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
+    """The concrete engine (``numpy`` or ``caffe``) that ``engine`` and ``gpu`` select."""
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        engine = "caffe" if pycaffe_importable() else "numpy"
+    if engine == "numpy" and gpu is not None:
+        raise EngineError("the numpy engine runs on the CPU only; drop --gpu or use --engine caffe with a CUDA Caffe")
+    if engine == "caffe" and not pycaffe_importable():
+        raise EngineError("pycaffe is not importable; build it with scripts/install_caffe.sh and add its "
+                          "python folder to PYTHONPATH, or use --engine numpy")
+    return engine
+
+
+def open_net(net: Union[str, Path, object], weights: Optional[Union[str, Path]] = None,
+             phase: Union[int, str] = netio.TEST, engine: str = "auto", gpu: Optional[int] = None, *,
+             level: int = 0, stages: Sequence[str] = (),
+             input_shapes: Optional[Mapping[str, Sequence[int]]] = None, seed: int = 0):
+    """Build ``net`` (prototxt path or NetParameter) on the selected engine."""
+    which = resolve_engine(engine, gpu)
+    kwargs = dict(level=level, stages=stages, input_shapes=input_shapes, seed=seed)
+    if which == "caffe":
+        from caffe_utils.engine.caffe_net import CaffeNet
+        return CaffeNet(net, phase, weights, gpu=gpu, **kwargs)
+    from caffe_utils.engine.numpy_net import Net
+    return Net(net, phase, weights, **kwargs)

@@ -1,0 +1,154 @@
+"""The pycaffe engine: a thin adapter that gives ``caffe.Net`` the engine interface.
+
+The net is built from the same upgraded, phase-filtered NetParameter as the numpy engine (written
+to a temporary prototxt with ``force_backward: true``), so both engines see one definition.
+pycaffe already provides ``blobs``, ``params``, ``layers``, ``inputs``, ``outputs``, ``forward``,
+``backward`` and ``reshape``; this class adds ``net_param``, ``layer_names``/``layer_types``,
+``bottom_names``/``top_names`` for the layers of the prototxt (Caffe's own Split layers are hidden),
+``clear_param_diffs``, ``copy_from`` with the project's clear errors, and ``save`` through
+:func:`caffe_utils.netio.write_caffemodel`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from caffe_utils import netio
+from caffe_utils.errors import EngineError
+
+
+def import_caffe(gpu: Optional[int] = None):
+    """Import pycaffe and select CPU or GPU ``gpu``; clear errors when that is impossible."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except ImportError as exc:
+        raise EngineError("pycaffe is not importable; build it with scripts/install_caffe.sh and add "
+                          "its python folder to PYTHONPATH, or use --engine numpy") from exc
+    if gpu is None:
+        caffe.set_mode_cpu()
+    else:
+        # A CPU_ONLY Caffe aborts the process (LOG(FATAL)) in set_device, so look first.
+        if not caffe_has_cuda(caffe):
+            raise EngineError("the installed Caffe is CPU-only; drop --gpu or install a CUDA build of Caffe")
+        try:
+            caffe.set_device(int(gpu))
+            caffe.set_mode_gpu()
+        except Exception as exc:
+            raise EngineError(f"cannot use GPU {gpu} with this Caffe ({exc}); check the device id") from exc
+    return caffe
+
+
+def caffe_has_cuda(caffe) -> bool:
+    """Whether pycaffe's extension links the CUDA runtime (a CPU_ONLY build does not)."""
+    lib = Path(getattr(caffe._caffe, "__file__", "") or "")
+    candidates = [lib] + [p for p in lib.parent.glob("libcaffe*.so*")]
+    for path in candidates:
+        try:
+            with open(path, "rb") as fh:
+                if b"libcudart" in fh.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+class CaffeNet:
+    """``caffe.Net`` behind the engine interface (see module docstring)."""
+
+    engine = "caffe"
+
+    def __init__(self, net: Union[str, Path, object], phase: Union[int, str] = netio.TEST,
+                 weights: Optional[Union[str, Path]] = None, *, level: int = 0,
+                 stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 seed: int = 0, gpu: Optional[int] = None) -> None:
+        caffe = import_caffe(gpu)
+        if isinstance(phase, str):
+            phase = netio.PHASES[phase.upper()]
+        self.phase = phase
+        self.net_param = netio.read_net(net, phase, level, stages)
+        param = type(self.net_param)()
+        param.CopyFrom(self.net_param)
+        param.force_backward = True
+        if input_shapes:
+            for lp in param.layer:
+                if lp.type == "Input":
+                    for k, t in enumerate(lp.top):
+                        if t in input_shapes and k < len(lp.input_param.shape):
+                            del lp.input_param.shape[k].dim[:]
+                            lp.input_param.shape[k].dim.extend(int(d) for d in input_shapes[t])
+        if seed is not None:
+            caffe.set_random_seed(int(seed))
+        fd, tmp = tempfile.mkstemp(suffix=".prototxt")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(netio.net_to_text(param))
+            self._net = caffe.Net(tmp, int(phase))
+        finally:
+            os.unlink(tmp)
+        self._caffe_layer_index = {n: i for i, n in enumerate(self._net._layer_names)}
+        self.bottom_names = OrderedDict((lp.name, list(lp.bottom)) for lp in self.net_param.layer)
+        self.top_names = OrderedDict((lp.name, list(lp.top)) for lp in self.net_param.layer)
+        if weights is not None:
+            self.copy_from(weights)
+
+    # pycaffe passthroughs
+    @property
+    def blobs(self):
+        return self._net.blobs
+
+    @property
+    def params(self):
+        return self._net.params
+
+    @property
+    def inputs(self) -> List[str]:
+        return list(self._net.inputs)
+
+    @property
+    def outputs(self) -> List[str]:
+        return list(self._net.outputs)
+
+    @property
+    def layers(self):
+        return [self._net.layers[self._caffe_layer_index[lp.name]] for lp in self.net_param.layer]
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [lp.name for lp in self.net_param.layer]
+
+    @property
+    def layer_types(self) -> List[str]:
+        return [lp.type for lp in self.net_param.layer]
+
+    def reshape(self) -> None:
+        self._net.reshape()
+
+    def forward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
+        return self._net.forward(start=start, end=end, **kwargs)
+
+    def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
+        return self._net.backward(start=start, end=end, **kwargs)
+
+    def clear_param_diffs(self) -> None:
+        for blobs in self._net.params.values():
+            for b in blobs:
+                b.diff[...] = 0
+
+    def param_shapes(self) -> "OrderedDict[str, List[Tuple[int, ...]]]":
+        return OrderedDict((n, [tuple(b.data.shape) for b in bl]) for n, bl in self._net.params.items())
+
+    def copy_from(self, weights: Union[str, Path]) -> None:
+        matched = netio.match_weights(self.param_shapes(), netio.read_caffemodel(weights), str(weights))
+        for name, arrays in matched.items():
+            for blob, arr in zip(self._net.params[name], arrays):
+                blob.data[...] = arr
+
+    def save(self, path: Union[str, Path]) -> None:
+        netio.write_caffemodel(path, self.net_param,
+                               OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items()))

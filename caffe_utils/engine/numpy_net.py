@@ -1,0 +1,315 @@
+"""The numpy engine's net: builds a Caffe net from a prototxt and runs it forward and backward
+with the layer implementations of :mod:`caffe_utils.layers`, pycaffe-style.
+
+``Net(prototxt, phase, weights)`` behaves like ``caffe.Net``: ``net.blobs`` (ordered name ->
+:class:`Blob` with ``data``/``diff``), ``net.params`` (ordered layer name -> list of blobs, only
+layers with parameters), ``net.layers``, ``net.inputs``/``net.outputs``,
+``forward(start=, end=)``, ``backward(start=, end=)``, ``reshape()``, ``save()``, ``copy_from()``.
+
+Semantics that follow Caffe:
+
+* layers run in prototxt order, which must be a topological order;
+* in-place layers (top == bottom) share the blob; when an earlier layer still needs the old
+  contents for its backward pass (Caffe's implicit Split case), the in-place layer writes a
+  new blob instead, which gives the same numbers;
+* a blob read by several layers receives the sum of their gradients;
+* backward always reaches the inputs (``force_backward``) and computes every parameter diff;
+  bottom diffs are zeroed by the pass, parameter diffs accumulate until
+  :meth:`clear_param_diffs`, as in Caffe;
+* a loss layer's top diff holds its loss weight, so ``backward()`` from a loss works as in Caffe;
+* parameters are created with the layers' fillers, then overwritten by ``weights`` (matched by
+  layer name); parameters shared by ``param { name: ... }`` are one blob.
+
+Limit: random streams (fillers, Dropout) are numpy's, not Caffe's.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from caffe_utils import netio
+from caffe_utils.errors import PrototxtError, WeightsError
+from caffe_utils.fillers import fill
+from caffe_utils.layers import create_layer
+from caffe_utils.layers.base import Blob, Layer
+from caffe_utils.layers.data import FedDataLayer
+from caffe_utils.schema import caffe_pb2
+
+# layer type -> (parameter message field, filler fields in blob order); missing filler -> constant 0
+_FILLERS = {
+    "Convolution": ("convolution_param", ("weight_filler", "bias_filler")),
+    "Deconvolution": ("convolution_param", ("weight_filler", "bias_filler")),
+    "InnerProduct": ("inner_product_param", ("weight_filler", "bias_filler")),
+    "Embed": ("embed_param", ("weight_filler", "bias_filler")),
+    "PReLU": ("prelu_param", ("filler",)),
+    "Scale": ("scale_param", ("filler", "bias_filler")),
+    "Bias": ("bias_param", ("filler",)),
+}
+# Caffe's defaults when the filler is not given at all
+_DEFAULT_FILL = {("PReLU", 0): 0.25, ("Scale", 0): 1.0}
+
+
+class _TopView:
+    """Top blob handed to an in-place layer's backward: shared data, a private copy of the diff."""
+
+    __slots__ = ("data", "diff")
+
+    def __init__(self, data: np.ndarray, diff: np.ndarray) -> None:
+        self.data = data
+        self.diff = diff
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
+
+
+class Net:
+    """A Caffe net run by the numpy engine (see module docstring)."""
+
+    engine = "numpy"
+
+    def __init__(self, net: Union[str, Path, object], phase: Union[int, str] = netio.TEST,
+                 weights: Optional[Union[str, Path]] = None, *, level: int = 0,
+                 stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 seed: int = 0) -> None:
+        if isinstance(phase, str):
+            phase = netio.PHASES[phase.upper()]
+        self.phase = phase
+        self.net_param = netio.read_net(net, phase, level, stages)
+        self._rng = np.random.RandomState(seed)
+        self.blobs: "OrderedDict[str, Blob]" = OrderedDict()
+        self.params: "OrderedDict[str, List[Blob]]" = OrderedDict()
+        self.layers: List[Layer] = []
+        self._layer_names: List[str] = []
+        self._bottoms: List[List[Blob]] = []
+        self._tops: List[List[Blob]] = []
+        self.bottom_names: "OrderedDict[str, List[str]]" = OrderedDict()
+        self.top_names: "OrderedDict[str, List[str]]" = OrderedDict()
+        self._inplace: List[List[bool]] = []
+        self._loss_weights: List[List[float]] = []
+        self.inputs: List[str] = []
+        self._build(input_shapes or {})
+        if weights is not None:
+            self.copy_from(weights)
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
+        if not len(self.net_param.layer):
+            raise PrototxtError("the net has no layers (after applying the phase's include/exclude rules)")
+        current: Dict[str, Blob] = {}
+        readers: Dict[int, List[int]] = {}
+        producer_of: Dict[int, int] = {}
+        names_seen = set()
+        shared: Dict[str, Tuple[str, Blob]] = {}
+        for i, lp in enumerate(self.net_param.layer):
+            if not lp.name:
+                raise PrototxtError(f"layer {i} (type '{lp.type}') has no name; give every layer a unique name")
+            if lp.name in names_seen:
+                raise PrototxtError(f"two layers are named '{lp.name}'; layer names must be unique")
+            names_seen.add(lp.name)
+            layer = create_layer(lp, self.phase)
+            if layer.num_bottom is not None and len(lp.bottom) != layer.num_bottom:
+                raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_bottom} bottom(s), "
+                                    f"has {len(lp.bottom)}")
+            bottoms: List[Blob] = []
+            for b in lp.bottom:
+                if b not in current:
+                    raise PrototxtError(f"layer '{lp.name}' uses bottom '{b}' before any layer produces it; "
+                                        "reorder the prototxt so producers come first, or fix the name")
+                blob = current[b]
+                bottoms.append(blob)
+                readers.setdefault(id(blob), []).append(i)
+            tops: List[Blob] = []
+            inplace: List[bool] = []
+            for t in lp.top:
+                if t in lp.bottom:
+                    blob = current[t]
+                    others = [r for r in readers.get(id(blob), []) if r != i]
+                    if others:
+                        blob = Blob(blob.shape)  # earlier readers still need the old contents
+                        inplace.append(False)
+                    else:
+                        inplace.append(True)
+                else:
+                    if t in current:
+                        raise PrototxtError(f"top '{t}' of layer '{lp.name}' is produced by more than one layer; "
+                                            "rename one of them (only in-place layers may reuse a name)")
+                    blob = Blob()
+                    inplace.append(False)
+                current[t] = blob
+                producer_of[id(blob)] = i
+                readers[id(blob)] = []
+                tops.append(blob)
+                self.blobs[t] = blob
+            if isinstance(layer, FedDataLayer):
+                layer.given_shapes = [tuple(input_shapes[t]) if t in input_shapes else None for t in lp.top]
+            if lp.type == "Input":
+                self.inputs.extend(lp.top)
+            layer.setup(bottoms, tops)
+            layer.reshape(bottoms, tops)
+            if isinstance(layer, FedDataLayer):
+                self.inputs.extend(t for t in lp.top if t not in self.inputs)
+            self._fill_params(layer)
+            self._share_params(layer, lp, shared)
+            self.layers.append(layer)
+            self._layer_names.append(lp.name)
+            self._bottoms.append(bottoms)
+            self._tops.append(tops)
+            self.bottom_names[lp.name] = list(lp.bottom)
+            self.top_names[lp.name] = list(lp.top)
+            self._inplace.append(inplace)
+            self._loss_weights.append(self._layer_loss_weights(layer, lp))
+            if layer.blobs:
+                self.params[lp.name] = layer.blobs
+        available: "OrderedDict[str, None]" = OrderedDict()
+        for lp in self.net_param.layer:  # Caffe: blobs produced and never consumed afterwards
+            for b in lp.bottom:
+                available.pop(b, None)
+            for t in lp.top:
+                available[t] = None
+        self.outputs = list(available)
+        self._index = {n: i for i, n in enumerate(self._layer_names)}
+        self._set_loss_diffs()
+
+    def _layer_loss_weights(self, layer: Layer, lp) -> List[float]:
+        n = len(lp.top)
+        if len(lp.loss_weight) and len(lp.loss_weight) != n:
+            raise PrototxtError(f"layer '{lp.name}' has {len(lp.loss_weight)} loss_weight values for "
+                                f"{n} tops; give one per top")
+        if len(lp.loss_weight):
+            return list(lp.loss_weight)
+        return [layer.loss_weight_default(k) for k in range(n)]
+
+    def _set_loss_diffs(self) -> None:
+        for tops, weights in zip(self._tops, self._loss_weights):
+            for t, w in zip(tops, weights):
+                if w:
+                    t.diff[...] = w
+
+    def _fill_params(self, layer: Layer) -> None:
+        spec = _FILLERS.get(layer.type)
+        pb2 = caffe_pb2()
+        for j, blob in enumerate(layer.blobs):
+            filler = None
+            if spec is not None and j < len(spec[1]):
+                msg = getattr(layer.param, spec[0])
+                if msg.HasField(spec[1][j]):
+                    filler = getattr(msg, spec[1][j])
+            if filler is None:
+                default = _DEFAULT_FILL.get((layer.type, j), 0.0)
+                blob.data[...] = default
+            else:
+                blob.data[...] = fill(filler, blob.shape, self._rng)
+            blob.diff[...] = 0
+
+    def _share_params(self, layer: Layer, lp, shared: Dict[str, Tuple[str, Blob]]) -> None:
+        for j, spec in enumerate(lp.param):
+            if j >= len(layer.blobs) or not spec.name:
+                continue
+            if spec.name in shared:
+                owner, blob = shared[spec.name]
+                mine = layer.blobs[j]
+                strict = spec.share_mode == spec.STRICT
+                if (mine.shape != blob.shape) if strict else (mine.count != blob.count):
+                    raise PrototxtError(f"layer '{lp.name}' shares param '{spec.name}' with layer '{owner}' "
+                                        f"but their shapes differ ({mine.shape} vs {blob.shape})")
+                layer.blobs[j] = blob
+            else:
+                shared[spec.name] = (lp.name, layer.blobs[j])
+
+    # ------------------------------------------------------------------ pycaffe-like API
+    @property
+    def layer_names(self) -> List[str]:
+        return list(self._layer_names)
+
+    @property
+    def layer_types(self) -> List[str]:
+        return [l.type for l in self.layers]
+
+    def _range(self, start: Optional[str], end: Optional[str]) -> Tuple[int, int]:
+        try:
+            s = 0 if start is None else self._index[start]
+            e = len(self.layers) - 1 if end is None else self._index[end]
+        except KeyError as exc:
+            raise PrototxtError(f"no layer named '{exc.args[0]}' in the net") from exc
+        return s, e
+
+    def reshape(self) -> None:
+        """Propagate input shapes through every layer (after changing an input blob's shape)."""
+        for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
+            layer.reshape(bottoms, tops)
+        self._set_loss_diffs()
+
+    def forward(self, start: Optional[str] = None, end: Optional[str] = None,
+                blobs: Iterable[str] = (), **inputs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Run layers ``start``..``end`` (inclusive); returns the outputs like pycaffe."""
+        for name, arr in inputs.items():
+            if name not in self.inputs:
+                raise PrototxtError(f"'{name}' is not an input of the net (inputs: {self.inputs})")
+            if tuple(arr.shape) != self.blobs[name].shape:
+                raise PrototxtError(f"input '{name}' has shape {tuple(arr.shape)}, "
+                                    f"the net expects {self.blobs[name].shape}; reshape the input blob first")
+            self.blobs[name].data[...] = arr
+        s, e = self._range(start, end)
+        for i in range(s, e + 1):
+            self.layers[i].reshape(self._bottoms[i], self._tops[i])
+            self.layers[i].forward(self._bottoms[i], self._tops[i])
+        self._set_loss_diffs()
+        outs = set(self.outputs) | set(blobs)
+        if end is not None:
+            outs = set(self.top_names[self._layer_names[e]]) | set(blobs)
+        return {n: self.blobs[n].data for n in outs}
+
+    def backward(self, start: Optional[str] = None, end: Optional[str] = None,
+                 diffs: Iterable[str] = (), **top_diffs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Backpropagate from layer ``end`` down to layer ``start`` (pycaffe's argument names:
+        ``start`` is where the backward pass starts, i.e. the *last* layer)."""
+        for name, arr in top_diffs.items():
+            self.blobs[name].diff[...] = arr
+        # pycaffe: backward(start=A, end=B) runs from layer A down to layer B
+        lo, hi = self._range(end, start)
+        zeroed = set()
+        for i in range(hi, lo - 1, -1):
+            layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
+            lp = self.net_param.layer[i]
+            pd = [layer.can_propagate(k) and (k >= len(lp.propagate_down) or lp.propagate_down[k])
+                  for k in range(len(bottoms))]
+            call_tops: List = list(tops)
+            for k, t in enumerate(tops):
+                if self._inplace[i][k]:
+                    call_tops[k] = _TopView(t.data, t.diff.copy())
+            for k, b in enumerate(bottoms):
+                if pd[k] and id(b) not in zeroed:
+                    b.diff[...] = 0
+                    zeroed.add(id(b))
+            layer.backward(call_tops, pd, bottoms)
+        outs = set(self.inputs) | set(diffs)
+        return {n: self.blobs[n].diff for n in outs}
+
+    def clear_param_diffs(self) -> None:
+        for blobs in self.params.values():
+            for b in blobs:
+                b.diff[...] = 0
+
+    def param_shapes(self) -> "OrderedDict[str, List[Tuple[int, ...]]]":
+        return OrderedDict((n, [b.shape for b in bl]) for n, bl in self.params.items())
+
+    def copy_from(self, weights: Union[str, Path]) -> None:
+        """Load parameters from a caffemodel, matching layers by name (as ``Net.copy_from``)."""
+        file_weights = netio.read_caffemodel(weights)
+        matched = netio.match_weights(self.param_shapes(), file_weights, str(weights))
+        for name, arrays in matched.items():
+            for blob, arr in zip(self.params[name], arrays):
+                blob.data[...] = arr
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the net's parameters as a caffemodel (atomically)."""
+        netio.write_caffemodel(path, self.net_param,
+                               OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items()))
