@@ -153,6 +153,10 @@ class Net:
             if lp.type == "Input":
                 self.inputs.extend(lp.top)
             layer.setup(bottoms, tops)
+            if lp.type == "Input":
+                for t, blob in zip(lp.top, tops):
+                    if t in input_shapes:
+                        blob.reshape(input_shapes[t])
             layer.reshape(bottoms, tops)
             if isinstance(layer, FedDataLayer):
                 self.inputs.extend(t for t in lp.top if t not in self.inputs)
