@@ -1,0 +1,106 @@
+"""Function-preserving rescaling: scaling any non-pinned group leaves the net's output unchanged."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils import scaling
+from caffe_utils.engine.numpy_net import Net
+
+DAG = """
+name: "dag"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2a" type: "Convolution" bottom: "c1" top: "c2a" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "c2b" type: "Convolution" bottom: "c1" top: "c2b" convolution_param { num_output: 4 kernel_size: 3 pad: 1 group: 2 } }
+layer { name: "pr" type: "PReLU" bottom: "c2b" top: "c2b" }
+layer { name: "cat" type: "Concat" bottom: "c2a" bottom: "c2b" top: "cat" }
+layer { name: "bn" type: "BatchNorm" bottom: "cat" top: "bn" batch_norm_param { use_global_stats: true } }
+layer { name: "sc" type: "Scale" bottom: "bn" top: "sc" scale_param { bias_term: true } }
+layer { name: "c3" type: "Convolution" bottom: "cat" top: "c3" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "c4" type: "Convolution" bottom: "sc" top: "c4" convolution_param { num_output: 8 kernel_size: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "c3" bottom: "c4" top: "sum" }
+layer { name: "pool" type: "Pooling" bottom: "sum" top: "pool" pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "drop" type: "Dropout" bottom: "pool" top: "pool" }
+layer { name: "sc2" type: "Scale" bottom: "pool" top: "sc2" scale_param { bias_term: true } }
+layer { name: "flat" type: "Flatten" bottom: "sc2" top: "flat" }
+layer { name: "fc1" type: "InnerProduct" bottom: "flat" top: "fc1" inner_product_param { num_output: 7 } }
+layer { name: "r2" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 3 transpose: true } }
+layer { name: "prob" type: "Softmax" bottom: "fc2" top: "prob" }
+"""
+
+
+def _net(tmp_path, text=DAG):
+    p = tmp_path / "net.prototxt"
+    p.write_text(text)
+    net = Net(p, "TEST")
+    rng = np.random.RandomState(0)
+    for name, blobs in net.params.items():
+        for j, b in enumerate(blobs):
+            b.data[...] = rng.standard_normal(b.shape)
+        if name == "bn":
+            blobs[1].data[...] = np.abs(blobs[1].data) + 0.5
+            blobs[2].data[...] = 2.0
+    net.blobs["data"].data[...] = rng.standard_normal(net.blobs["data"].shape)
+    return net
+
+
+def test_plan_groups_consumers_and_pins(tmp_path):
+    net = _net(tmp_path)
+    plan = scaling.build_plan(net)
+    assert plan.affine == ["c1", "c2a", "c2b", "c3", "c4", "fc1", "fc2"]
+    groups = plan.groups
+    # c3 and c4 are summed: one group
+    assert plan.group_of["c3"] == plan.group_of["c4"]
+    assert len(groups) == 6
+    assert plan.group_of["fc2"] in plan.pinned and plan.group_of["c1"] not in plan.pinned
+    cons = {c.layer: c.groups for c in plan.consumers}
+    assert list(cons["c3"]) == [plan.group_of["c2a"]] * 4 + [plan.group_of["c2b"]] * 4
+    assert set(np.unique(cons["fc1"])) == {plan.group_of["c3"]}
+    assert [n for n, _ in plan.batchnorms] == ["bn"]
+    assert {(n, j) for n, j, _ in plan.biases} == {("sc2", 1)}  # "sc" follows BatchNorm: unscaled
+    assert plan.inexact == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rescaling_preserves_the_function(tmp_path, seed):
+    net = _net(tmp_path)
+    net.forward()
+    before = net.blobs["prob"].data.copy(), net.blobs["fc2"].data.copy()
+    plan = scaling.build_plan(net)
+    rng = np.random.RandomState(seed)
+    scale = {g: float(rng.uniform(0.2, 5.0)) for g in plan.groups if g not in plan.pinned}
+    w_before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
+    scaling.apply_scales(net, plan, scale)
+    net.forward()
+    np.testing.assert_allclose(net.blobs["fc2"].data, before[1], rtol=1e-4, atol=1e-4 * np.abs(before[1]).max())
+    np.testing.assert_allclose(net.blobs["prob"].data, before[0], rtol=1e-4, atol=1e-6)
+    # the weights did change
+    assert not np.allclose(net.params["c1"][0].data, w_before["c1"][0])
+
+
+def test_inexact_layers_are_reported(tmp_path):
+    text = DAG.replace('layer { name: "r1" type: "ReLU"', 'layer { name: "r1" type: "TanH"')
+    net = _net(tmp_path, text)
+    plan = scaling.build_plan(net)
+    assert plan.inexact == ["r1"]
+
+
+def test_batchnorm_rescale_is_exact():
+    class B:
+        def __init__(self, a):
+            self.data = np.asarray(a, np.float32)
+
+    from caffe_utils.schema import caffe_pb2
+    lp = caffe_pb2().LayerParameter(name="bn", type="BatchNorm")
+    blobs = [B([1.0, -2.0]), B([4.0, 0.5]), B([2.0])]
+    x = np.array([3.0, 1.0])
+    eps = lp.batch_norm_param.eps
+    y = (x - np.array([0.5, -1.0])) / np.sqrt(np.array([2.0, 0.25]) + eps)
+    r = np.array([3.0, 0.1])
+    scaling.rescale_batchnorm(blobs, lp, r)
+    mean, var = blobs[0].data / blobs[2].data, blobs[1].data / blobs[2].data
+    y2 = (r * x - mean) / np.sqrt(var + eps)
+    np.testing.assert_allclose(y2, y, rtol=1e-5)
