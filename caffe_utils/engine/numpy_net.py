@@ -286,16 +286,23 @@ class Net:
             pd = [layer.can_propagate(k) and (k >= len(lp.propagate_down) or lp.propagate_down[k])
                   for k in range(len(bottoms))]
             call_tops: List = list(tops)
+            inplace_ids = set()
             for k, t in enumerate(tops):
                 if self._inplace[i][k]:
                     call_tops[k] = _TopView(t.data, t.diff.copy())
+                    inplace_ids.add(id(t))
             for k, b in enumerate(bottoms):
-                if pd[k] and id(b) not in zeroed:
+                # an in-place bottom's diff holds the top diff (copied above): always restart it
+                if pd[k] and (id(b) not in zeroed or id(b) in inplace_ids):
                     b.diff[...] = 0
                     zeroed.add(id(b))
             layer.backward(call_tops, pd, bottoms)
         outs = set(self.inputs) | set(diffs)
         return {n: self.blobs[n].diff for n in outs}
+
+    def set_data(self, name: str, data: np.ndarray) -> None:
+        """Set blob ``name``'s data (e.g. to restore activations before ``forward(start=...)``)."""
+        self.blobs[name].data[...] = data
 
     def clear_param_diffs(self) -> None:
         for blobs in self.params.values():
