@@ -1,0 +1,261 @@
+"""im2col / col2im for 2-D convolutions, with Caffe's column layout.
+
+Caffe's ``im2col_cpu`` turns one image ``(C, H, W)`` into a matrix with one row per
+``(channel, kernel_row, kernel_col)`` (channel-major) and one column per output position
+``(out_row, out_col)``; positions that fall in the zero padding read 0. ``col2im`` is its
+adjoint: it adds every column entry back into the image position it was read from.
+
+Functions:
+
+* :func:`im2col` / :func:`col2im`: one image, exactly Caffe's ``(C*kh*kw, outH*outW)`` layout;
+  :func:`im2col` is also the public way to extract a layer input's patches;
+* :func:`im2col_batch` / :func:`col2im_batch`: a batch ``(N, C, H, W)`` at once, columns laid
+  out ``(C*kh*kw, N*outH*outW)`` (image-major within a row) so that a convolution of the whole
+  batch is one matrix product per group;
+* :func:`im2col_naive` / :func:`col2im_naive`: direct loop transcriptions, the test oracles.
+
+The vectorised versions loop over the ``kh*kw`` kernel offsets and copy (add) one strided
+slice of the padded batch per offset. ``col2im`` adds the offsets in Caffe's order (kernel row,
+then kernel column), so it reproduces Caffe's float32 sums exactly. The batch versions accept a
+reusable output buffer (:func:`scratch`) and split the copies over a few threads.
+
+Limits: 2-D only; the output size uses C's truncating division as Caffe does, and windows
+reaching past the padded input read zeros (as in Caffe).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair) -> Tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """C integer division (truncates toward zero)."""
+    q = abs(a) // b
+    return q if a >= 0 else -q
+
+
+def conv_out_size(size: int, kernel: int, pad: int, stride: int, dilation: int) -> int:
+    """Caffe's convolution output size ``(size + 2*pad - extent) / stride + 1`` (C division)."""
+    extent = dilation * (kernel - 1) + 1
+    return _cdiv(size + 2 * pad - extent, stride) + 1
+
+
+def out_shape(hw: Tuple[int, int], kernel: IntPair, pad: IntPair, stride: IntPair,
+              dilation: IntPair = 1) -> Tuple[int, int]:
+    """``(outH, outW)`` of a convolution over an ``hw`` image."""
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
+    return (conv_out_size(hw[0], kh, ph, sh, dh), conv_out_size(hw[1], kw, pw, sw, dw))
+
+
+def _padded(x: np.ndarray, ph: int, pw: int, need_h: int, need_w: int) -> np.ndarray:
+    """``x`` (..., H, W) zero-padded by ``ph``/``pw`` before and enough after to cover
+    ``need_h``/``need_w`` rows/columns in total (at least ``ph``/``pw`` after)."""
+    H, W = x.shape[-2:]
+    after_h = max(ph, need_h - ph - H)
+    after_w = max(pw, need_w - pw - W)
+    if ph == 0 and pw == 0 and after_h == 0 and after_w == 0:
+        return x
+    out = np.zeros(x.shape[:-2] + (ph + H + after_h, pw + W + after_w), x.dtype)
+    out[..., ph:ph + H, pw:pw + W] = x
+    return out
+
+
+# ---- scratch memory and threads -------------------------------------------------------------
+#
+# Column matrices are large (CaffeNet conv2 on 16 images: 112 MB). Fresh allocations of that
+# size are page-faulted in on every call, which costs more than the copy itself, so callers may
+# pass a reusable buffer (see :func:`scratch`). The copies are split over a few threads (numpy
+# releases the GIL while copying); BLAS is not running at the same time.
+
+_SCRATCH: Dict[str, np.ndarray] = {}
+_POOL: Optional[ThreadPoolExecutor] = None
+_PARALLEL_MIN = 1 << 20  # elements; below this, threads cost more than they save
+
+
+def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
+    """A flat reusable buffer of at least ``size`` elements (contents undefined).
+
+    One buffer per ``name`` for the whole process, grown on demand: a caller must be done with
+    it before anyone asks for the same name again (the engine runs one layer at a time; not
+    thread-safe).
+    """
+    buf = _SCRATCH.get(name)
+    if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+        buf = np.empty(max(int(size), 1), dtype)
+        _SCRATCH[name] = buf
+    return buf[:size]
+
+
+def release_scratch() -> None:
+    """Free all scratch buffers."""
+    _SCRATCH.clear()
+
+
+def _num_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _parallel(work: Callable[[slice], None], n: int, total: int) -> None:
+    """Run ``work(slice)`` over a partition of ``range(n)``, in threads when ``total`` is big."""
+    global _POOL
+    nt = min(_num_threads(), n)
+    if nt <= 1 or total < _PARALLEL_MIN:
+        work(slice(0, n))
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_num_threads(), thread_name_prefix="im2col")
+    bounds = [round(k * n / nt) for k in range(nt + 1)]
+    for f in [_POOL.submit(work, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
+
+
+def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:
+    if out is None:
+        return np.empty(size, dtype)
+    if out.dtype != np.dtype(dtype) or out.size < size or not out.flags.c_contiguous:
+        raise ValueError("out buffer too small, not contiguous or of the wrong dtype")
+    return out.reshape(-1)[:size]
+
+
+def im2col_batch(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPair = 1,
+                 dilation: IntPair = 1, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Columns of a batch ``x`` (N, C, H, W): array (C*kh*kw, N*outH*outW), dtype of x.
+
+    ``out``: optional contiguous buffer (at least that many elements) to write into.
+    """
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
+    N, C, H, W = x.shape
+    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"convolution output would be {oh}x{ow}")
+    xp = _padded(x, ph, pw, (oh - 1) * sh + dh * (kh - 1) + 1, (ow - 1) * sw + dw * (kw - 1) + 1)
+    col = _buffer(out, C * kh * kw * N * oh * ow, x.dtype).reshape(C, kh, kw, N, oh, ow)
+    xt = xp.transpose(1, 0, 2, 3)  # (C, N, Hp, Wp) view
+    rows = [slice(i * dh, i * dh + sh * (oh - 1) + 1, sh) for i in range(kh)]
+    cols = [slice(j * dw, j * dw + sw * (ow - 1) + 1, sw) for j in range(kw)]
+    by_image = N > 1
+
+    def work(part: slice) -> None:
+        for i in range(kh):
+            for j in range(kw):
+                if by_image:
+                    col[:, i, j, part] = xt[:, part, rows[i], cols[j]]
+                else:
+                    col[part, i, j] = xt[part, :, rows[i], cols[j]]
+
+    _parallel(work, N if by_image else C, col.size)
+    return col.reshape(C * kh * kw, N * oh * ow)
+
+
+def col2im_batch(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: IntPair = 0,
+                 stride: IntPair = 1, dilation: IntPair = 1,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Adjoint of :func:`im2col_batch`: the (N, C, H, W) image for ``shape``.
+
+    ``out``: optional contiguous scratch buffer for the padded image; the result is then a view
+    into it.
+    """
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
+    N, C, H, W = (int(s) for s in shape)
+    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
+    col = col.reshape(C, kh, kw, N, oh, ow)
+    need_h = (oh - 1) * sh + dh * (kh - 1) + 1
+    need_w = (ow - 1) * sw + dw * (kw - 1) + 1
+    Hp = ph + H + max(ph, need_h - ph - H)
+    Wp = pw + W + max(pw, need_w - pw - W)
+    xp = _buffer(out, N * C * Hp * Wp, col.dtype).reshape(N, C, Hp, Wp)
+    xt = xp.transpose(1, 0, 2, 3)
+    rows = [slice(i * dh, i * dh + sh * (oh - 1) + 1, sh) for i in range(kh)]
+    cols = [slice(j * dw, j * dw + sw * (ow - 1) + 1, sw) for j in range(kw)]
+    by_image = N > 1
+
+    def work(part: slice) -> None:
+        if by_image:
+            xp[part] = 0
+        else:
+            xp[:, part] = 0
+        for i in range(kh):          # Caffe's order: kernel row, then kernel column
+            for j in range(kw):
+                if by_image:
+                    xt[:, part, rows[i], cols[j]] += col[:, i, j, part]
+                else:
+                    xt[part, :, rows[i], cols[j]] += col[part, i, j]
+
+    _parallel(work, N if by_image else C, col.size)
+    if Hp == H and Wp == W:
+        return xp
+    return xp[:, :, ph:ph + H, pw:pw + W]
+
+
+def im2col(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPair = 1,
+           dilation: IntPair = 1) -> np.ndarray:
+    """Caffe's ``im2col_cpu`` of one image ``x`` (C, H, W): array (C*kh*kw, outH*outW).
+
+    Row ``(c*kh + i)*kw + j`` holds input channel ``c`` seen through kernel offset ``(i, j)``;
+    column ``r*outW + s`` is output position ``(r, s)``. This is how other code extracts the
+    patches a convolution layer sees.
+    """
+    return im2col_batch(np.asarray(x)[None], kernel, pad, stride, dilation)
+
+
+def col2im(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: IntPair = 0,
+           stride: IntPair = 1, dilation: IntPair = 1) -> np.ndarray:
+    """Caffe's ``col2im_cpu``: image (C, H, W) for ``shape`` from columns (C*kh*kw, outH*outW)."""
+    C, H, W = shape
+    return col2im_batch(col, (1, C, H, W), kernel, pad, stride, dilation)[0]
+
+
+def im2col_naive(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPair = 1,
+                 dilation: IntPair = 1) -> np.ndarray:
+    """Loop transcription of Caffe's ``im2col_cpu`` (test oracle; slow)."""
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
+    C, H, W = x.shape
+    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
+    col = np.zeros((C * kh * kw, oh * ow), x.dtype)
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for r in range(oh):
+                    y = r * sh - ph + i * dh
+                    for s in range(ow):
+                        xx = s * sw - pw + j * dw
+                        if 0 <= y < H and 0 <= xx < W:
+                            col[row, r * ow + s] = x[c, y, xx]
+    return col
+
+
+def col2im_naive(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: IntPair = 0,
+                 stride: IntPair = 1, dilation: IntPair = 1) -> np.ndarray:
+    """Loop transcription of Caffe's ``col2im_cpu`` (test oracle; slow)."""
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
+    C, H, W = shape
+    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
+    img = np.zeros((C, H, W), col.dtype)
+    for c in range(C):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for r in range(oh):
+                    y = r * sh - ph + i * dh
+                    for s in range(ow):
+                        xx = s * sw - pw + j * dw
+                        if 0 <= y < H and 0 <= xx < W:
+                            img[c, y, xx] += col[row, r * ow + s]
+    return img
