@@ -1,0 +1,175 @@
+"""The numpy engine's Net and the engine interface (pycaffe vocabulary, selection, errors)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils import engine as eng
+from caffe_utils.engine.numpy_net import Net
+from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
+from reference import check_against_caffe
+
+BRANCHY = """
+name: "branchy"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 7 dim: 7 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE kernel_size: 2 stride: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip_a" type: "InnerProduct" bottom: "conv" top: "a" inner_product_param { num_output: 3 } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "pool" top: "b" inner_product_param { num_output: 3 } }
+layer { name: "ip_c" type: "InnerProduct" bottom: "conv" top: "c" inner_product_param { num_output: 3 } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "out" }
+"""
+
+
+def _write(tmp_path, text, name="net.prototxt"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_pycaffe_vocabulary(tmp_path):
+    net = Net(_write(tmp_path, LEGAL))
+    assert list(net.blobs) == ["data", "conv", "pool", "a", "b", "c", "out"]
+    assert list(net.params) == ["conv", "ip_a", "ip_b", "ip_c"]
+    assert [l.type for l in net.layers][:4] == ["Input", "Convolution", "ReLU", "Pooling"]
+    assert net.inputs == ["data"] and net.outputs == ["out"]
+    assert net.blobs["out"].data.shape == (2, 3)
+    assert net.params["conv"][0].data.shape == (4, 3, 3, 3)
+
+
+LEGAL = BRANCHY.replace('layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE kernel_size: 2 stride: 1 } }\n', '').replace(
+    'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n',
+    'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n'
+    'layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: AVE kernel_size: 2 stride: 1 } }\n')
+
+
+def test_gradient_sums_over_consumers_match_caffe(tmp_path):
+    """'conv' (after an in-place ReLU) is read by pool, ip_a and ip_c: its diff is their sum."""
+    assert LEGAL != BRANCHY
+    check_against_caffe(tmp_path, LEGAL)
+
+
+def test_in_place_after_an_earlier_reader(tmp_path):
+    """Caffe refuses this net; the numpy engine runs it as if the ReLU wrote a new blob."""
+    rng = np.random.RandomState(3)
+    explicit = BRANCHY.replace('top: "conv" }\nlayer { name: "ip_a" type: "InnerProduct" bottom: "conv"',
+                               'top: "conv_r" }\nlayer { name: "ip_a" type: "InnerProduct" bottom: "conv_r"')
+    explicit = explicit.replace('name: "relu" type: "ReLU" bottom: "conv" top: "conv"',
+                                'name: "relu" type: "ReLU" bottom: "conv" top: "conv_r"')
+    explicit = explicit.replace('name: "ip_c" type: "InnerProduct" bottom: "conv"',
+                                'name: "ip_c" type: "InnerProduct" bottom: "conv_r"')
+    assert explicit.count("conv_r") == 3
+    nets = [Net(_write(tmp_path, t, f"{i}.prototxt")) for i, t in enumerate((BRANCHY, explicit))]
+    x = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    d = rng.standard_normal((2, 3)).astype(np.float32)
+    for name, blobs in nets[0].params.items():
+        for a, b in zip(blobs, nets[1].params[name]):
+            a.data[...] = b.data[...] = rng.standard_normal(a.shape)
+    for net in nets:
+        net.blobs["data"].data[...] = x
+        net.forward()
+        net.blobs["out"].diff[...] = d
+        net.backward()
+    np.testing.assert_allclose(nets[0].blobs["out"].data, nets[1].blobs["out"].data, rtol=1e-6)
+    np.testing.assert_allclose(nets[0].blobs["data"].diff, nets[1].blobs["data"].diff, rtol=1e-5, atol=1e-6)
+    for name in nets[0].params:
+        np.testing.assert_allclose(nets[0].params[name][0].diff, nets[1].params[name][0].diff, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_and_backward_ranges(tmp_path):
+    net = Net(_write(tmp_path, BRANCHY))
+    rng = np.random.RandomState(0)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = rng.standard_normal(b.shape)
+    net.blobs["data"].data[...] = rng.standard_normal((2, 3, 7, 7))
+    out = net.forward(end="pool")
+    assert set(out) == {"pool"}
+    full = net.forward()["out"].copy()
+    net.blobs["out"].diff[...] = 1
+    net.clear_param_diffs()
+    net.backward()
+    g1 = net.params["conv"][0].diff.copy()
+    net.backward()  # parameter diffs accumulate, as in Caffe
+    np.testing.assert_allclose(net.params["conv"][0].diff, 2 * g1, rtol=1e-6)
+    # a backward range: from ip_c down to ip_a only touches those layers' params
+    net.clear_param_diffs()
+    net.blobs["c"].diff[...] = 1
+    net.blobs["a"].diff[...] = 1
+    net.backward(start="ip_c", end="ip_a")
+    assert np.any(net.params["ip_a"][0].diff) and not np.any(net.params["conv"][0].diff)
+    assert np.array_equal(net.forward()["out"], full)
+
+
+def test_bottom_used_before_produced(tmp_path):
+    text = BRANCHY.replace('bottom: "pool" top: "b"', 'bottom: "later" top: "b"')
+    with pytest.raises(PrototxtError, match="'ip_b' uses bottom 'later' before any layer produces it"):
+        Net(_write(tmp_path, text))
+
+
+def test_unsupported_layer_names_layer_and_types(tmp_path):
+    text = BRANCHY + 'layer { name: "odd" type: "SPP" bottom: "out" top: "odd" }'
+    with pytest.raises(UnsupportedLayerError) as err:
+        Net(_write(tmp_path, text))
+    msg = str(err.value)
+    assert "'odd'" in msg and "'SPP'" in msg and "Convolution" in msg and "--engine caffe" in msg
+
+
+def test_engine_selection_errors(tmp_path, monkeypatch):
+    assert eng.resolve_engine("numpy") == "numpy"
+    with pytest.raises(EngineError, match="CPU only"):
+        eng.resolve_engine("numpy", gpu=0)
+    with pytest.raises(EngineError, match="unknown engine"):
+        eng.resolve_engine("tpu")
+
+
+def test_caffe_engine_gpu_on_cpu_only_build(tmp_path, caffe):
+    with pytest.raises(EngineError, match="CPU-only"):
+        eng.open_net(_write(tmp_path, LEGAL), engine="caffe", gpu=0)
+
+
+def test_both_engines_share_the_interface(tmp_path, caffe):
+    p = _write(tmp_path, LEGAL)
+    nets = [eng.open_net(p, engine=e) for e in ("numpy", "caffe")]
+    for net in nets:
+        assert net.layer_names == ["data", "conv", "relu", "pool", "ip_a", "ip_b", "ip_c", "sum"]
+        assert list(net.params) == ["conv", "ip_a", "ip_b", "ip_c"]
+        assert net.param_shapes()["ip_b"] == [(3, 64), (3,)]
+        for m in ("forward", "backward", "reshape", "clear_param_diffs", "set_data", "save", "copy_from"):
+            assert callable(getattr(net, m))
+    rng = np.random.RandomState(1)
+    for name, blobs in nets[0].params.items():
+        for a, b in zip(blobs, nets[1].params[name]):
+            a.data[...] = rng.standard_normal(a.data.shape)
+            b.data[...] = a.data
+    f = tmp_path / "w.caffemodel"
+    nets[0].save(f)
+    nets[1].copy_from(f)
+    for name, blobs in nets[0].params.items():
+        for a, b in zip(blobs, nets[1].params[name]):
+            assert np.array_equal(a.data, b.data)
+
+
+def test_input_reshape(tmp_path):
+    net = Net(_write(tmp_path, BRANCHY))
+    net.blobs["data"].reshape((5, 3, 7, 7))
+    net.reshape()
+    assert net.blobs["out"].data.shape == (5, 3)
+    net2 = Net(_write(tmp_path, BRANCHY, "b.prototxt"), input_shapes={"data": (4, 3, 9, 9)})
+    assert net2.blobs["conv"].data.shape == (4, 4, 7, 7)
+
+
+def test_data_layer_tops_are_fed(tmp_path):
+    text = """
+    layer { name: "d" type: "Data" top: "data" top: "label" data_param { source: "x" batch_size: 4 }
+            transform_param { crop_size: 9 } include { phase: TRAIN } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 2 kernel_size: 3 } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "conv" bottom: "label" top: "loss" }
+    """
+    p = _write(tmp_path, text)
+    with pytest.raises(PrototxtError, match="only known after reading"):
+        Net(p, "TRAIN")
+    net = Net(p, "TRAIN", input_shapes={"data": (4, 3, 9, 9), "label": (4, 7, 7)})
+    assert net.blobs["conv"].data.shape == (4, 2, 7, 7)
+    assert net.inputs == ["data", "label"] and net.outputs == ["loss"]
