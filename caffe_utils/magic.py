@@ -1,0 +1,732 @@
+"""The data-dependent initialization of Krähenbühl et al. (ICLR 2016), on any engine net.
+
+Stages, for the affine layers (Convolution, InnerProduct, Deconvolution) in topological order:
+
+1. weights: ``gaussian`` (N(0, 0.01^2)), ``xavier``/``msra`` (Caffe's fillers), ``orthogonal``
+   (Saxe et al.), or data-driven on the layer's real input patches (Convolution only; others
+   fall back to gaussian): ``pca``, ``zca``, ``kmeans`` (spherical k-means on ZCA-whitened
+   patches, Coates & Ng 2012) or ``rand`` (random patches);
+2. within-layer (Algorithm 1): output channel i is scaled by 1/sigma_i and its bias set so the
+   channel has mean beta and unit variance on the sample;
+3. between-layer (Algorithm 2): with a fixed random Gaussian top gradient per image, every
+   layer's change rate C_k = sqrt(sum dW_k^2 / sum W_k^2) is measured and layer k is scaled by
+   (C_k / geomean C)^(alpha/2), undone downstream (:mod:`caffe_utils.scaling`), until every
+   rate is within ``tolerance`` of the target or ``iterations`` are done.
+
+Layers that already have weights keep them unless asked to re-initialize; with nothing to
+initialize only stage 3 runs (rescaling a pretrained model). BatchNorm layers without weights
+get their statistics from the sample.
+
+Memory stays bounded: the sample's activations are kept only at a checkpoint (the blobs later
+layers still need) when they fit in ``mem_limit`` bytes; otherwise they are recomputed from the
+last checkpoint, batch by batch. Patches for the data-driven weights are subsampled to fit.
+
+The engine net must have been built from :func:`prepare_net`'s NetParameter (one image input,
+no data/loss layers) with the input's batch dimension equal to ``batch_size``.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from caffe_utils import scaling
+from caffe_utils.errors import DataError, PrototxtError
+from caffe_utils.layers.im2col import im2col_batch, out_shape
+from caffe_utils.schema import caffe_pb2
+
+INIT_TYPES = ("gaussian", "pca", "zca", "kmeans", "rand", "xavier", "msra", "orthogonal")
+DATA_DRIVEN = ("pca", "zca", "kmeans", "rand")
+AFFINE = scaling.AFFINE_TYPES
+DATA_LAYERS = ("Data", "ImageData", "MemoryData", "HDF5Data", "WindowData", "DummyData", "Input")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class InitOptions:
+    init: str = "kmeans"
+    within: bool = True
+    between: bool = True
+    beta: float = 0.1
+    iterations: int = 10
+    damping: float = 0.25
+    tolerance: float = 0.01
+    zero_classifier: bool = False
+    reinit: Sequence[str] = ()
+    reinit_all: bool = False
+    batch_size: int = 16
+    mem_limit: int = 1 << 30
+    seed: int = 0
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    initialized: str = "kept"
+    rate_before: float = float("nan")
+    rate_after: float = float("nan")
+    cv_before: float = float("nan")
+    cv_after: float = float("nan")
+    act_mean: float = float("nan")
+    act_std: float = float("nan")
+    channel_std_cv: float = float("nan")
+    dead_channels: int = 0
+
+
+@dataclass
+class InitReport:
+    layers: List[LayerReport] = field(default_factory=list)
+    iterations: int = 0
+    converged: bool = False
+    flatness_before: float = float("nan")
+    flatness_after: float = float("nan")
+    inexact_layers: List[str] = field(default_factory=list)
+    pinned_layers: List[str] = field(default_factory=list)
+    output_deviation: Optional[float] = None
+    function_preserved: Optional[bool] = None
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        return clean(asdict(self))
+
+
+# ----------------------------------------------------------------------------- net preparation
+
+@dataclass
+class PreparedNet:
+    net_param: object          # the NetParameter to build the engine net from
+    input_name: str
+    input_shape: Tuple[int, int, int]  # C, H, W
+    transform_param: object    # TransformationParameter of the original data layer (or None)
+    data_source: Optional[str] = None  # source of the original data layer, if any
+    data_root: Optional[str] = None
+
+
+def _fix_shape(lp) -> Optional[Tuple[int, ...]]:
+    if lp.type == "Input" and len(lp.input_param.shape):
+        return tuple(lp.input_param.shape[0].dim)
+    if lp.type == "MemoryData":
+        p = lp.memory_data_param
+        return (p.batch_size, p.channels, p.height, p.width)
+    crop = lp.transform_param.crop_size
+    if lp.type == "ImageData":
+        p = lp.image_data_param
+        c = 3 if p.is_color else 1
+        if crop:
+            return (p.batch_size, c, crop, crop)
+        if p.new_height and p.new_width:
+            return (p.batch_size, c, p.new_height, p.new_width)
+    if lp.type in ("Data", "WindowData") and crop:
+        return (1, 3, crop, crop)
+    return None
+
+
+def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -> PreparedNet:
+    """The net the initialization runs: data layers become one Input, loss/softmax sinks go.
+
+    ``image_shape`` (C, H, W) is needed when the net's data layer does not tell its crop size.
+    """
+    pb2 = caffe_pb2()
+    lps = list(net_param.layer)
+    data = [lp for lp in lps if lp.type in DATA_LAYERS]
+    if not data:
+        raise PrototxtError("the net has no input: add an Input layer (or input/input_shape) for the images")
+    first = data[0]
+    if not len(first.top):
+        raise PrototxtError(f"data layer '{first.name}' has no top")
+    name = first.top[0]
+    shape = _fix_shape(first)
+    if shape is not None and len(shape) != 4:
+        raise PrototxtError(f"input '{name}' has shape {shape}; magic-init needs images (N, C, H, W)")
+    chw = tuple(shape[1:]) if shape is not None else image_shape
+    if chw is None:
+        raise PrototxtError(f"data layer '{first.name}' ({first.type}) does not tell its image size; "
+                            "give the net an Input layer or a transform_param crop_size")
+    source = root = None
+    if first.type == "ImageData":
+        source, root = first.image_data_param.source, first.image_data_param.root_folder or None
+    elif first.type == "Data":
+        source = first.data_param.source
+    out = pb2.NetParameter()
+    out.name = net_param.name
+    out.state.CopyFrom(net_param.state)
+    inp = out.layer.add(name=first.name, type="Input")
+    inp.top.append(name)
+    inp.input_param.shape.add().dim.extend([1, *chw])
+    other_inputs = [t for lp in data for t in lp.top if t != name]
+    kept = [lp for lp in lps if lp.type not in DATA_LAYERS]
+    # drop sinks (loss, accuracy, softmax, silence...) whose tops nothing needs, repeatedly
+    while True:
+        consumed = {b for lp in kept for b in lp.bottom}
+        drop = [lp for lp in kept if lp.type in scaling.TERMINAL and not (set(lp.top) & consumed)]
+        if not drop:
+            break
+        kept = [lp for lp in kept if lp not in drop]
+    needs = {b for lp in kept for b in lp.bottom}
+    missing = sorted(needs & set(other_inputs))
+    if missing:
+        raise PrototxtError(f"layers need input(s) {missing} besides the images '{name}'; "
+                            "magic-init feeds only images: remove those layers or use a deploy net")
+    for lp in kept:
+        out.layer.add().CopyFrom(lp)
+    if not any(lp.type in AFFINE for lp in kept):
+        raise PrototxtError("the net has no Convolution, InnerProduct or Deconvolution layer to initialize")
+    tp = first.transform_param if first.HasField("transform_param") else None
+    return PreparedNet(out, name, tuple(int(d) for d in chw), tp, source, root)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def conv_geometry(cp) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """Caffe's 2-D kernel, pad, stride, dilation from a ConvolutionParameter."""
+    def pick(rep, h_field, w_field, default):
+        if cp.HasField(h_field) or cp.HasField(w_field):
+            return (getattr(cp, h_field), getattr(cp, w_field))
+        vals = list(rep)
+        if not vals:
+            return (default, default)
+        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+    kernel = pick(cp.kernel_size, "kernel_h", "kernel_w", 0)
+    pad = pick(cp.pad, "pad_h", "pad_w", 0)
+    stride = pick(cp.stride, "stride_h", "stride_w", 1)
+    dil = list(cp.dilation)
+    dilation = (1, 1) if not dil else ((dil[0], dil[0]) if len(dil) == 1 else (dil[0], dil[1]))
+    return kernel, pad, stride, dilation
+
+
+def _layer_index(net) -> Dict[str, int]:
+    return {n: i for i, n in enumerate(net.layer_names)}
+
+
+def _set_input(net, name: str, data: np.ndarray) -> None:
+    if hasattr(net, "set_data"):
+        net.set_data(name, data)
+    else:
+        net.blobs[name].data[...] = data
+
+
+def _frontier(net, pos: int) -> List[str]:
+    """Blob names produced before layer ``pos`` and read by a layer at or after it."""
+    lps = list(net.net_param.layer)
+    produced: Set[str] = set()
+    for lp in lps[:pos]:
+        produced.update(lp.top)
+    needed: List[str] = []
+    for lp in lps[pos:]:
+        for b in lp.bottom:
+            if b in produced and b not in needed:
+                needed.append(b)
+        for t in lp.top:
+            if t not in lp.bottom:
+                produced.discard(t)
+    return needed
+
+
+class _Runner:
+    """Runs the sample through the net in batches from the latest affordable checkpoint."""
+
+    def __init__(self, net, prepared: PreparedNet, sample: np.ndarray, batch: int, mem_limit: int,
+                 progress: Optional[Progress]) -> None:
+        self.net = net
+        self.names = net.layer_names
+        self.input = prepared.input_name
+        self.n = sample.shape[0]
+        self.batch = batch
+        self.nb = int(math.ceil(self.n / batch))
+        pad = self.nb * batch - self.n
+        self.sample = np.concatenate([sample, sample[:pad]]) if pad else sample
+        self.mem_limit = mem_limit
+        self.ckpt_pos = 1  # layer 0 is the Input layer
+        self.ckpt: Dict[str, np.ndarray] = {self.input: self.sample}
+        self.progress = progress
+
+    def valid(self, b: int) -> int:
+        """How many rows of batch ``b`` are real images (the last batch is padded)."""
+        return min(self.batch, self.n - b * self.batch)
+
+    def run(self, b: int, upto: int) -> None:
+        """Leave the net's blobs as after layers 0..``upto`` on batch ``b``."""
+        sl = slice(b * self.batch, (b + 1) * self.batch)
+        for name, arr in self.ckpt.items():
+            _set_input(self.net, name, arr[sl])
+        if upto >= self.ckpt_pos:
+            self.net.forward(start=self.names[self.ckpt_pos], end=self.names[upto])
+
+    def frontier_bytes(self, pos: int) -> int:
+        return sum(int(np.prod(self.net.blobs[n].data.shape[1:])) * 4 * self.nb * self.batch
+                   for n in _frontier(self.net, pos))
+
+    def start_checkpoint(self, pos: int) -> Optional[Dict[str, np.ndarray]]:
+        """Buffers for a checkpoint at ``pos`` if it fits in memory (filled by :meth:`store`)."""
+        if pos <= self.ckpt_pos or self.frontier_bytes(pos) > self.mem_limit:
+            return None
+        return {n: np.empty((self.nb * self.batch,) + tuple(self.net.blobs[n].data.shape[1:]), np.float32)
+                for n in _frontier(self.net, pos)}
+
+    def store(self, buf: Optional[Dict[str, np.ndarray]], b: int) -> None:
+        if buf is not None:
+            sl = slice(b * self.batch, (b + 1) * self.batch)
+            for n, arr in buf.items():
+                arr[sl] = self.net.blobs[n].data
+
+    def commit(self, buf: Optional[Dict[str, np.ndarray]], pos: int) -> None:
+        if buf is not None:
+            self.ckpt = buf
+            self.ckpt_pos = pos
+
+
+def _channel_stats(top: np.ndarray, valid: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    x = top[:valid].astype(np.float64)
+    if x.ndim == 2:
+        return x.sum(0), (x * x).sum(0), x.shape[0]
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    return x.sum((0, 2)), (x * x).sum((0, 2)), x.shape[0] * x.shape[2]
+
+
+def _gaussian(shape, rng, std=0.01) -> np.ndarray:
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _orthogonal(shape, rng) -> np.ndarray:
+    rows = shape[0]
+    cols = int(np.prod(shape[1:]))
+    a = rng.standard_normal((max(rows, cols), min(rows, cols)))
+    q, r = np.linalg.qr(a)
+    q *= np.sign(np.diag(r))
+    w = q if rows >= cols else q.T
+    return w[:rows, :cols].reshape(shape).astype(np.float32)
+
+
+def _filler(kind: str, shape, rng) -> np.ndarray:
+    from caffe_utils.fillers import fill
+    return fill(caffe_pb2().FillerParameter(type=kind), shape, rng)
+
+
+def _whitening(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the patch covariance: (eigvals desc, eigvecs (D,D), 1/sqrt(l+eps))."""
+    cov = (x @ x.T) / x.shape[1]
+    lam, u = np.linalg.eigh(cov)
+    lam, u = lam[::-1].clip(min=0), u[:, ::-1]
+    eps = 1e-2 * float(lam.mean()) + 1e-12
+    return lam, u, 1.0 / np.sqrt(lam + eps)
+
+
+def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng: np.random.RandomState,
+                        kmeans_iters: int = 15) -> np.ndarray:
+    """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``."""
+    d, m = patches.shape
+    x = patches.astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    if kind == "rand":
+        idx = rng.choice(m, k, replace=m < k)
+        w = x[:, idx].T
+        return w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-12)
+    lam, u, inv = _whitening(x)
+    if kind == "pca":
+        n = min(k, d)
+        w = (u[:, :n] * inv[:n]).T
+        if k > d:
+            extra = rng.standard_normal((k - d, d)) @ (u * inv).T
+            w = np.vstack([w, extra / np.sqrt(d)])
+        return w
+    zca = (u * inv) @ u.T
+    if kind == "zca":
+        rows = rng.choice(d, min(k, d), replace=False)
+        w = zca[rows]
+        if k > d:
+            w = np.vstack([w, rng.standard_normal((k - d, d)) @ zca / np.sqrt(d)])
+        return w
+    # spherical k-means on whitened, unit-length patches (Coates & Ng 2012)
+    xw = zca @ x
+    xw /= np.linalg.norm(xw, axis=0, keepdims=True) + 1e-8
+    centers = rng.standard_normal((d, k))
+    centers /= np.linalg.norm(centers, axis=0, keepdims=True)
+    for _ in range(kmeans_iters):
+        s = centers.T @ xw                       # (k, m)
+        best = np.argmax(np.abs(s), axis=0)
+        coef = s[best, np.arange(m)]
+        new = np.zeros_like(centers)
+        np.add.at(new.T, best, (xw * coef).T)
+        empty = np.linalg.norm(new, axis=0) < 1e-12
+        if np.any(empty):  # re-seed empty clusters with random patches
+            new[:, empty] = xw[:, rng.choice(m, int(empty.sum()), replace=m < empty.sum())]
+        centers = new + centers
+        centers /= np.linalg.norm(centers, axis=0, keepdims=True) + 1e-12
+    return centers.T @ zca
+
+
+def _num_out(lp) -> int:
+    return lp.inner_product_param.num_output if lp.type == "InnerProduct" else lp.convolution_param.num_output
+
+
+def _out_axis_view(lp, w: np.ndarray) -> np.ndarray:
+    """Weights as (num_output, fan) rows, regardless of the layer's storage layout (a copy)."""
+    if lp.type == "InnerProduct" and lp.inner_product_param.transpose:
+        return w.T.copy()
+    if lp.type == "Deconvolution":
+        g = lp.convolution_param.group
+        cin, opg = w.shape[0], w.shape[1]
+        return w.reshape(g, cin // g, opg, -1).transpose(0, 2, 1, 3).reshape(g * opg, -1)
+    return w.reshape(w.shape[0], -1).copy()
+
+
+def _columns(lp, w: np.ndarray) -> np.ndarray:
+    """The weight matrix with input columns on axis 1 (for per-column change rates)."""
+    if lp.type == "InnerProduct" and lp.inner_product_param.transpose:
+        return w.T
+    if lp.type == "Deconvolution":
+        return w.reshape(w.shape[0], -1).T
+    return w.reshape(w.shape[0], -1)
+
+
+def _scale_rows(lp, blobs, factors: np.ndarray, shift: Optional[np.ndarray]) -> None:
+    scaling.scale_output_channels(lp.type, lp, blobs, factors)
+    if shift is not None and len(blobs) > 1:
+        blobs[1].data[...] += shift.astype(np.float32).reshape(blobs[1].data.shape)
+
+
+def _is_initialized(blobs) -> bool:
+    return any(np.any(b.data != 0) for b in blobs)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+def initialize(net, prepared: PreparedNet, sample: np.ndarray, options: InitOptions,
+               loaded: Set[str] = frozenset(), progress: Optional[Progress] = None) -> InitReport:
+    """Initialize ``net`` in place (see module docstring); returns the per-layer report.
+
+    ``loaded`` names the layers whose weights came from a caffemodel.
+    """
+    opts = options
+    if opts.init not in INIT_TYPES:
+        raise PrototxtError(f"unknown init type '{opts.init}'; choose one of {', '.join(INIT_TYPES)}")
+    rng = np.random.RandomState(opts.seed)
+    report = InitReport()
+    lps = list(net.net_param.layer)
+    index = _layer_index(net)
+    affine = [lp for lp in lps if lp.type in AFFINE]
+    reports = OrderedDict((lp.name, LayerReport(lp.name, lp.type)) for lp in affine)
+    reinit = set(opts.reinit)
+    unknown = sorted(reinit - {lp.name for lp in lps})
+    if unknown:
+        raise PrototxtError(f"--reinit names layer(s) {unknown} that the net does not have")
+    todo = []
+    for lp in lps:
+        if lp.type not in AFFINE and lp.type != "BatchNorm":
+            continue
+        blobs = net.params[lp.name]
+        fresh = opts.reinit_all or lp.name in reinit or lp.name not in loaded or not _is_initialized(blobs)
+        if fresh:
+            todo.append(lp)
+    runner = _Runner(net, prepared, sample, opts.batch_size, opts.mem_limit, progress)
+    for step, lp in enumerate(todo):
+        if progress:
+            progress("within-layer", step, len(todo))
+        idx = index[lp.name]
+        if lp.type == "BatchNorm":
+            _init_batchnorm(net, runner, lp, idx)
+            continue
+        rep = reports[lp.name]
+        _init_weights(net, runner, lp, idx, opts, rng, rep, report)
+        if opts.within:
+            _normalize_within(net, runner, lp, idx, opts, rep, report)
+        else:
+            buf = runner.start_checkpoint(idx + 1)
+            for b in range(runner.nb):
+                runner.run(b, idx)
+                runner.store(buf, b)
+            runner.commit(buf, idx + 1)
+    if progress and todo:
+        progress("within-layer", len(todo), len(todo))
+    del runner
+    plan = scaling.build_plan(net)
+    report.inexact_layers = list(plan.inexact)
+    report.pinned_layers = [n for n in plan.affine if plan.group_of[n] in plan.pinned]
+    _between(net, prepared, sample, opts, plan, reports, report, rng, progress, rescale_only=not todo)
+    if opts.zero_classifier:
+        last = affine[-1]
+        for b in net.params[last.name]:
+            b.data[...] = 0
+        reports[last.name].initialized += " (zeroed)"
+    report.layers = list(reports.values())
+    for name in net.params:
+        for b in net.params[name]:
+            if not np.all(np.isfinite(b.data)):
+                raise DataError(f"layer '{name}' got non-finite weights; the sample may be degenerate "
+                                "(constant images?): use more varied images")
+    return report
+
+
+def _init_batchnorm(net, runner: _Runner, lp, idx: int) -> None:
+    """Stored statistics of a BatchNorm layer from the sample (Caffe's unbiased variance)."""
+    s1 = s2 = None
+    count = 0
+    buf = runner.start_checkpoint(idx)
+    for b in range(runner.nb):
+        runner.run(b, idx - 1)
+        runner.store(buf, b)
+        a, q, c = _channel_stats(net.blobs[lp.bottom[0]].data, runner.valid(b))
+        s1 = a if s1 is None else s1 + a
+        s2 = q if s2 is None else s2 + q
+        count += c
+    runner.commit(buf, idx)
+    mean = s1 / count
+    var = np.maximum(s2 / count - mean * mean, 0) * (count / max(count - 1, 1))
+    blobs = net.params[lp.name]
+    blobs[0].data[...] = mean.astype(np.float32)
+    blobs[1].data[...] = var.astype(np.float32)
+    blobs[2].data[...] = 1.0
+
+
+def _init_weights(net, runner: _Runner, lp, idx: int, opts: InitOptions, rng, rep: LayerReport,
+                  report: InitReport) -> None:
+    blobs = net.params[lp.name]
+    w = blobs[0].data
+    kind = opts.init
+    if kind in DATA_DRIVEN and lp.type != "Convolution":
+        kind = "gaussian"
+        rep.initialized = "gaussian (data-driven init is for convolutions)"
+    if kind in DATA_DRIVEN:
+        done = _data_driven(net, runner, lp, idx, kind, opts, rng, rep, report)
+        if done:
+            return
+        kind = "gaussian"
+    if kind == "gaussian":
+        w[...] = _gaussian(w.shape, rng)
+    elif kind == "orthogonal":
+        rows = _orthogonal((_num_out(lp), w.size // _num_out(lp)), rng)
+        blobs[0].data[...] = 0
+        _set_rows(lp, blobs[0], rows)
+    else:
+        w[...] = _filler(kind, w.shape, rng)
+    if len(blobs) > 1:
+        blobs[1].data[...] = 0
+    if rep.initialized == "kept":
+        rep.initialized = kind
+
+
+def _set_rows(lp, blob, rows: np.ndarray) -> None:
+    """Write (num_output, fan) rows into the layer's weight blob layout."""
+    w = blob.data
+    if lp.type == "InnerProduct" and lp.inner_product_param.transpose:
+        w[...] = rows.T
+    elif lp.type == "Deconvolution":
+        g = lp.convolution_param.group
+        cin, opg = w.shape[0], w.shape[1]
+        w[...] = rows.reshape(g, opg, cin // g, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+    else:
+        w[...] = rows.reshape(w.shape)
+
+
+def _data_driven(net, runner: _Runner, lp, idx: int, kind: str, opts: InitOptions, rng,
+                 rep: LayerReport, report: InitReport) -> bool:
+    cp = lp.convolution_param
+    kernel, pad, stride, dilation = conv_geometry(cp)
+    groups = cp.group
+    bottom = lp.bottom[0]
+    shape = net.blobs[bottom].data.shape
+    c = shape[1]
+    cpg = c // groups
+    d = cpg * kernel[0] * kernel[1]
+    k = cp.num_output // groups
+    oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
+    total = runner.n * oh * ow
+    cap = max(1, min(200_000, int(opts.mem_limit // (8 * d * groups * 2))))
+    want = min(total, cap)
+    per_image = int(math.ceil(want / runner.n))
+    patches: List[List[np.ndarray]] = [[] for _ in range(groups)]
+    buf = runner.start_checkpoint(idx)
+    for b in range(runner.nb):
+        runner.run(b, idx - 1)
+        runner.store(buf, b)
+        x = net.blobs[bottom].data[:runner.valid(b)]
+        for i in range(x.shape[0]):
+            cols = im2col_batch(x[i:i + 1], kernel, pad, stride, dilation)  # (C*kh*kw, oh*ow)
+            pick = rng.choice(cols.shape[1], min(per_image, cols.shape[1]), replace=False)
+            sel = cols[:, pick]
+            for g in range(groups):
+                patches[g].append(sel[g * d:(g + 1) * d])
+    runner.commit(buf, idx)
+    m = sum(p.shape[1] for p in patches[0])
+    need = max(d + 1, 4 * k) if kind in ("kmeans", "pca", "zca") else k
+    if m < need:
+        msg = (f"layer '{lp.name}': only {m} input patches for {kind} with {k} filters of size {d} "
+               f"(need {need}); using gaussian weights: give more images (-n) to use {kind}")
+        report.warnings.append(msg)
+        rep.initialized = f"gaussian (too few patches for {kind})"
+        return False
+    rows = []
+    for g in range(groups):
+        p = np.concatenate(patches[g], axis=1)
+        rows.append(data_driven_weights(kind, p, k, rng))
+    w = np.vstack(rows).astype(np.float32)
+    blobs = net.params[lp.name]
+    _set_rows(lp, blobs[0], w)
+    if len(blobs) > 1:
+        blobs[1].data[...] = 0
+    rep.initialized = kind
+    return True
+
+
+def _normalize_within(net, runner: _Runner, lp, idx: int, opts: InitOptions, rep: LayerReport,
+                      report: InitReport) -> None:
+    top = lp.top[0]
+    s1 = s2 = None
+    count = 0
+    buf = runner.start_checkpoint(idx + 1)
+    for b in range(runner.nb):
+        runner.run(b, idx)
+        runner.store(buf, b)
+        a, q, c = _channel_stats(net.blobs[top].data, runner.valid(b))
+        s1 = a if s1 is None else s1 + a
+        s2 = q if s2 is None else s2 + q
+        count += c
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - mean * mean, 0))
+    dead = std <= 1e-6 * max(float(std.max()), 1e-30)
+    if np.any(dead):
+        rep.dead_channels = int(dead.sum())
+        report.warnings.append(
+            f"layer '{lp.name}': {int(dead.sum())} of {dead.size} output channels are constant on the sample "
+            "(dead); they keep their weights and get mean beta: use more varied images or another --init")
+    safe = np.where(dead, 1.0, std)
+    scale = 1.0 / safe
+    blobs = net.params[lp.name]
+    if len(blobs) > 1:
+        b_old = blobs[1].data.astype(np.float64).reshape(-1)
+        new_b = (b_old - mean) * scale + opts.beta
+        scaling.scale_output_channels(lp.type, lp, blobs[:1], scale)
+        blobs[1].data[...] = new_b.astype(np.float32).reshape(blobs[1].data.shape)
+    else:
+        scaling.scale_output_channels(lp.type, lp, blobs, scale)
+    if buf is not None and top in buf:  # the checkpointed top, corrected without re-running
+        t = buf[top]
+        shape = (1, -1) + (1,) * (t.ndim - 2)
+        if len(blobs) > 1:
+            t -= mean.astype(np.float32).reshape(shape)
+            t *= scale.astype(np.float32).reshape(shape)
+            t += np.float32(opts.beta)
+        else:
+            t *= scale.astype(np.float32).reshape(shape)
+    runner.commit(buf, idx + 1)
+    if rep.initialized == "kept":
+        rep.initialized = opts.init
+
+
+# ----------------------------------------------------------------------------- between-layer
+
+def _targets(net) -> List[str]:
+    return [o for o in net.outputs]
+
+
+def _measure(net, affine_lps, eta: Dict[str, np.ndarray]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    net.forward()
+    for name, e in eta.items():
+        net.blobs[name].diff[...] = e
+    net.clear_param_diffs()
+    net.backward()
+    rates, cvs = {}, {}
+    for lp in affine_lps:
+        w = net.params[lp.name][0]
+        dw2 = float(np.sum(np.square(w.diff, dtype=np.float64)))
+        w2 = float(np.sum(np.square(w.data, dtype=np.float64)))
+        rates[lp.name] = math.sqrt(dw2 / w2) if w2 > 0 else float("nan")
+        col = np.sum(np.square(_columns(lp, w.diff).astype(np.float64)), axis=0)
+        cvs[lp.name] = float(col.std() / col.mean()) if col.mean() > 0 else float("nan")
+    return rates, cvs
+
+
+def _geomean(values: Sequence[float]) -> float:
+    v = [x for x in values if x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def _flatness(rates: Dict[str, float]) -> float:
+    v = [x for x in rates.values() if x > 0 and math.isfinite(x)]
+    return max(v) / min(v) if v else float("nan")
+
+
+def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, plan: scaling.ScalePlan,
+             reports: "OrderedDict[str, LayerReport]", report: InitReport, rng, progress: Optional[Progress],
+             rescale_only: bool) -> None:
+    lps = {lp.name: lp for lp in net.net_param.layer}
+    affine_lps = [lps[n] for n in plan.affine]
+    batch = sample[:opts.batch_size]
+    if batch.shape[0] < opts.batch_size:
+        batch = np.concatenate([batch] * int(math.ceil(opts.batch_size / batch.shape[0])))[:opts.batch_size]
+    _set_input(net, prepared.input_name, batch)
+    out_rng = np.random.RandomState(opts.seed + 1)
+    eta = {o: out_rng.standard_normal(net.blobs[o].data.shape).astype(np.float32) for o in _targets(net)}
+    net.forward()
+    before_out = {o: np.array(net.blobs[o].data, np.float64) for o in net.outputs}
+    rates, cvs = _measure(net, affine_lps, eta)
+    for n, r in rates.items():
+        reports[n].rate_before, reports[n].cv_before = r, cvs[n]
+    report.flatness_before = _flatness(rates)
+    groups = plan.groups
+    it = 0
+    if opts.between:
+        for it in range(1, opts.iterations + 1):
+            if progress:
+                progress("between-layer", it - 1, opts.iterations)
+            target = _geomean(rates.values())
+            if all(abs(r / target - 1) <= opts.tolerance for r in rates.values() if math.isfinite(r) and r > 0):
+                report.converged = True
+                it -= 1
+                break
+            scale = {}
+            for g, members in groups.items():
+                if g in plan.pinned:
+                    continue
+                cg = _geomean([rates[m] for m in members])
+                if math.isfinite(cg) and cg > 0:
+                    scale[g] = (cg / target) ** (opts.damping / 2.0)
+            scaling.apply_scales(net, plan, scale)
+            rates, cvs = _measure(net, affine_lps, eta)
+        else:
+            target = _geomean(rates.values())
+            report.converged = all(abs(r / target - 1) <= opts.tolerance
+                                   for r in rates.values() if math.isfinite(r) and r > 0)
+        if progress:
+            progress("between-layer", opts.iterations, opts.iterations)
+    report.iterations = it
+    for n, r in rates.items():
+        reports[n].rate_after, reports[n].cv_after = r, cvs[n]
+    report.flatness_after = _flatness(rates)
+    # activation statistics of every affine layer's output on the batch, read right after the
+    # layer runs (before an in-place nonlinearity overwrites it); one forward pass in all
+    index = _layer_index(net)
+    names = net.layer_names
+    start = 1
+    for lp in affine_lps:
+        idx = index[lp.name]
+        net.forward(start=names[start], end=names[idx])
+        start = idx + 1
+        top = net.blobs[lp.top[0]].data
+        a, q, c = _channel_stats(top, top.shape[0])
+        mean = a / c
+        std = np.sqrt(np.maximum(q / c - mean * mean, 0))
+        rep = reports[lp.name]
+        rep.act_mean, rep.act_std = float(mean.mean()), float(std.mean())
+        rep.channel_std_cv = float(std.std() / std.mean()) if std.mean() > 0 else float("nan")
+    if rescale_only:
+        dev = 0.0
+        for o in net.outputs:
+            ref = before_out[o]
+            diff = float(np.max(np.abs(np.asarray(net.blobs[o].data, np.float64) - ref))) if ref.size else 0.0
+            dev = max(dev, diff / max(float(np.max(np.abs(ref))), 1e-12))
+        report.output_deviation = dev
+        report.function_preserved = dev <= 1e-4

@@ -1,0 +1,208 @@
+"""The whole ``magic_init.py`` job as a library call: read the net, sample images, initialize,
+write the caffemodel and the report. The CLI only parses options into :class:`RunConfig`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from caffe_utils import images, magic, netio
+from caffe_utils.engine import open_net, resolve_engine
+from caffe_utils.errors import DataError, OutputError
+
+MIN_IMAGES = 2
+
+
+@dataclass
+class RunConfig:
+    prototxt: str
+    output: str
+    weights: Optional[str] = None
+    data: Optional[str] = None
+    root: Optional[str] = None
+    images: int = 160
+    batch_size: int = 16
+    mean: Optional[str] = None
+    scale: Optional[float] = None
+    resize: Optional[int] = None
+    init: str = "kmeans"
+    within: bool = True
+    between: bool = True
+    beta: float = 0.1
+    iterations: int = 10
+    damping: float = 0.25
+    zero_classifier: bool = False
+    reinit: Sequence[str] = ()
+    reinit_all: bool = False
+    engine: str = "auto"
+    gpu: Optional[int] = None
+    seed: int = 0
+    report: Optional[str] = None
+    mem_limit_mb: int = 1024
+    force: bool = False
+
+
+@dataclass
+class RunResult:
+    report: magic.InitReport
+    engine: str
+    images_used: int
+    warnings: List[str] = field(default_factory=list)
+
+
+def _check_output(cfg: RunConfig) -> None:
+    out = Path(cfg.output)
+    if out.is_dir():
+        raise OutputError(f"output '{out}' is a directory; give a file name such as {out}/init.caffemodel")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory '{parent}' is not writable; choose another -o path")
+    if cfg.weights and out.exists() and Path(cfg.weights).exists() and out.resolve() == Path(cfg.weights).resolve():
+        if not cfg.force:
+            raise OutputError(f"output '{out}' is the input weights file; choose another -o path "
+                              "(or --force to replace it)")
+    if cfg.report:
+        rp = Path(cfg.report)
+        rparent = rp.parent if str(rp.parent) else Path(".")
+        if not rparent.is_dir():
+            raise OutputError(f"report directory '{rparent}' does not exist; create it or choose another --report")
+
+
+def _mean_for(cfg: RunConfig, prepared: magic.PreparedNet, base: Path) -> Tuple[Sequence[float], Optional[np.ndarray]]:
+    tp = prepared.transform_param
+    if cfg.mean is not None:
+        spec = cfg.mean.strip()
+        if spec.endswith(".binaryproto") or Path(spec).is_file():
+            return (), netio.read_mean(spec)
+        try:
+            return tuple(float(v) for v in spec.split(",") if v.strip()), None
+        except ValueError as exc:
+            raise DataError(f"--mean '{cfg.mean}' is neither comma-separated numbers nor a .binaryproto file") from exc
+    if tp is not None and tp.mean_file:
+        mf = Path(tp.mean_file)
+        if not mf.is_absolute() and not mf.exists():
+            mf = base / mf
+        return (), netio.read_mean(mf)
+    if tp is not None and len(tp.mean_value):
+        return tuple(tp.mean_value), None
+    return (104.0, 117.0, 123.0), None
+
+
+def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = None,
+        warn: Optional[Callable[[str], None]] = None) -> RunResult:
+    """Run the initialization described by ``cfg``; writes ``cfg.output`` (and the report)."""
+    warnings: List[str] = []
+
+    def note(msg: str) -> None:
+        warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    _check_output(cfg)
+    engine = resolve_engine(cfg.engine, cfg.gpu)
+    net_param = netio.read_net(cfg.prototxt, netio.TEST)
+    prepared = magic.prepare_net(net_param)
+    c, h, w = prepared.input_shape
+    source = cfg.data or prepared.data_source
+    base = Path(cfg.prototxt).parent
+    if not source:
+        raise DataError("no images: give --data (a folder, a glob such as 'images/*.jpg', an image list or an "
+                        "LMDB); the net has no data layer with a source")
+    if not cfg.data and not Path(source).exists() and (base / source).exists():
+        source = str(base / source)
+    tp = prepared.transform_param
+    mean_values, mean_image = _mean_for(cfg, prepared, base)
+    scale = cfg.scale if cfg.scale is not None else (tp.scale if tp is not None else 1.0)
+    transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=cfg.resize, mean_values=mean_values,
+                                 mean_image=mean_image, scale=scale, mirror=bool(tp.mirror) if tp is not None else False)
+    records = images.list_source(source, cfg.root or prepared.data_root)
+    rng = np.random.RandomState(cfg.seed)
+    if progress:
+        progress("loading images", 0, 1)
+    sample = images.load_sample(records, cfg.images, transform, rng, min_images=MIN_IMAGES)
+    if progress:
+        progress("loading images", 1, 1)
+    if sample.skipped:
+        note(f"skipped {len(sample.skipped)} unreadable image(s) (e.g. {sample.skipped[0]})")
+    if sample.reused:
+        note(f"only {sample.used} usable image(s) for -n {cfg.images}; reusing them with different random crops")
+    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
+                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
+    loaded = set()
+    if cfg.weights:
+        matched = netio.match_weights(net.param_shapes(), netio.read_caffemodel(cfg.weights), str(cfg.weights))
+        for name, arrays in matched.items():
+            for blob, arr in zip(net.params[name], arrays):
+                blob.data[...] = arr
+            if not np.all([np.all(np.isfinite(a)) for a in arrays]):
+                raise DataError(f"{cfg.weights}: layer '{name}' holds NaN or Inf values; "
+                                "use an intact caffemodel or --reinit that layer")
+        loaded = set(matched)
+    opts = magic.InitOptions(init=cfg.init, within=cfg.within, between=cfg.between, beta=cfg.beta,
+                             iterations=cfg.iterations, damping=cfg.damping, zero_classifier=cfg.zero_classifier,
+                             reinit=tuple(cfg.reinit), reinit_all=cfg.reinit_all, batch_size=cfg.batch_size,
+                             mem_limit=int(cfg.mem_limit_mb) << 20, seed=cfg.seed)
+    report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
+    for msg in report.warnings:
+        note(msg)
+    params = {name: [np.array(b.data) for b in blobs] for name, blobs in net.params.items()}
+    netio.write_caffemodel(cfg.output, net_param, params)
+    if cfg.report:
+        write_json_atomic(cfg.report, {"prototxt": str(cfg.prototxt), "output": str(cfg.output),
+                                       "engine": engine, "images": sample.used, "options": {
+                                           k: getattr(cfg, k) for k in ("init", "within", "between", "beta",
+                                                                        "iterations", "damping", "seed")},
+                                       **report.to_dict()})
+    return RunResult(report, engine, sample.used, warnings)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent if str(dest.parent) else "."))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _fmt(v: float, spec: str = ".3g") -> str:
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def format_report(result: RunResult) -> str:
+    """The per-layer table (the paper's Figure 1 for the user's net) and a summary."""
+    r = result.report
+    rows = [("layer", "type", "init", "rate before", "rate after", "CV after", "act mean", "act std")]
+    for l in r.layers:
+        rows.append((l.name, l.type, l.initialized, _fmt(l.rate_before), _fmt(l.rate_after), _fmt(l.cv_after),
+                     _fmt(l.act_mean), _fmt(l.act_std)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    lines.append("")
+    lines.append(f"change-rate flatness (max/min): {_fmt(r.flatness_before)} before, {_fmt(r.flatness_after)} after "
+                 f"{r.iterations} between-layer iteration(s){' (converged)' if r.converged else ''}")
+    if r.pinned_layers:
+        lines.append(f"not rescaled (their outputs reach the net's output): {', '.join(r.pinned_layers)}")
+    if r.inexact_layers:
+        lines.append(f"layers that cannot undo a rescaling exactly: {', '.join(r.inexact_layers)}")
+    if r.output_deviation is not None:
+        verdict = "function preserved" if r.function_preserved else "outputs changed"
+        lines.append(f"output deviation after rescaling: {r.output_deviation:.2e} relative ({verdict})")
+    lines.append(f"engine: {result.engine}; images: {result.images_used}")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The click command line, through CliRunner."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from caffe_utils.datasets import skimage_photos
+from magic_init import cli
+from test_magic import SMALL
+
+
+@pytest.fixture
+def small(tmp_path):
+    p = tmp_path / "small.prototxt"
+    p.write_text(SMALL)
+    return p
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return str(skimage_photos()[0].parent)
+
+
+def test_help_documents_options_and_defaults():
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for text in ("--weights", "--data", "--images", "default: 160", "--init", "kmeans", "--no-within",
+                 "--no-between", "--beta", "default: 0.1", "--iterations", "default: 10", "--damping",
+                 "default: 0.25", "--zero-classifier", "--engine", "--gpu", "--seed", "--report", "--quiet",
+                 "orthogonal", "--reinit", "--mem-limit"):
+        assert text in res.output, text
+
+
+def test_run_writes_model_and_table(small, photos, tmp_path):
+    out = tmp_path / "init.caffemodel"
+    res = CliRunner().invoke(cli, [str(small), "-o", str(out), "-d", photos, "-n", "8", "--batch-size", "4",
+                                   "--engine", "numpy", "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and (tmp_path / "r.json").exists()
+    assert "rate before" in res.output and "conv1" in res.output and "flatness" in res.output
+    import json
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [l["name"] for l in rep["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["-n", "0"], "must be positive"),
+    (["--batch-size", "0"], "must be positive"),
+    (["--damping", "1"], "between 0 and 1"),
+    (["--damping", "0"], "between 0 and 1"),
+    (["-t", "bogus"], "Invalid value for '-t'"),
+    (["--engine", "numpy", "--gpu", "0"], "numpy engine runs on the CPU"),
+])
+def test_bad_options(small, photos, tmp_path, args, match):
+    res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "o.caffemodel"), "-d", photos, *args])
+    assert res.exit_code == 2
+    assert match in res.output
+    assert not (tmp_path / "o.caffemodel").exists()
+
+
+def test_user_errors_are_one_line_without_traceback(small, tmp_path):
+    res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "o.caffemodel"), "-d", str(tmp_path / "none")])
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "does not exist" in lines[0]
+    res = CliRunner().invoke(cli, [str(tmp_path / "missing.prototxt"), "-o", "x.caffemodel"])
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -1,0 +1,154 @@
+"""The initialization itself, on small inline nets and scikit-image's photos (numpy engine)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils import images, magic, netio
+from caffe_utils.datasets import skimage_photos
+from caffe_utils.engine.numpy_net import Net
+from caffe_utils.pipeline import RunConfig, run
+
+SMALL = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 48 dim: 48 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 12 kernel_size: 5 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" convolution_param { num_output: 16 kernel_size: 3 pad: 1 group: 2 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "fc1" type: "InnerProduct" bottom: "conv2" top: "fc1" inner_product_param { num_output: 20 } }
+layer { name: "relu3" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc2" top: "prob" }
+"""
+
+
+@pytest.fixture
+def small(tmp_path):
+    p = tmp_path / "small.prototxt"
+    p.write_text(SMALL)
+    return p
+
+
+@pytest.fixture(scope="module")
+def photos():
+    found = skimage_photos()
+    assert len(found) >= 5
+    return str(found[0].parent)
+
+
+def _sample(prototxt, n, seed=0):
+    prepared = magic.prepare_net(netio.read_net(prototxt))
+    c, h, w = prepared.input_shape
+    recs = images.list_source(str(skimage_photos()[0].parent))
+    return images.load_sample(recs, n, images.Transform(c, h, w), np.random.RandomState(seed)).data
+
+
+def _channel_stats(net, prototxt, sample, layer):
+    """Independent check: forward the sample through a fresh net up to ``layer``."""
+    net2 = Net(prototxt)
+    for name, blobs in net.params.items():
+        for a, b in zip(net2.params[name], blobs):
+            a.data[...] = b.data
+    net2.blobs["data"].reshape(sample.shape)
+    net2.reshape()
+    net2.blobs["data"].data[...] = sample
+    net2.forward(end=layer)
+    top = net2.blobs[layer].data.astype(np.float64)
+    top = top.reshape(top.shape[0], top.shape[1], -1)
+    return top.mean(axis=(0, 2)), top.std(axis=(0, 2))
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kmeans", "pca", "zca", "rand"])
+def test_within_layer_gives_mean_beta_unit_std(small, photos, tmp_path, init):
+    out = tmp_path / "out.caffemodel"
+    run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=24, batch_size=8, init=init,
+                  between=False, engine="numpy", seed=1))
+    net = Net(small, weights=out)
+    sample = _sample(small, 24, seed=1)
+    for layer in ("conv1", "conv2", "fc1", "fc2"):
+        mean, std = _channel_stats(net, small, sample, layer)
+        np.testing.assert_allclose(std, 1.0, rtol=1e-3, err_msg=layer)
+        np.testing.assert_allclose(mean, 0.1, atol=1e-3, err_msg=layer)
+
+
+def test_between_layer_flattens_change_rates(small, photos, tmp_path):
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=photos, images=16,
+                        batch_size=8, init="kmeans", iterations=30, engine="numpy"))
+    rep = res.report
+    assert rep.flatness_after < rep.flatness_before / 10
+    assert rep.pinned_layers == ["fc2"]
+    for l in rep.layers:
+        assert np.isfinite(l.rate_before) and np.isfinite(l.rate_after)
+
+
+def test_rescaling_pretrained_weights_preserves_outputs(small, photos, tmp_path):
+    first = tmp_path / "first.caffemodel"
+    run(RunConfig(prototxt=str(small), output=str(first), data=photos, images=16, batch_size=8,
+                  init="gaussian", between=False, engine="numpy"))
+    second = tmp_path / "second.caffemodel"
+    res = run(RunConfig(prototxt=str(small), output=str(second), weights=str(first), data=photos, images=16,
+                        batch_size=8, engine="numpy"))
+    rep = res.report
+    assert all(l.initialized == "kept" for l in rep.layers)
+    assert rep.function_preserved and rep.output_deviation < 1e-4
+    assert rep.flatness_after < rep.flatness_before
+    a, b = Net(small, weights=first), Net(small, weights=second)
+    x = _sample(small, 1, seed=5)
+    outs = []
+    for net in (a, b):
+        net.blobs["data"].data[...] = x
+        outs.append(net.forward()["prob"].copy())
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    assert not np.allclose(a.params["conv1"][0].data, b.params["conv1"][0].data)
+
+
+def test_same_seed_is_bit_identical(small, photos, tmp_path):
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"o{k}.caffemodel"
+        run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=12, batch_size=4,
+                      engine="numpy", seed=7))
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    run(RunConfig(prototxt=str(small), output=str(tmp_path / "o2.caffemodel"), data=photos, images=12,
+                  batch_size=4, engine="numpy", seed=8))
+    assert (tmp_path / "o2.caffemodel").read_bytes() != outs[0]
+
+
+def test_zero_classifier_and_reinit(small, photos, tmp_path):
+    first = tmp_path / "first.caffemodel"
+    run(RunConfig(prototxt=str(small), output=str(first), data=photos, images=8, batch_size=4, engine="numpy",
+                  zero_classifier=True))
+    net = Net(small, weights=first)
+    assert not np.any(net.params["fc2"][0].data) and not np.any(net.params["fc2"][1].data)
+    # fc2 is all zero in the file, so it is initialized again; conv1 is re-initialized on request
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "second.caffemodel"), weights=str(first),
+                        data=photos, images=8, batch_size=4, engine="numpy", reinit=["conv1"], between=False))
+    how = {l.name: l.initialized for l in res.report.layers}
+    assert how["conv1"] == "kmeans" and how["fc2"].startswith("gaussian") and how["conv2"] == "kept"
+
+
+def test_data_driven_weights_whiten():
+    rng = np.random.RandomState(0)
+    mix = rng.standard_normal((6, 6))
+    patches = mix @ rng.standard_normal((6, 5000))
+    w = magic.data_driven_weights("pca", patches, 6, rng)
+    x = patches - patches.mean(axis=1, keepdims=True)
+    cov = (w @ x) @ (w @ x).T / x.shape[1]
+    assert np.allclose(cov, np.diag(np.diag(cov)), atol=1e-6 * np.abs(cov).max())  # decorrelated
+    wk = magic.data_driven_weights("kmeans", patches, 4, rng)
+    assert wk.shape == (4, 6) and np.all(np.isfinite(wk))
+    wr = magic.data_driven_weights("rand", patches, 3, rng)
+    np.testing.assert_allclose(np.linalg.norm(wr, axis=1), 1.0, rtol=1e-6)
+
+
+def test_too_few_patches_falls_back_to_gaussian(small, photos, tmp_path):
+    net = SMALL.replace("num_output: 12 kernel_size: 5 stride: 2", "num_output: 12 kernel_size: 5 stride: 20")
+    p = tmp_path / "sparse.prototxt"
+    p.write_text(net.replace('bottom: "pool1"', 'bottom: "pool1"'))
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), data=photos, images=2,
+                        batch_size=2, engine="numpy", between=False))
+    assert any("too few patches" in l.initialized for l in res.report.layers)
+    assert any("gaussian weights" in w for w in res.warnings)
