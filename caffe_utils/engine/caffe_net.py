@@ -92,6 +92,13 @@ class CaffeNet:
         finally:
             os.unlink(tmp)
         self._caffe_layer_index = {n: i for i, n in enumerate(self._net._layer_names)}
+        # Caffe's own Split layers copy a blob read by several layers; restoring a blob's data
+        # must restore those copies too
+        self._split_tops: Dict[str, List[str]] = {}
+        for lname, layer in zip(self._net._layer_names, self._net.layers):
+            if layer.type == "Split":
+                src = self._net.bottom_names[lname][0]
+                self._split_tops.setdefault(src, []).extend(self._net.top_names[lname])
         self.bottom_names = OrderedDict((lp.name, list(lp.bottom)) for lp in self.net_param.layer)
         self.top_names = OrderedDict((lp.name, list(lp.top)) for lp in self.net_param.layer)
         if weights is not None:
@@ -134,6 +141,12 @@ class CaffeNet:
 
     def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
         return self._net.backward(start=start, end=end, **kwargs)
+
+    def set_data(self, name: str, data: np.ndarray) -> None:
+        """Set blob ``name``'s data and that of Caffe's Split copies of it."""
+        self._net.blobs[name].data[...] = data
+        for copy in self._split_tops.get(name, ()):
+            self.set_data(copy, data)
 
     def clear_param_diffs(self) -> None:
         for blobs in self._net.params.values():
