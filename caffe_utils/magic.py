@@ -317,7 +317,7 @@ def _filler(kind: str, shape, rng) -> np.ndarray:
 
 def _whitening(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eigen-decomposition of the patch covariance: (eigvals desc, eigvecs (D,D), 1/sqrt(l+eps))."""
-    cov = (x @ x.T) / x.shape[1]
+    cov = (x @ x.T).astype(np.float64) / x.shape[1]
     lam, u = np.linalg.eigh(cov)
     lam, u = lam[::-1].clip(min=0), u[:, ::-1]
     eps = 1e-2 * float(lam.mean()) + 1e-12
@@ -325,10 +325,10 @@ def _whitening(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng: np.random.RandomState,
-                        kmeans_iters: int = 15) -> np.ndarray:
+                        kmeans_iters: int = 10) -> np.ndarray:
     """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``."""
     d, m = patches.shape
-    x = patches.astype(np.float64)
+    x = patches.astype(np.float32)
     x = x - x.mean(axis=1, keepdims=True)
     if kind == "rand":
         idx = rng.choice(m, k, replace=m < k)
@@ -350,22 +350,25 @@ def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng: np.random.R
             w = np.vstack([w, rng.standard_normal((k - d, d)) @ zca / np.sqrt(d)])
         return w
     # spherical k-means on whitened, unit-length patches (Coates & Ng 2012)
-    xw = zca @ x
+    xw = zca.astype(np.float32) @ x
     xw /= np.linalg.norm(xw, axis=0, keepdims=True) + 1e-8
-    centers = rng.standard_normal((d, k))
+    centers = rng.standard_normal((d, k)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=0, keepdims=True)
+    cols = np.arange(m)
+    assign = np.zeros((m, k), np.float32)
     for _ in range(kmeans_iters):
         s = centers.T @ xw                       # (k, m)
         best = np.argmax(np.abs(s), axis=0)
-        coef = s[best, np.arange(m)]
-        new = np.zeros_like(centers)
-        np.add.at(new.T, best, (xw * coef).T)
+        coef = s[best, cols]
+        assign[...] = 0
+        assign[cols, best] = coef
+        new = xw @ assign                        # sum of the signed members of each centre
         empty = np.linalg.norm(new, axis=0) < 1e-12
         if np.any(empty):  # re-seed empty clusters with random patches
             new[:, empty] = xw[:, rng.choice(m, int(empty.sum()), replace=m < empty.sum())]
         centers = new + centers
         centers /= np.linalg.norm(centers, axis=0, keepdims=True) + 1e-12
-    return centers.T @ zca
+    return centers.T.astype(np.float64) @ zca
 
 
 def _num_out(lp) -> int:
@@ -544,7 +547,9 @@ def _data_driven(net, runner: _Runner, lp, idx: int, kind: str, opts: InitOption
     k = cp.num_output // groups
     oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
     total = runner.n * oh * ow
-    cap = max(1, min(200_000, int(opts.mem_limit // (8 * d * groups * 2))))
+    # enough patches for a stable covariance and k-means (Coates & Ng use ~100 per centre),
+    # bounded by the memory limit
+    cap = max(1, min(4 * d + 40 * k, 100_000, int(opts.mem_limit // (4 * d * groups * 3))))
     want = min(total, cap)
     per_image = int(math.ceil(want / runner.n))
     patches: List[List[np.ndarray]] = [[] for _ in range(groups)]
@@ -632,21 +637,36 @@ def _targets(net) -> List[str]:
     return [o for o in net.outputs]
 
 
-def _measure(net, affine_lps, eta: Dict[str, np.ndarray]) -> Tuple[Dict[str, float], Dict[str, float]]:
+def _sq(a: np.ndarray) -> float:
+    flat = a.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def _measure(net, affine_lps, eta: Dict[str, np.ndarray], with_cv: bool = False
+             ) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Change rates ``sqrt(|dW|^2 / |W|^2)`` under the fixed random top gradient ``eta``."""
     net.forward()
     for name, e in eta.items():
         net.blobs[name].diff[...] = e
     net.clear_param_diffs()
     net.backward()
-    rates, cvs = {}, {}
+    rates = {}
     for lp in affine_lps:
         w = net.params[lp.name][0]
-        dw2 = float(np.sum(np.square(w.diff, dtype=np.float64)))
-        w2 = float(np.sum(np.square(w.data, dtype=np.float64)))
-        rates[lp.name] = math.sqrt(dw2 / w2) if w2 > 0 else float("nan")
-        col = np.sum(np.square(_columns(lp, w.diff).astype(np.float64)), axis=0)
+        w2 = _sq(w.data)
+        rates[lp.name] = math.sqrt(_sq(w.diff) / w2) if w2 > 0 else float("nan")
+    return rates, (_column_cvs(net, affine_lps) if with_cv else {})
+
+
+def _column_cvs(net, affine_lps) -> Dict[str, float]:
+    """Coefficient of variation of the change rate across each layer's input columns, from
+    the parameter diffs of the last measurement."""
+    cvs = {}
+    for lp in affine_lps:
+        cw = _columns(lp, net.params[lp.name][0].diff)
+        col = np.einsum("ij,ij->j", cw, cw, dtype=np.float64)
         cvs[lp.name] = float(col.std() / col.mean()) if col.mean() > 0 else float("nan")
-    return rates, cvs
+    return cvs
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -668,11 +688,13 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
     if batch.shape[0] < opts.batch_size:
         batch = np.concatenate([batch] * int(math.ceil(opts.batch_size / batch.shape[0])))[:opts.batch_size]
     _set_input(net, prepared.input_name, batch)
+    if hasattr(net, "input_diffs"):
+        net.input_diffs = False  # the rates need parameter diffs only
     out_rng = np.random.RandomState(opts.seed + 1)
     eta = {o: out_rng.standard_normal(net.blobs[o].data.shape).astype(np.float32) for o in _targets(net)}
     net.forward()
     before_out = {o: np.array(net.blobs[o].data, np.float64) for o in net.outputs}
-    rates, cvs = _measure(net, affine_lps, eta)
+    rates, cvs = _measure(net, affine_lps, eta, with_cv=True)
     for n, r in rates.items():
         reports[n].rate_before, reports[n].cv_before = r, cvs[n]
     report.flatness_before = _flatness(rates)
@@ -687,14 +709,13 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
                 report.converged = True
                 it -= 1
                 break
-            scale = {}
+            own = {}
             for g, members in groups.items():
-                if g in plan.pinned:
-                    continue
                 cg = _geomean([rates[m] for m in members])
-                if math.isfinite(cg) and cg > 0:
-                    scale[g] = (cg / target) ** (opts.damping / 2.0)
-            scaling.apply_scales(net, plan, scale)
+                if g not in plan.pinned and math.isfinite(cg) and cg > 0:
+                    own[g] = (opts.damping / 2.0) * math.log(cg / target)
+            rho = scaling.cumulative_log_scales(plan, own)
+            scaling.apply_scales(net, plan, {g: math.exp(r) for g, r in rho.items()})
             rates, cvs = _measure(net, affine_lps, eta)
         else:
             target = _geomean(rates.values())
@@ -703,6 +724,7 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
         if progress:
             progress("between-layer", opts.iterations, opts.iterations)
     report.iterations = it
+    cvs = _column_cvs(net, affine_lps)
     for n, r in rates.items():
         reports[n].rate_after, reports[n].cv_after = r, cvs[n]
     report.flatness_after = _flatness(rates)

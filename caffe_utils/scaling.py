@@ -274,6 +274,37 @@ def build_plan(net) -> ScalePlan:
         pinned=pinned, inexact=inexact)
 
 
+def cumulative_log_scales(plan: ScalePlan, own: Mapping[int, float]) -> Dict[int, float]:
+    """Per-group log scales that carry each group's own correction ``own[g]`` on to everything
+    it feeds: ``rho_g = own[g] + mean over g's input columns of rho[producer]``.
+
+    Rescaling group g by ``exp(rho_g)`` (and undoing it downstream) changes its change rate by
+    ``exp(2 * (inherited - rho_g))``; with the inherited part added, the net effect on g is its
+    own correction alone, so every layer moves by exactly ``own`` in one step (for homogeneous
+    nets). This is how a per-layer correction of all layers at once stays consistent in a chain
+    or DAG. Pinned groups are not scaled.
+    """
+    inputs: Dict[str, List[np.ndarray]] = {}
+    for c in plan.consumers:
+        inputs.setdefault(c.layer, []).append(c.groups)
+    rho: Dict[int, float] = {}
+    for g, members in plan.groups.items():
+        if g in plan.pinned:
+            rho[g] = 0.0
+            continue
+        inherited = []
+        for m in members:
+            cols = np.concatenate(inputs[m]) if m in inputs else np.zeros(0, np.int64)
+            if cols.size:
+                vals = np.array([rho.get(int(x), 0.0) if x != UNSCALED else 0.0 for x in np.unique(cols)])
+                counts = np.array([np.sum(cols == x) for x in np.unique(cols)])
+                inherited.append(float(np.sum(vals * counts) / counts.sum()))
+            else:
+                inherited.append(0.0)
+        rho[g] = float(own.get(g, 0.0)) + float(np.mean(inherited))
+    return rho
+
+
 def _factors(groups: np.ndarray, scale: Mapping[int, float]) -> np.ndarray:
     lookup = np.ones(max([int(groups.max()) + 1 if groups.size else 0] + [g + 1 for g in scale]), np.float64)
     for g, r in scale.items():

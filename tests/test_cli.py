@@ -67,3 +67,18 @@ def test_user_errors_are_one_line_without_traceback(small, tmp_path):
     assert len(lines) == 1 and "does not exist" in lines[0]
     res = CliRunner().invoke(cli, [str(tmp_path / "missing.prototxt"), "-o", "x.caffemodel"])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_entry_points():
+    """``python magic_init.py`` and the ``magic-init`` console script (pip install -e .)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "magic_init.py"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "Usage: magic_init.py" in res.stdout
+    exe = shutil.which("magic-init")
+    assert exe, "the magic-init console script is not installed (pip install -e .)"
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--output" in res.stdout

@@ -95,6 +95,9 @@ class Net:
         self._inplace: List[List[bool]] = []
         self._loss_weights: List[List[float]] = []
         self.inputs: List[str] = []
+        #: compute diffs of the net's input blobs in backward (Caffe's force_backward); turning
+        #: it off skips e.g. the first convolution's costly bottom gradient
+        self.input_diffs = True
         self._build(input_shapes or {})
         if weights is not None:
             self.copy_from(weights)
@@ -280,10 +283,12 @@ class Net:
         # pycaffe: backward(start=A, end=B) runs from layer A down to layer B
         lo, hi = self._range(end, start)
         zeroed = set()
+        input_blobs = [self.blobs[n] for n in self.inputs]
         for i in range(hi, lo - 1, -1):
             layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
             lp = self.net_param.layer[i]
             pd = [layer.can_propagate(k) and (k >= len(lp.propagate_down) or lp.propagate_down[k])
+                  and (self.input_diffs or bottoms[k] not in input_blobs)
                   for k in range(len(bottoms))]
             call_tops: List = list(tops)
             inplace_ids = set()
