@@ -674,6 +674,21 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
 
+def fixed_layers(plan: scaling.ScalePlan) -> List[str]:
+    """Affine layers whose change rate no rescaling can move: pinned (their output is the
+    net's output) and fed only by unscaled inputs (data, or BatchNorm outputs)."""
+    scaled_inputs = {c.layer for c in plan.consumers if np.any(c.groups != scaling.UNSCALED)}
+    return [n for n in plan.affine if plan.group_of[n] in plan.pinned and n not in scaled_inputs]
+
+
+def _target(rates: Dict[str, float], fixed: Sequence[str]) -> float:
+    """The common change rate to aim for: the geometric mean of all rates (which keeps the
+    overall learning speed), or, when some rates cannot move, theirs."""
+    if fixed:
+        return _geomean([rates[n] for n in fixed])
+    return _geomean(rates.values())
+
+
 def _flatness(rates: Dict[str, float]) -> float:
     v = [x for x in rates.values() if x > 0 and math.isfinite(x)]
     return max(v) / min(v) if v else float("nan")
@@ -699,12 +714,13 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
         reports[n].rate_before, reports[n].cv_before = r, cvs[n]
     report.flatness_before = _flatness(rates)
     groups = plan.groups
+    fixed = fixed_layers(plan)
     it = 0
     if opts.between:
         for it in range(1, opts.iterations + 1):
             if progress:
                 progress("between-layer", it - 1, opts.iterations)
-            target = _geomean(rates.values())
+            target = _target(rates, fixed)
             if all(abs(r / target - 1) <= opts.tolerance for r in rates.values() if math.isfinite(r) and r > 0):
                 report.converged = True
                 it -= 1
@@ -718,7 +734,7 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
             scaling.apply_scales(net, plan, {g: math.exp(r) for g, r in rho.items()})
             rates, cvs = _measure(net, affine_lps, eta)
         else:
-            target = _geomean(rates.values())
+            target = _target(rates, fixed)
             report.converged = all(abs(r / target - 1) <= opts.tolerance
                                    for r in rates.values() if math.isfinite(r) and r > 0)
         if progress:
