@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import glob as globlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 

@@ -21,11 +21,10 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 
 from caffe_utils import wire
 from caffe_utils.errors import OutputError, PrototxtError, ShapeMismatchError, WeightsError

@@ -11,7 +11,13 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from google.protobuf import text_format
+
+from caffe_utils.layers import create_layer
 from caffe_utils.layers.base import Blob, Layer
+from caffe_utils.schema import caffe_pb2
+
+TEST = 1
 
 
 def _objective(layer: Layer, bottom: List[Blob], top: List[Blob], weights: List[np.ndarray]) -> float:
@@ -92,3 +98,23 @@ def make_blobs(shapes: Sequence[Sequence[int]], rng: np.random.RandomState,
         b.data[...] = init(rng, tuple(s)) if init else rng.standard_normal(s)
         out.append(b)
     return out
+
+
+def make_layer(text: str, arrays, phase: int = TEST, ntop: int = 1, in_place: bool = False):
+    """A set-up layer from LayerParameter text, with bottoms holding ``arrays``."""
+    param = text_format.Parse(text, caffe_pb2().LayerParameter())
+    layer = create_layer(param, phase)
+    bottom = []
+    for a in arrays:
+        b = Blob(a.shape)
+        b.data[...] = a
+        bottom.append(b)
+    top = [bottom[0]] if in_place else [Blob() for _ in range(ntop)]
+    layer.setup(bottom, top)
+    layer.reshape(bottom, top)
+    return layer, bottom, top
+
+
+def rand(shape, seed: int = 0) -> np.ndarray:
+    """Float32 standard-normal data with a fixed seed."""
+    return np.random.RandomState(seed).standard_normal(shape).astype(np.float32)

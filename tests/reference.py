@@ -12,7 +12,6 @@ otherwise it is skipped with the reason.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -97,7 +96,7 @@ def check_against_caffe(tmp_path: Path, prototxt: str, inputs: Optional[Mapping[
     inputs are drawn again (up to ``max_attempts`` times), since float rounding could send the
     gradient to the other maximum in Caffe.
     """
-    caffe = require_caffe()
+    require_caffe()
     rng = np.random.RandomState(seed)
     path = Path(tmp_path) / "net.prototxt"
     path.write_text(prototxt)
@@ -178,7 +177,6 @@ def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random
     cnet.forward()
     for name in ours.outputs:
         assert_blob_close(name, "data (end to end)", ours.blobs[name].data, cnet.blobs[name].data, rtol_fwd)
-    cindex = {n: i for i, n in enumerate(cnet._layer_names)}
     snaps: Dict[str, dict] = {}
     for i, name in enumerate(cnet._layer_names):
         bnames = list(cnet.bottom_names[name])

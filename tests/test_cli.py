@@ -1,7 +1,6 @@
 """The click command line, through CliRunner."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

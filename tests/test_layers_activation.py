@@ -7,30 +7,16 @@ import math
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
-from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers.base import LayerSetupError
 from caffe_utils.schema import caffe_pb2
-from gradcheck import check_gradients
+from gradcheck import check_gradients, make_layer
 from reference import check_against_caffe
 
 TRAIN, TEST = 0, 1
 F = np.float32
 
 
-def make_layer(text: str, arrays, phase: int = TEST, ntop: int = 1, in_place: bool = False):
-    param = text_format.Parse(text, caffe_pb2().LayerParameter())
-    layer = create_layer(param, phase)
-    bottom = []
-    for a in arrays:
-        b = Blob(a.shape)
-        b.data[...] = a
-        bottom.append(b)
-    top = [bottom[0]] if in_place else [Blob() for _ in range(ntop)]
-    layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    return layer, bottom, top
 
 
 def run(text, x, phase=TEST, dy=None, params=None):

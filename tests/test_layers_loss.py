@@ -8,13 +8,10 @@ import math
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffe_utils.errors import DataError
-from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers.base import LayerSetupError
-from caffe_utils.schema import caffe_pb2
-from gradcheck import check_gradients
+from gradcheck import check_gradients, make_layer, rand
 from reference import check_against_caffe
 
 TEST = 1
@@ -22,22 +19,8 @@ F = np.float32
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
-def make_layer(text: str, arrays, ntop: int = 1):
-    param = text_format.Parse(text, caffe_pb2().LayerParameter())
-    layer = create_layer(param, TEST)
-    bottom = []
-    for a in arrays:
-        b = Blob(a.shape)
-        b.data[...] = a
-        bottom.append(b)
-    top = [Blob() for _ in range(ntop)]
-    layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    return layer, bottom, top
 
 
-def rand(shape, seed=0):
-    return np.random.RandomState(seed).standard_normal(shape).astype(F)
 
 
 def labels(shape, classes, seed=0, ignore=None, frac=0.3):

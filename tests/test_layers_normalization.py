@@ -6,34 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
-from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers.base import LayerSetupError
-from caffe_utils.schema import caffe_pb2
-from gradcheck import check_gradients
+from gradcheck import check_gradients, make_layer, rand
 from reference import check_against_caffe
 
 TRAIN, TEST = 0, 1
 F = np.float32
 
 
-def make_layer(text: str, arrays, phase: int = TEST, in_place: bool = False):
-    param = text_format.Parse(text, caffe_pb2().LayerParameter())
-    layer = create_layer(param, phase)
-    bottom = []
-    for a in arrays:
-        b = Blob(a.shape)
-        b.data[...] = a
-        bottom.append(b)
-    top = [bottom[0]] if in_place else [Blob()]
-    layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    return layer, bottom, top
 
 
-def rand(shape, seed=0):
-    return np.random.RandomState(seed).standard_normal(shape).astype(F)
 
 
 def count(shape, a=0, b=None):

@@ -1,11 +1,9 @@
 """Reading and writing Caffe files without pycaffe: prototxt, upgrades, caffemodel, mean."""
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffe_utils import netio, wire
 from caffe_utils.errors import OutputError, PrototxtError, ShapeMismatchError, WeightsError

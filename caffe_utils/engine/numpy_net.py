@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from caffe_utils import netio
-from caffe_utils.errors import PrototxtError, WeightsError
+from caffe_utils.errors import PrototxtError
 from caffe_utils.fillers import fill
 from caffe_utils.layers import create_layer
 from caffe_utils.layers.base import Blob, Layer
@@ -202,7 +202,7 @@ class Net:
 
     def _fill_params(self, layer: Layer) -> None:
         spec = _FILLERS.get(layer.type)
-        pb2 = caffe_pb2()
+        caffe_pb2()
         for j, blob in enumerate(layer.blobs):
             filler = None
             if spec is not None and j < len(spec[1]):

@@ -9,7 +9,7 @@ from its fillers on every forward, as Caffe does.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
