@@ -36,7 +36,6 @@ from caffe_utils.fillers import fill
 from caffe_utils.layers import create_layer
 from caffe_utils.layers.base import Blob, Layer
 from caffe_utils.layers.data import FedDataLayer
-from caffe_utils.schema import caffe_pb2
 
 # layer type -> (parameter message field, filler fields in blob order); missing filler -> constant 0
 _FILLERS = {
@@ -202,7 +201,6 @@ class Net:
 
     def _fill_params(self, layer: Layer) -> None:
         spec = _FILLERS.get(layer.type)
-        caffe_pb2()
         for j, blob in enumerate(layer.blobs):
             filler = None
             if spec is not None and j < len(spec[1]):
