@@ -458,7 +458,7 @@ def initialize(net, prepared: PreparedNet, sample: np.ndarray, options: InitOpti
     plan = scaling.build_plan(net)
     report.inexact_layers = list(plan.inexact)
     report.pinned_layers = [n for n in plan.affine if plan.group_of[n] in plan.pinned]
-    _between(net, prepared, sample, opts, plan, reports, report, rng, progress, rescale_only=not todo)
+    _between(net, prepared, sample, opts, plan, reports, report, progress)
     if opts.zero_classifier:
         last = affine[-1]
         for b in net.params[last.name]:
@@ -695,8 +695,7 @@ def _flatness(rates: Dict[str, float]) -> float:
 
 
 def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, plan: scaling.ScalePlan,
-             reports: "OrderedDict[str, LayerReport]", report: InitReport, rng, progress: Optional[Progress],
-             rescale_only: bool) -> None:
+             reports: "OrderedDict[str, LayerReport]", report: InitReport, progress: Optional[Progress]) -> None:
     lps = {lp.name: lp for lp in net.net_param.layer}
     affine_lps = [lps[n] for n in plan.affine]
     batch = sample[:opts.batch_size]
@@ -760,7 +759,11 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
         rep = reports[lp.name]
         rep.act_mean, rep.act_std = float(mean.mean()), float(std.mean())
         rep.channel_std_cv = float(std.std() / std.mean()) if std.mean() > 0 else float("nan")
-    if rescale_only:
+    if start < len(names):
+        net.forward(start=names[start])
+    if opts.between:
+        # the between-layer stage must not change what the net computes (up to layers that
+        # cannot undo a scale exactly): measure it on the batch
         dev = 0.0
         for o in net.outputs:
             ref = before_out[o]

@@ -202,7 +202,9 @@ def format_report(result: RunResult) -> str:
     if r.inexact_layers:
         lines.append(f"layers that cannot undo a rescaling exactly: {', '.join(r.inexact_layers)}")
     if r.output_deviation is not None:
-        verdict = "function preserved" if r.function_preserved else "outputs changed"
-        lines.append(f"output deviation after rescaling: {r.output_deviation:.2e} relative ({verdict})")
+        verdict = ("function preserved" if r.function_preserved
+                   else "outputs changed: layers above cannot undo a rescaling exactly")
+        lines.append(f"output deviation caused by the between-layer stage: {r.output_deviation:.2e} "
+                     f"relative ({verdict})")
     lines.append(f"engine: {result.engine}; images: {result.images_used}")
     return "\n".join(lines)

@@ -35,3 +35,22 @@ def test_rescaling_open_nsfw_keeps_probabilities(caffe, nsfw_model, tmp_path):
         probs.append(net.forward()["prob"].copy())
     assert np.max(np.abs(probs[0] - probs[1])) <= 1e-4
     assert np.std(probs[0][:, 1]) > 1e-3  # the photos give different outputs: a real test
+
+
+@pytest.mark.parametrize("init", ["kmeans", "gaussian"])
+def test_numpy_and_caffe_engines_give_the_same_model(caffe, tmp_path, init):
+    from test_magic import SMALL
+    proto = tmp_path / "small.prototxt"
+    proto.write_text(SMALL)
+    photos = str(skimage_photos()[0].parent)
+    outs = {}
+    for engine in ("numpy", "caffe"):
+        out = tmp_path / f"{engine}.caffemodel"
+        run(RunConfig(prototxt=str(proto), output=str(out), data=photos, images=16, batch_size=8, init=init,
+                      engine=engine, seed=3))
+        outs[engine] = netio.read_caffemodel(out)
+        net = caffe.Net(str(proto), str(out), caffe.TEST)  # loads in real Caffe
+        assert set(net.params) == {"conv1", "conv2", "fc1", "fc2"}
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        for a, b in zip(outs["numpy"][name].blobs, outs["caffe"][name].blobs):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))), err_msg=name)
