@@ -203,11 +203,15 @@ def _decode_datum(rec: Record) -> np.ndarray:
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an HxWxC float image (PIL's float mode, one channel at a time)."""
     if img.shape[0] == height and img.shape[1] == width:
         return img
-    from skimage.transform import resize
-    return resize(img, (height, width), order=1, mode="edge", anti_aliasing=False,
-                  preserve_range=True).astype(np.float32)
+    from PIL import Image
+    out = np.empty((height, width, img.shape[2]), np.float32)
+    for c in range(img.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(img[:, :, c], dtype=np.float32), mode="F")
+        out[:, :, c] = np.asarray(plane.resize((width, height), Image.BILINEAR), dtype=np.float32)
+    return out
 
 
 @dataclass

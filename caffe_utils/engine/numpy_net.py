@@ -107,7 +107,6 @@ class Net:
             raise PrototxtError("the net has no layers (after applying the phase's include/exclude rules)")
         current: Dict[str, Blob] = {}
         readers: Dict[int, List[int]] = {}
-        producer_of: Dict[int, int] = {}
         names_seen = set()
         shared: Dict[str, Tuple[str, Blob]] = {}
         for i, lp in enumerate(self.net_param.layer):
@@ -146,7 +145,6 @@ class Net:
                     blob = Blob()
                     inplace.append(False)
                 current[t] = blob
-                producer_of[id(blob)] = i
                 readers[id(blob)] = []
                 tops.append(blob)
                 self.blobs[t] = blob
