@@ -54,16 +54,22 @@ V1_TYPE_NAMES = {
 
 # ----------------------------------------------------------------------------- prototxt
 
-def _read_text(path: PathLike, what: str, error: type) -> str:
+def _read_file(path: PathLike, what: str, error: type) -> bytes:
+    """The bytes of ``path``, or ``error`` with a one-line message naming the file and the fix."""
     p = Path(path)
     if not p.exists():
         raise error(f"{what} '{p}' does not exist; check the path")
     if p.is_dir():
         raise error(f"{what} '{p}' is a directory; pass the file itself")
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except OSError as exc:
         raise error(f"cannot read {what} '{p}': {exc.strerror}; check its permissions") from exc
+
+
+def _read_text(path: PathLike, what: str, error: type) -> str:
+    p = Path(path)
+    data = _read_file(p, what, error)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -268,17 +274,9 @@ class LayerWeights:
 
 
 def _read_binary(path: PathLike, what: str) -> bytes:
-    p = Path(path)
-    if not p.exists():
-        raise WeightsError(f"{what} '{p}' does not exist; check the path")
-    if p.is_dir():
-        raise WeightsError(f"{what} '{p}' is a directory; pass the file itself")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise WeightsError(f"cannot read {what} '{p}': {exc.strerror}; check its permissions") from exc
+    data = _read_file(path, what, WeightsError)
     if not data:
-        raise WeightsError(f"{what} '{p}' is empty; re-download or re-save it")
+        raise WeightsError(f"{what} '{path}' is empty; re-download or re-save it")
     return data
 
 
