@@ -729,7 +729,10 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
                 cg = _geomean([rates[m] for m in members])
                 if g not in plan.pinned and math.isfinite(cg) and cg > 0:
                     own[g] = (opts.damping / 2.0) * math.log(cg / target)
-            rho = scaling.cumulative_log_scales(plan, own)
+            energies = {c.layer: (scaling.input_energies(c.layer_type, lps[c.layer], net.params[c.layer][0].diff),
+                                  scaling.input_energies(c.layer_type, lps[c.layer], net.params[c.layer][0].data))
+                        for c in plan.consumers}
+            rho = scaling.cumulative_log_scales(plan, own, energies)
             scaling.apply_scales(net, plan, {g: math.exp(r) for g, r in rho.items()})
             rates, cvs = _measure(net, affine_lps, eta)
         else:

@@ -20,6 +20,7 @@ Works on any engine net (numpy or pycaffe): it reads ``net_param``, blob shapes 
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Set, Tuple
@@ -274,15 +275,33 @@ def build_plan(net) -> ScalePlan:
         pinned=pinned, inexact=inexact)
 
 
-def cumulative_log_scales(plan: ScalePlan, own: Mapping[int, float]) -> Dict[int, float]:
-    """Per-group log scales that carry each group's own correction ``own[g]`` on to everything
-    it feeds: ``rho_g = own[g] + mean over g's input columns of rho[producer]``.
+def input_energies(layer_type: str, lp, w: np.ndarray) -> np.ndarray:
+    """Sum of squares of ``w`` per input channel (convolutions) or input column (InnerProduct),
+    in the order of :attr:`Consumer.groups`."""
+    w = w.astype(np.float64)
+    if layer_type == "Convolution":
+        g = lp.convolution_param.group
+        per = (w * w).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)          # (out, C/g)
+        return per.reshape(g, w.shape[0] // g, w.shape[1]).sum(axis=1).reshape(-1)
+    if layer_type == "Deconvolution":
+        return (w * w).reshape(w.shape[0], -1).sum(axis=1)
+    if lp.inner_product_param.transpose:
+        return (w * w).sum(axis=1)
+    return (w * w).sum(axis=0)
 
-    Rescaling group g by ``exp(rho_g)`` (and undoing it downstream) changes its change rate by
-    ``exp(2 * (inherited - rho_g))``; with the inherited part added, the net effect on g is its
-    own correction alone, so every layer moves by exactly ``own`` in one step (for homogeneous
-    nets). This is how a per-layer correction of all layers at once stays consistent in a chain
-    or DAG. Pinned groups are not scaled.
+
+def cumulative_log_scales(plan: ScalePlan, own: Mapping[int, float],
+                          energies: Optional[Mapping[str, Tuple[np.ndarray, np.ndarray]]] = None
+                          ) -> Dict[int, float]:
+    """Per-group log scales ``rho`` that give every group exactly its own correction ``own[g]``.
+
+    Rescaling group g by ``exp(rho_g)`` divides its change rate by ``exp(2 rho_g)``, while the
+    rescaling of the groups feeding it (undone in its input columns) multiplies the rate by
+    ``sqrt(sum_j a_j r_j^2 / sum_j b_j r_j^-2)``, with ``a_j``/``b_j`` the shares of the
+    gradient and weight energy in input column j (``energies[layer] = (grad, weight)`` per input
+    column; uniform without it) and ``r_j`` the scale of column j's producer. Adding that
+    inherited part to ``own[g]`` makes each layer move by its own correction alone, in one step
+    for homogeneous nets, chains and DAGs alike. Pinned groups are not scaled.
     """
     inputs: Dict[str, List[np.ndarray]] = {}
     for c in plan.consumers:
@@ -294,13 +313,19 @@ def cumulative_log_scales(plan: ScalePlan, own: Mapping[int, float]) -> Dict[int
             continue
         inherited = []
         for m in members:
-            cols = np.concatenate(inputs[m]) if m in inputs else np.zeros(0, np.int64)
-            if cols.size:
-                vals = np.array([rho.get(int(x), 0.0) if x != UNSCALED else 0.0 for x in np.unique(cols)])
-                counts = np.array([np.sum(cols == x) for x in np.unique(cols)])
-                inherited.append(float(np.sum(vals * counts) / counts.sum()))
-            else:
+            if m not in inputs:
                 inherited.append(0.0)
+                continue
+            cols = np.concatenate(inputs[m])
+            logr = np.array([rho.get(int(x), 0.0) if x != UNSCALED else 0.0 for x in cols])
+            if energies is not None and m in energies and energies[m][0].size == cols.size:
+                a, b = energies[m]
+                a = a / a.sum() if a.sum() > 0 else np.full(cols.size, 1.0 / cols.size)
+                b = b / b.sum() if b.sum() > 0 else np.full(cols.size, 1.0 / cols.size)
+            else:
+                a = b = np.full(cols.size, 1.0 / cols.size)
+            inherited.append(0.25 * (math.log(float(np.sum(a * np.exp(2 * logr))))
+                                     - math.log(float(np.sum(b * np.exp(-2 * logr))))))
         rho[g] = float(own.get(g, 0.0)) + float(np.mean(inherited))
     return rho
 

@@ -152,3 +152,13 @@ def test_too_few_patches_falls_back_to_gaussian(small, photos, tmp_path):
                         batch_size=2, engine="numpy", between=False))
     assert any("too few patches" in l.initialized for l in res.report.layers)
     assert any("gaussian weights" in w for w in res.warnings)
+
+
+def test_one_full_between_step_flattens_a_homogeneous_net(small, photos, tmp_path):
+    """With damping ~1, carrying each layer's correction on to the layers it feeds flattens a
+    homogeneous net (ReLU, max pooling, grouped conv, FC) in a single iteration."""
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=photos, images=16,
+                        batch_size=8, init="gaussian", iterations=1, damping=0.999, engine="numpy"))
+    assert res.report.flatness_before > 5
+    assert res.report.flatness_after < 1.05
+    assert res.report.function_preserved
