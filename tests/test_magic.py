@@ -162,3 +162,46 @@ def test_one_full_between_step_flattens_a_homogeneous_net(small, photos, tmp_pat
     assert res.report.flatness_before > 5
     assert res.report.flatness_after < 1.05
     assert res.report.function_preserved
+
+
+def test_data_layer_source_and_transform_are_used(tmp_path):
+    """Without --data the net's own ImageData source (an image list) and transform_param apply."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    (tmp_path / "imgs").mkdir()
+    lines = []
+    for i in range(6):
+        Image.fromarray(rng.randint(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        lines.append(f"{i}.png {i % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    net = f"""
+    layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+            image_data_param {{ source: "list.txt" root_folder: "{tmp_path / 'imgs'}/" batch_size: 4 }}
+            transform_param {{ crop_size: 24 mean_value: 120 scale: 0.01 }} }}
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param {{ num_output: 4 kernel_size: 3 }} }}
+    layer {{ name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param {{ num_output: 2 }} }}
+    layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
+    """
+    p = tmp_path / "train.prototxt"
+    p.write_text(net)
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), images=6, batch_size=3,
+                        engine="numpy"))
+    assert res.images_used == 6
+    w = netio.read_caffemodel(tmp_path / "o.caffemodel")
+    assert w["conv"].blobs[0].shape == (4, 3, 3, 3) and w["fc"].blobs[0].shape == (2, 4 * 22 * 22)
+    assert "loss" in w and not w["loss"].blobs  # the full net definition is written, as Caffe does
+
+
+def test_constant_images_warn_and_stay_finite(small, tmp_path):
+    from PIL import Image
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((60, 60, 3), 77, np.uint8)).save(d / f"{i}.png")
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=str(d), images=4,
+                        batch_size=2, init="gaussian", engine="numpy"))
+    assert any("constant on the sample" in w for w in res.warnings)
+    net = Net(small, weights=tmp_path / "o.caffemodel")
+    for blobs in net.params.values():
+        for b in blobs:
+            assert np.all(np.isfinite(b.data))
