@@ -633,10 +633,6 @@ def _normalize_within(net, runner: _Runner, lp, idx: int, opts: InitOptions, rep
 
 # ----------------------------------------------------------------------------- between-layer
 
-def _targets(net) -> List[str]:
-    return [o for o in net.outputs]
-
-
 def _sq(a: np.ndarray) -> float:
     flat = a.reshape(-1)
     return float(np.dot(flat, flat))
@@ -705,7 +701,7 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
     if hasattr(net, "input_diffs"):
         net.input_diffs = False  # the rates need parameter diffs only
     out_rng = np.random.RandomState(opts.seed + 1)
-    eta = {o: out_rng.standard_normal(net.blobs[o].data.shape).astype(np.float32) for o in _targets(net)}
+    eta = {o: out_rng.standard_normal(net.blobs[o].data.shape).astype(np.float32) for o in net.outputs}
     net.forward()
     before_out = {o: np.array(net.blobs[o].data, np.float64) for o in net.outputs}
     rates, cvs = _measure(net, affine_lps, eta, with_cv=True)
@@ -774,3 +770,5 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
             dev = max(dev, diff / max(float(np.max(np.abs(ref))), 1e-12))
         report.output_deviation = dev
         report.function_preserved = dev <= 1e-4
+    if hasattr(net, "input_diffs"):
+        net.input_diffs = True
