@@ -325,11 +325,13 @@ def _whitening(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng: np.random.RandomState,
-                        kmeans_iters: int = 10) -> np.ndarray:
-    """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``."""
+                        kmeans_iters: int = 10, overwrite: bool = False) -> np.ndarray:
+    """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``.
+
+    With ``overwrite`` a float32 ``patches`` array is centred in place (saves a copy of it)."""
     d, m = patches.shape
-    x = patches.astype(np.float32)
-    x = x - x.mean(axis=1, keepdims=True)
+    x = patches if overwrite and patches.dtype == np.float32 else patches.astype(np.float32)
+    x -= x.mean(axis=1, keepdims=True)
     if kind == "rand":
         idx = rng.choice(m, k, replace=m < k)
         w = x[:, idx].T
@@ -351,6 +353,7 @@ def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng: np.random.R
         return w
     # spherical k-means on whitened, unit-length patches (Coates & Ng 2012)
     xw = zca.astype(np.float32) @ x
+    del x
     xw /= np.linalg.norm(xw, axis=0, keepdims=True) + 1e-8
     centers = rng.standard_normal((d, k)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=0, keepdims=True)
@@ -551,8 +554,9 @@ def _data_driven(net, runner: _Runner, lp, idx: int, kind: str, opts: InitOption
     # bounded by the memory limit
     cap = max(1, min(4 * d + 40 * k, 100_000, int(opts.mem_limit // (4 * d * groups * 3))))
     want = min(total, cap)
-    per_image = int(math.ceil(want / runner.n))
-    patches: List[List[np.ndarray]] = [[] for _ in range(groups)]
+    per_image = min(int(math.ceil(want / runner.n)), oh * ow)
+    patches = np.empty((groups, d, per_image * runner.n), np.float32)
+    m = 0
     buf = runner.start_checkpoint(idx)
     for b in range(runner.nb):
         runner.run(b, idx - 1)
@@ -560,12 +564,10 @@ def _data_driven(net, runner: _Runner, lp, idx: int, kind: str, opts: InitOption
         x = net.blobs[bottom].data[:runner.valid(b)]
         for i in range(x.shape[0]):
             cols = im2col_batch(x[i:i + 1], kernel, pad, stride, dilation)  # (C*kh*kw, oh*ow)
-            pick = rng.choice(cols.shape[1], min(per_image, cols.shape[1]), replace=False)
-            sel = cols[:, pick]
-            for g in range(groups):
-                patches[g].append(sel[g * d:(g + 1) * d])
+            pick = rng.choice(cols.shape[1], per_image, replace=False)
+            patches[:, :, m:m + per_image] = cols[:, pick].reshape(groups, d, per_image)
+            m += per_image
     runner.commit(buf, idx)
-    m = sum(p.shape[1] for p in patches[0])
     need = max(d + 1, 4 * k) if kind in ("kmeans", "pca", "zca") else k
     if m < need:
         msg = (f"layer '{lp.name}': only {m} input patches for {kind} with {k} filters of size {d} "
@@ -573,10 +575,8 @@ def _data_driven(net, runner: _Runner, lp, idx: int, kind: str, opts: InitOption
         report.warnings.append(msg)
         rep.initialized = f"gaussian (too few patches for {kind})"
         return False
-    rows = []
-    for g in range(groups):
-        p = np.concatenate(patches[g], axis=1)
-        rows.append(data_driven_weights(kind, p, k, rng))
+    rows = [data_driven_weights(kind, patches[g, :, :m], k, rng, overwrite=True) for g in range(groups)]
+    del patches
     w = np.vstack(rows).astype(np.float32)
     blobs = net.params[lp.name]
     _set_rows(lp, blobs[0], w)
