@@ -25,3 +25,21 @@ def nsfw_model():
 def mtcnn_models():
     from caffe_utils.datasets import mtcnn
     return mtcnn()
+
+
+@pytest.fixture
+def small(tmp_path):
+    """The small conv/pool/FC net of tests/nets.py, written to a prototxt."""
+    from nets import SMALL
+    p = tmp_path / "small.prototxt"
+    p.write_text(SMALL)
+    return p
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """The folder of photos that scikit-image installs."""
+    from caffe_utils.datasets import skimage_photos
+    found = skimage_photos()
+    assert len(found) >= 5
+    return str(found[0].parent)

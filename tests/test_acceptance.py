@@ -39,7 +39,7 @@ def test_rescaling_open_nsfw_keeps_probabilities(caffe, nsfw_model, tmp_path):
 
 @pytest.mark.parametrize("init", ["kmeans", "gaussian"])
 def test_numpy_and_caffe_engines_give_the_same_model(caffe, tmp_path, init):
-    from test_magic import SMALL
+    from nets import SMALL
     proto = tmp_path / "small.prototxt"
     proto.write_text(SMALL)
     photos = str(skimage_photos()[0].parent)

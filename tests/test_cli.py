@@ -4,21 +4,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from caffe_utils.datasets import skimage_photos
 from magic_init import cli
-from test_magic import SMALL
-
-
-@pytest.fixture
-def small(tmp_path):
-    p = tmp_path / "small.prototxt"
-    p.write_text(SMALL)
-    return p
-
-
-@pytest.fixture(scope="module")
-def photos():
-    return str(skimage_photos()[0].parent)
 
 
 def test_help_documents_options_and_defaults():
