@@ -85,8 +85,9 @@ class _Progress:
 @click.option("--beta", default=0.1, show_default=True, type=float, help="Mean of every output channel.")
 @click.option("--iterations", default=10, show_default=True, type=int, callback=_non_negative,
               help="Between-layer iterations (stops early when every rate is within 1%).")
-@click.option("--damping", default=0.25, show_default=True, type=float, callback=_damping,
-              help="Between-layer damping alpha.")
+@click.option("--damping", default=0.5, show_default=True, type=float, callback=_damping,
+              help="Between-layer damping alpha: each round moves every layer's log change rate this "
+                   "fraction of the way to the common target (1 = one full step).")
 @click.option("--zero-classifier", is_flag=True, help="Set the last affine layer to zero (paper 4.5).")
 @click.option("--reinit", multiple=True, metavar="LAYER", help="Re-initialize this layer even if it has weights.")
 @click.option("--reinit-all", is_flag=True, help="Re-initialize every layer.")

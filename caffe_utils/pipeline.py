@@ -37,7 +37,7 @@ class RunConfig:
     between: bool = True
     beta: float = 0.1
     iterations: int = 10
-    damping: float = 0.25
+    damping: float = 0.5
     zero_classifier: bool = False
     reinit: Sequence[str] = ()
     reinit_all: bool = False
@@ -154,7 +154,7 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
     for msg in report.warnings:
         note(msg)
-    params = {name: [np.array(b.data) for b in blobs] for name, blobs in net.params.items()}
+    params = {name: [np.asarray(b.data) for b in blobs] for name, blobs in net.params.items()}
     netio.write_caffemodel(cfg.output, net_param, params)
     if cfg.report:
         write_json_atomic(cfg.report, {"prototxt": str(cfg.prototxt), "output": str(cfg.output),

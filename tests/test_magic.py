@@ -179,3 +179,22 @@ def test_constant_images_warn_and_stay_finite(small, tmp_path):
     for blobs in net.params.values():
         for b in blobs:
             assert np.all(np.isfinite(b.data))
+
+
+def test_between_stage_uses_a_smaller_batch_under_a_small_mem_limit(small):
+    """The between-layer stage fits its batch's data and diffs into the memory limit; the rates
+    are calibrated over the same images either way, so the flattening still works."""
+    sample = _sample(small, 16)
+    prepared = magic.prepare_net(netio.read_net(str(small)))
+    per_image = None
+    for mem in (None, 3):
+        net = Net(small)
+        net.blobs["data"].reshape(8, *prepared.input_shape)
+        net.reshape()
+        per_image = per_image or sum(8 * int(np.prod(b.data.shape[1:])) for b in net.blobs.values())
+        limit = (1 << 30) if mem is None else mem * per_image
+        opts = magic.InitOptions(init="gaussian", damping=1.0, batch_size=8, mem_limit=limit)
+        assert magic._between_batch(net, opts) == (8 if mem is None else 3)
+        rep = magic.initialize(net, prepared, sample, opts)
+        assert net.blobs["data"].data.shape[0] == (8 if mem is None else 3)
+        assert rep.flatness_after < 1.2, mem

@@ -59,8 +59,8 @@ def test_plan_groups_consumers_and_pins(tmp_path):
     cons = {c.layer: c.groups for c in plan.consumers}
     assert list(cons["c3"]) == [plan.group_of["c2a"]] * 4 + [plan.group_of["c2b"]] * 4
     assert set(np.unique(cons["fc1"])) == {plan.group_of["c3"]}
-    assert [n for n, _ in plan.batchnorms] == ["bn"]
-    assert {(n, j) for n, j, _ in plan.biases} == {("sc2", 1)}  # "sc" follows BatchNorm: unscaled
+    assert [n for n, *_ in plan.batchnorms] == ["bn"]
+    assert {(n, j) for n, j, *_ in plan.biases} == {("sc2", 1)}  # "sc" follows BatchNorm: unscaled
     assert plan.inexact == []
 
 
@@ -104,3 +104,86 @@ def test_batchnorm_rescale_is_exact():
     mean, var = blobs[0].data / blobs[2].data, blobs[1].data / blobs[2].data
     y2 = (r * x - mean) / np.sqrt(var + eps)
     np.testing.assert_allclose(y2, y, rtol=1e-5)
+
+
+CHAIN = """
+name: "chain"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 10 dim: 10 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 kernel_size: 3 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "norm" type: "LRN" bottom: "c1" top: "norm" lrn_param { local_size: 3 alpha: 1 beta: 0.75 k: 1e-3 } }
+layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }
+layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }
+layer { name: "fc" type: "InnerProduct" bottom: "sq" top: "fc" inner_product_param { num_output: 5 } }
+"""
+
+
+def test_paths_record_the_inexact_layers_each_column_passed(tmp_path):
+    net = _net(tmp_path, CHAIN)
+    plan = scaling.build_plan(net)
+    assert plan.inexact == ["norm", "sq", "t"]
+    assert plan.degree_layers == ["norm", "sq", "t"]
+    (cons,) = plan.consumers
+    assert cons.layer == "fc" and set(cons.groups) == {plan.group_of["c1"]}
+    assert {plan.paths[v] for v in cons.via} == {("norm", "sq", "t")}
+    np.testing.assert_allclose(plan.powers(cons.via, {"norm": 0.5, "sq": 2.0, "t": 0.8}), 0.8)
+
+
+def test_degree_estimates_and_blobs_end_as_after_forward(tmp_path):
+    net = _net(tmp_path, CHAIN)
+    net.forward()
+    ref = {k: b.data.copy() for k, b in net.blobs.items()}
+    deg = scaling.forward_estimating_degrees(net, ["norm", "sq", "t"])
+    for k, b in net.blobs.items():
+        np.testing.assert_array_equal(b.data, ref[k], err_msg=k)
+    # LRN with k << alpha * sum x^2 is nearly homogeneous of degree 1 - 2 beta = -0.5
+    assert -0.6 < deg["norm"] < -0.3
+    # x^2 is homogeneous of degree 2 on its channel-centred norm as well
+    assert deg["sq"] == pytest.approx(2.0, abs=1e-5)
+    # TanH (in place) squashes: degree between 0 and 1
+    assert 0.0 <= deg["t"] < 1.0
+
+
+def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
+    text = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
+                         '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n', '')
+    text = text.replace('bottom: "sq" top: "fc"', 'bottom: "norm" top: "fc"')
+    devs = []
+    for use_degrees in (False, True):
+        net = _net(tmp_path, text)
+        plan = scaling.build_plan(net)
+        deg = scaling.forward_estimating_degrees(net, plan.degree_layers)
+        before = net.blobs["fc"].data.copy()
+        scaling.apply_scales(net, plan, {plan.group_of["c1"]: 1.2}, deg if use_degrees else None)
+        net.forward()
+        devs.append(np.abs(net.blobs["fc"].data - before).max() / np.abs(before).max())
+    assert devs[1] < devs[0] / 5
+
+
+def _chain_plan(tmp_path):
+    text = """
+name: "c"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 4 } }
+layer { name: "n" type: "TanH" bottom: "a" top: "a" }
+layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 4 } }
+layer { name: "c" type: "InnerProduct" bottom: "b" top: "c" inner_product_param { num_output: 3 } }
+"""
+    return scaling.build_plan(_net(tmp_path, text))
+
+
+@pytest.mark.parametrize("d", [1.0, 0.5])
+def test_reachable_target_lets_the_pinned_layer_arrive_too(tmp_path, d):
+    plan = _chain_plan(tmp_path)
+    ga, gb, gc = (plan.group_of[n] for n in "abc")
+    assert plan.pinned == {gc}
+    c = {ga: 3.0, gb: -1.0, gc: 0.5}
+    t = scaling.reachable_target(plan, c, None, {"n": d})
+    # by hand: c_c moves by 2 rho_b, rho_b = own_b + d rho_a, rho_a = own_a, own = (c - t) / 2
+    assert c[gc] + (c[gb] - t) + d * (c[ga] - t) == pytest.approx(t, abs=1e-9)
+    if d == 1.0:
+        assert t == pytest.approx(np.mean(list(c.values())))
+    # and a full step of cumulative scales brings every layer to t (linear model)
+    rho = scaling.cumulative_log_scales(plan, {g: 0.5 * (c[g] - t) for g in (ga, gb)}, None, {"n": d})
+    assert c[ga] - 2 * rho[ga] == pytest.approx(t)
+    assert c[gb] - 2 * rho[gb] + 2 * d * rho[ga] == pytest.approx(t)

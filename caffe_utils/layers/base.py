@@ -45,8 +45,11 @@ class Blob:
     def count(self) -> int:
         return int(self.data.size)
 
-    def reshape(self, shape: Sequence[int]) -> None:
-        """Give the blob ``shape``; contents are kept when the shape is unchanged, else zeroed."""
+    def reshape(self, *shape) -> None:
+        """Give the blob ``shape`` (a sequence, or the dimensions as arguments like pycaffe's
+        ``Blob.reshape(n, c, h, w)``); contents are kept when the shape is unchanged, else zeroed."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = shape[0]
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"negative blob dimension in {shape}")

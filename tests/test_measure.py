@@ -1,0 +1,58 @@
+"""The measurement (change rates, column variation, activation statistics) against sums by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils import measure
+from caffe_utils.engine.numpy_net import Net
+
+TINY = """
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "data" top: "fc1" inner_product_param { num_output: 4 } }
+layer { name: "relu" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 2 } }
+"""
+
+
+def test_measure_equals_sums_by_hand(tmp_path):
+    p = tmp_path / "tiny.prototxt"
+    p.write_text(TINY)
+    net = Net(p)
+    rng = np.random.RandomState(3)
+    w1, b1 = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    w2, b2 = rng.standard_normal((2, 4)), rng.standard_normal(2)
+    for blob, v in zip(net.params["fc1"], (w1, b1)):
+        blob.data[...] = v
+    for blob, v in zip(net.params["fc2"], (w2, b2)):
+        blob.data[...] = v
+    x = rng.standard_normal((5, 3)).astype(np.float32)  # 5 images, batches of 2: the last is partial
+    stats = measure.measure(net, "data", x, seed=11)
+
+    eta_rng = np.random.RandomState(11)
+    g1 = np.zeros((4, 3))
+    g2 = np.zeros((2, 4))
+    pre = []
+    for start in (0, 2, 4):
+        xb = x[start:start + 2].astype(np.float64)
+        eta = eta_rng.standard_normal((2, 2))[:len(xb)]
+        z = xb @ w1.T + b1
+        pre.append(z)
+        h = np.maximum(z, 0)
+        dw2 = eta.T @ h
+        dw1 = ((eta @ w2) * (z > 0)).T @ xb
+        g2 += dw2 ** 2
+        g1 += dw1 ** 2
+    for name, g, w in (("fc1", g1, w1), ("fc2", g2, w2)):
+        rate = np.sqrt(g.sum() * 2 / 5 / (w ** 2).sum())
+        assert stats[name].rate == pytest.approx(rate, rel=1e-4)
+        col = g.sum(axis=0)
+        assert stats[name].column_cv == pytest.approx(col.std() / col.mean(), rel=1e-4)
+    z = np.concatenate(pre)  # fc1 before the in-place ReLU, every image once
+    assert stats["fc1"].act_mean == pytest.approx(z.mean(axis=0).mean(), rel=1e-4)
+    assert stats["fc1"].act_std == pytest.approx(z.std(axis=0).mean(), rel=1e-4)
+    s = z.std(axis=0)
+    assert stats["fc1"].channel_std_cv == pytest.approx(s.std() / s.mean(), rel=1e-4)
+    assert measure.flatness(measure.rates_of(stats)) == pytest.approx(
+        max(stats["fc1"].rate, stats["fc2"].rate) / min(stats["fc1"].rate, stats["fc2"].rate))
