@@ -99,10 +99,12 @@ class _Progress:
 @click.option("--mem-limit", default=1024, show_default=True, type=int, callback=_positive,
               help="MB of cached activations and patches.")
 @click.option("--force", is_flag=True, help="Allow the output to replace the input weights.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw the change rates and their variation before and after into this PNG (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
 def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, resize, init, no_within,
         no_between, beta, iterations, damping, zero_classifier, reinit, reinit_all, engine, gpu, seed,
-        report_path, mem_limit, force, quiet):
+        report_path, mem_limit, force, plot_path, quiet):
     """Initialize the Caffe net PROTOTXT from sample images and write OUTPUT."""
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import RunConfig, format_report, run
@@ -114,7 +116,8 @@ def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, 
                     batch_size=batch_size, mean=mean, scale=scale, resize=resize, init=init,
                     within=not no_within, between=not no_between, beta=beta, iterations=iterations,
                     damping=damping, zero_classifier=zero_classifier, reinit=reinit, reinit_all=reinit_all,
-                    engine=engine, gpu=gpu, seed=seed, report=report_path, mem_limit_mb=mem_limit, force=force)
+                    engine=engine, gpu=gpu, seed=seed, report=report_path, mem_limit_mb=mem_limit, force=force,
+                    plot=plot_path)
     try:
         result = run(cfg, progress=_Progress(quiet),
                      warn=lambda m: click.echo(f"warning: {m}", err=True))

@@ -7,13 +7,14 @@ import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffe_utils import images, magic, netio
+from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine import open_net, resolve_engine
 from caffe_utils.errors import DataError, OutputError
 
@@ -47,6 +48,7 @@ class RunConfig:
     report: Optional[str] = None
     mem_limit_mb: int = 1024
     force: bool = False
+    plot: Optional[str] = None
 
 
 @dataclass
@@ -75,6 +77,10 @@ def _check_output(cfg: RunConfig) -> None:
         rparent = rp.parent if str(rp.parent) else Path(".")
         if not rparent.is_dir():
             raise OutputError(f"report directory '{rparent}' does not exist; create it or choose another --report")
+    if cfg.plot:
+        pparent = Path(cfg.plot).parent if str(Path(cfg.plot).parent) else Path(".")
+        if not pparent.is_dir():
+            raise OutputError(f"plot directory '{pparent}' does not exist; create it or choose another --plot")
 
 
 def _mean_for(cfg: RunConfig, prepared: magic.PreparedNet, base: Path) -> Tuple[Sequence[float], Optional[np.ndarray]]:
@@ -111,6 +117,111 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = magic.prepare_net(net_param)
+    sample = load_images(cfg, prepared, note, progress)
+    c, h, w = prepared.input_shape
+    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
+                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
+    loaded = load_weights(net, cfg.weights) if cfg.weights else set()
+    opts = magic.InitOptions(init=cfg.init, within=cfg.within, between=cfg.between, beta=cfg.beta,
+                             iterations=cfg.iterations, damping=cfg.damping, zero_classifier=cfg.zero_classifier,
+                             reinit=tuple(cfg.reinit), reinit_all=cfg.reinit_all, batch_size=cfg.batch_size,
+                             mem_limit=int(cfg.mem_limit_mb) << 20, seed=cfg.seed)
+    report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
+    for msg in report.warnings:
+        note(msg)
+    params = {name: [np.asarray(b.data) for b in blobs] for name, blobs in net.params.items()}
+    netio.write_caffemodel(cfg.output, net_param, params)
+    if cfg.report:
+        write_json_atomic(cfg.report, {"prototxt": str(cfg.prototxt), "output": str(cfg.output),
+                                       "engine": engine, "images": sample.used, "options": {
+                                           k: getattr(cfg, k) for k in ("init", "within", "between", "beta",
+                                                                        "iterations", "damping", "seed")},
+                                       **report.to_dict()})
+    if cfg.plot:
+        from caffe_utils.plots import plot_rates
+        plot_rates([("before", {l.name: l.rate_before for l in report.layers},
+                     {l.name: l.cv_before for l in report.layers}),
+                    ("after", {l.name: l.rate_after for l in report.layers},
+                     {l.name: l.cv_after for l in report.layers})], cfg.plot, title=Path(cfg.prototxt).name)
+    return RunResult(report, engine, sample.used, warnings)
+
+
+@dataclass
+class MeasureConfig:
+    """What :func:`measure_models` measures: ``prototxt`` with each of ``weights`` in turn."""
+    prototxt: str
+    weights: Sequence[str]
+    data: Optional[str] = None
+    root: Optional[str] = None
+    images: int = 160
+    batch_size: int = 16
+    mean: Optional[str] = None
+    scale: Optional[float] = None
+    resize: Optional[int] = None
+    engine: str = "auto"
+    gpu: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class ModelStats:
+    weights: str
+    layers: "OrderedDict[str, measure.LayerStats]"
+
+    @property
+    def flatness(self) -> float:
+        return measure.flatness(measure.rates_of(self.layers))
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "flatness": self.flatness,
+                "layers": [{"name": n, **st.to_dict()} for n, st in self.layers.items()]}
+
+
+def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, int], None]] = None,
+                   warn: Optional[Callable[[str], None]] = None) -> Tuple[List[ModelStats], int, str]:
+    """Per-layer change rates and activation statistics of the net with each caffemodel, on the
+    same images and the same random top gradients; returns (stats per model, images, engine)."""
+    engine = resolve_engine(cfg.engine, cfg.gpu)
+    prepared = magic.prepare_net(netio.read_net(cfg.prototxt, netio.TEST))
+    sample = load_images(cfg, prepared, warn or (lambda m: None), progress)
+    c, h, w = prepared.input_shape
+    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
+                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
+    out = []
+    for i, path in enumerate(cfg.weights):
+        if progress:
+            progress("measuring", i, len(cfg.weights))
+        missing = set(net.params) - load_weights(net, path)
+        if missing:
+            raise DataError(f"{path} has no weights for layer(s) {sorted(missing)}; measure a caffemodel "
+                            "that initializes the whole net")
+        out.append(ModelStats(str(path), measure.measure(net, prepared.input_name, sample.data, seed=cfg.seed)))
+    if progress:
+        progress("measuring", len(cfg.weights), len(cfg.weights))
+    return out, sample.used, engine
+
+
+def format_measurement(models: Sequence[ModelStats]) -> str:
+    """One table per caffemodel: the paper's Figure 1 quantities per affine layer."""
+    blocks = []
+    for m in models:
+        rows = [("layer", "change rate", "rate CV", "act mean", "act std", "channel-std CV")]
+        for name, st in m.layers.items():
+            rows.append((name, _fmt(st.rate), _fmt(st.column_cv), _fmt(st.act_mean), _fmt(st.act_std),
+                         _fmt(st.channel_std_cv)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [m.weights, ""] + ["  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip()
+                                   for row in rows]
+        lines.insert(3, "  ".join("-" * wd for wd in widths))
+        lines.append(f"flatness (max/min change rate): {_fmt(m.flatness)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def load_images(cfg, prepared: magic.PreparedNet, note: Callable[[str], None],
+                progress: Optional[Callable[[str, int, int], None]] = None) -> images.Sample:
+    """The sample of ``cfg.images`` preprocessed images from ``cfg.data`` (or the net's own data
+    layer), as Caffe's data layer would feed them to ``prepared``'s input."""
     c, h, w = prepared.input_shape
     source = cfg.data or prepared.data_source
     base = Path(cfg.prototxt).parent
@@ -135,34 +246,19 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
         note(f"skipped {len(sample.skipped)} unreadable image(s) (e.g. {sample.skipped[0]})")
     if sample.reused:
         note(f"only {sample.used} usable image(s) for -n {cfg.images}; reusing them with different random crops")
-    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
-                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
-    loaded = set()
-    if cfg.weights:
-        matched = netio.match_weights(net.param_shapes(), netio.read_caffemodel(cfg.weights), str(cfg.weights))
-        for name, arrays in matched.items():
-            for blob, arr in zip(net.params[name], arrays):
-                blob.data[...] = arr
-            if not np.all([np.all(np.isfinite(a)) for a in arrays]):
-                raise DataError(f"{cfg.weights}: layer '{name}' holds NaN or Inf values; "
-                                "use an intact caffemodel or --reinit that layer")
-        loaded = set(matched)
-    opts = magic.InitOptions(init=cfg.init, within=cfg.within, between=cfg.between, beta=cfg.beta,
-                             iterations=cfg.iterations, damping=cfg.damping, zero_classifier=cfg.zero_classifier,
-                             reinit=tuple(cfg.reinit), reinit_all=cfg.reinit_all, batch_size=cfg.batch_size,
-                             mem_limit=int(cfg.mem_limit_mb) << 20, seed=cfg.seed)
-    report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
-    for msg in report.warnings:
-        note(msg)
-    params = {name: [np.asarray(b.data) for b in blobs] for name, blobs in net.params.items()}
-    netio.write_caffemodel(cfg.output, net_param, params)
-    if cfg.report:
-        write_json_atomic(cfg.report, {"prototxt": str(cfg.prototxt), "output": str(cfg.output),
-                                       "engine": engine, "images": sample.used, "options": {
-                                           k: getattr(cfg, k) for k in ("init", "within", "between", "beta",
-                                                                        "iterations", "damping", "seed")},
-                                       **report.to_dict()})
-    return RunResult(report, engine, sample.used, warnings)
+    return sample
+
+
+def load_weights(net, path: str) -> set:
+    """Copy the caffemodel ``path``'s blobs into ``net`` by layer name; the names it set."""
+    matched = netio.match_weights(net.param_shapes(), netio.read_caffemodel(path), str(path))
+    for name, arrays in matched.items():
+        for blob, arr in zip(net.params[name], arrays):
+            blob.data[...] = arr
+        if not np.all([np.all(np.isfinite(a)) for a in arrays]):
+            raise DataError(f"{path}: layer '{name}' holds NaN or Inf values; "
+                            "use an intact caffemodel or --reinit that layer")
+    return set(matched)
 
 
 def write_json_atomic(path: str, obj) -> None:

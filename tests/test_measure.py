@@ -56,3 +56,63 @@ def test_measure_equals_sums_by_hand(tmp_path):
     assert stats["fc1"].channel_std_cv == pytest.approx(s.std() / s.mean(), rel=1e-4)
     assert measure.flatness(measure.rates_of(stats)) == pytest.approx(
         max(stats["fc1"].rate, stats["fc2"].rate) / min(stats["fc1"].rate, stats["fc2"].rate))
+
+
+def _two_models(small, photos, tmp_path):
+    from caffe_utils.pipeline import RunConfig, run
+    paths = []
+    for between in (False, True):
+        out = tmp_path / f"between_{between}.caffemodel"
+        run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=16, batch_size=8, init="gaussian",
+                      between=between, damping=0.9, engine="numpy"))
+        paths.append(out)
+    return paths
+
+
+def test_measure_stat_script_table_json_and_plot(small, photos, tmp_path):
+    import json
+    import importlib.util
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_stat", Path(__file__).resolve().parent.parent / "scripts" / "measure_stat.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a, b = _two_models(small, photos, tmp_path)
+    js, png = tmp_path / "m.json", tmp_path / "m.png"
+    res = CliRunner().invoke(mod.cli, [str(small), "-w", str(a), "-w", str(b), "-d", photos, "-n", "16",
+                                       "--batch-size", "8", "--engine", "numpy", "--json", str(js),
+                                       "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("flatness (max/min change rate)") == 2
+    data = json.loads(js.read_text())
+    flat = [m["flatness"] for m in data["models"]]
+    assert [l["name"] for l in data["models"][0]["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    assert flat[1] < flat[0] / 3  # the between-layer stage flattened the rates
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figures equal the library's measurement
+    from caffe_utils.pipeline import MeasureConfig, measure_models
+    models, _, _ = measure_models(MeasureConfig(prototxt=str(small), weights=[str(a), str(b)], data=photos,
+                                                images=16, batch_size=8, engine="numpy"))
+    assert [m.flatness for m in models] == pytest.approx(flat, rel=1e-9)
+    bad = CliRunner().invoke(mod.cli, [str(small), "-w", str(a), "-d", photos, "--engine", "numpy",
+                                       "--plot", str(tmp_path / "missing" / "x.png")])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_magic_init_plot(small, photos, tmp_path):
+    from click.testing import CliRunner
+
+    import magic_init
+    png = tmp_path / "run.png"
+    res = CliRunner().invoke(magic_init.cli, [str(small), "-o", str(tmp_path / "o.caffemodel"), "-d", photos,
+                                              "-n", "16", "--batch-size", "8", "--engine", "numpy",
+                                              "--plot", str(png), "-q"])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(magic_init.cli, [str(small), "-o", str(tmp_path / "p.caffemodel"), "-d", photos,
+                                              "--engine", "numpy", "--plot", str(tmp_path / "no" / "x.png")])
+    assert res.exit_code != 0 and "plot directory" in res.output
+    assert not (tmp_path / "p.caffemodel").exists()

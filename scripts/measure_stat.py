@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Measure a net's per-layer change rates and activation statistics (the paper's §4.1, Figure 1).
+
+    python scripts/measure_stat.py NET.prototxt -w A.caffemodel [-w B.caffemodel ...] -d SOURCE
+                                   [--json FILE] [--plot FILE.png]
+
+For each caffemodel, on the same images and the same random Gaussian top gradients: the change
+rate C_k of every affine layer, its coefficient of variation across the layer's input columns,
+the activation mean and std and the coefficient of variation of the channels' std, and the
+flatness max_k C_k / min_k C_k. A thin click layer over :func:`caffe_utils.pipeline.measure_models`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ENGINES = ("auto", "numpy", "caffe")
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("prototxt", type=click.Path(exists=True, dir_okay=False))
+@click.option("-w", "--weights", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A caffemodel to measure (repeat to compare several).")
+@click.option("-d", "--data", default=None, help="Images: glob, folder, image list or LMDB "
+              "[default: the net's own data layer source].")
+@click.option("--root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder that image-list paths are relative to.")
+@click.option("-n", "--images", default=160, show_default=True, type=int, callback=_positive)
+@click.option("--batch-size", default=16, show_default=True, type=int, callback=_positive)
+@click.option("--mean", default=None, help="Mean values 'B,G,R' or a .binaryproto [default: 104,117,123].")
+@click.option("--scale", default=None, type=float, help="Input scale [default: the net's transform_param or 1].")
+@click.option("--resize", default=None, type=int, callback=_positive, help="Resize before cropping.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINES))
+@click.option("--gpu", default=None, type=int, help="GPU id (pycaffe with CUDA only).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the crops and the top gradients.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Draw Figure 1 (a) and (b) for every caffemodel into this PNG (needs matplotlib).")
+def cli(prototxt, weights, data, root, images, batch_size, mean, scale, resize, engine, gpu, seed, json_path,
+        plot_path):
+    """Print per-layer change rates and activation statistics of PROTOTXT with each caffemodel."""
+    from caffe_utils.errors import MagicInitError
+    from caffe_utils.pipeline import MeasureConfig, format_measurement, measure_models, write_json_atomic
+    from caffe_utils.plots import plot_rates
+
+    if gpu is not None and engine == "numpy":
+        raise click.BadParameter("the numpy engine runs on the CPU; drop --gpu or use --engine caffe",
+                                 param_hint="'--gpu'")
+    cfg = MeasureConfig(prototxt=prototxt, weights=list(weights), data=data, root=root, images=images,
+                        batch_size=batch_size, mean=mean, scale=scale, resize=resize, engine=engine, gpu=gpu,
+                        seed=seed)
+    try:
+        models, used, engine_used = measure_models(cfg, warn=lambda m: click.echo(f"warning: {m}", err=True))
+        click.echo(format_measurement(models))
+        click.echo(f"\nengine: {engine_used}; images: {used}")
+        if json_path:
+            write_json_atomic(json_path, {"prototxt": prototxt, "engine": engine_used, "images": used,
+                                          "models": [m.to_dict() for m in models]})
+        if plot_path:
+            plot_rates([(Path(m.weights).name, {n: s.rate for n, s in m.layers.items()},
+                         {n: s.column_cv for n, s in m.layers.items()}) for m in models], plot_path,
+                       title=Path(prototxt).name)
+    except MagicInitError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror}") from None
+
+
+if __name__ == "__main__":
+    cli(prog_name="measure_stat.py")
