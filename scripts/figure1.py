@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""The paper's Figure 1 on CaffeNet: change rates per layer for five initializations.
+
+    python scripts/figure1.py [--out docs/figure1_caffenet.png] [--images 160] [--engine auto]
+                              [--reduced]
+
+Initializes models/caffenet with (1) the hand-tuned Gaussian fillers of its train_val.prototxt,
+(2) plain Gaussian sigma = 0.01, (3) k-means with within-layer normalization but no
+between-layer stage, (4) ours with Gaussian weights and (5) ours with k-means, from random crops
+of every other photo of Debian's opencv-doc and scikit-image; then measures every model's change
+rates and their within-layer variation on crops of the other photos (same images and top
+gradients for all) and draws Figure 1 (a) and (b). Prints the table and writes the PNG and a
+JSON next to it. ``--reduced`` (for CI) uses 16 images and 2 between-layer rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    from caffe_utils import magic, netio
+    from caffe_utils.datasets import opencv_doc_photos, skimage_photos
+    from caffe_utils.engine.numpy_net import Net
+    from caffe_utils.errors import MagicInitError
+    from caffe_utils.pipeline import (MeasureConfig, RunConfig, format_measurement, measure_models, run,
+                                      write_json_atomic)
+    from caffe_utils.plots import plot_rates
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "figure1_caffenet.png"))
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--engine", default="auto", choices=["auto", "numpy", "caffe"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reduced", action="store_true", help="16 images, 2 rounds: a quick end-to-end check")
+    args = ap.parse_args(argv)
+    n = 16 if args.reduced else args.images
+    rounds = 2 if args.reduced else 10
+    deploy = ROOT / "models" / "caffenet" / "deploy.prototxt"
+    train_val = ROOT / "models" / "caffenet" / "train_val.prototxt"
+    try:
+        photos = opencv_doc_photos() + skimage_photos()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            lists = {}
+            for name, part in (("init", photos[0::2]), ("held_out", photos[1::2])):
+                lists[name] = tmp / f"{name}.txt"
+                lists[name].write_text("".join(f"{p} 0\n" for p in part))
+            models = {}
+            t0 = time.perf_counter()
+            # (1) Caffe's hand-tuned fillers, drawn by the numpy engine from train_val's filler specs
+            filled = Net(magic.prepare_net(netio.read_net(str(train_val), netio.TEST)).net_param, seed=args.seed)
+            models["Caffe fillers"] = tmp / "caffe_fillers.caffemodel"
+            netio.write_caffemodel(models["Caffe fillers"], netio.read_net(str(deploy), netio.TEST),
+                                   {k: [b.data for b in v] for k, v in filled.params.items()})
+            del filled
+            runs = {"Gaussian 0.01": dict(init="gaussian", within=False, between=False),
+                    "k-means, no between": dict(init="kmeans", between=False),
+                    "ours (Gaussian)": dict(init="gaussian"),
+                    "ours (k-means)": dict(init="kmeans")}
+            for label, kw in runs.items():
+                out = tmp / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".caffemodel")
+                run(RunConfig(prototxt=str(deploy), output=str(out), data=str(lists["init"]), images=n,
+                              engine=args.engine, seed=args.seed, iterations=rounds, **kw))
+                models[label] = out
+                print(f"initialized: {label} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            stats, used, engine = measure_models(MeasureConfig(
+                prototxt=str(deploy), weights=[str(p) for p in models.values()], data=str(lists["held_out"]),
+                images=n, engine=args.engine, seed=args.seed + 1))
+        for m, label in zip(stats, models):
+            m.weights = label
+        print(format_measurement(stats))
+        print(f"\nengine: {engine}; {n} held-out crops of {used} photos; {time.perf_counter() - t0:.0f} s")
+        out = Path(args.out)
+        plot_rates([(m.weights, {k: s.rate for k, s in m.layers.items()},
+                     {k: s.column_cv for k, s in m.layers.items()}) for m in stats], str(out),
+                   title=f"CaffeNet, {n} held-out photos ({engine})")
+        write_json_atomic(str(out.with_suffix(".json")), {
+            "command": "python scripts/figure1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "engine": engine, "images": n, "models": [m.to_dict() for m in stats]})
+        print(f"wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    except MagicInitError as exc:
+        print(f"figure1: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
