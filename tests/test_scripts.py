@@ -30,3 +30,53 @@ def test_figure1_reduced(tmp_path, capsys):
     # without the between-layer stage conv1 learns orders of magnitude faster than the rest
     assert flat["k-means, no between"] > 100 * flat["ours (k-means)"]
     assert "flatness (max/min change rate)" in capsys.readouterr().out
+
+
+def _tiny_voc(root: Path, n_trainval=8, n_test=4):
+    """A VOC2007 folder layout built from real photos, with made-up class annotations."""
+    from PIL import Image
+
+    from caffe_utils.datasets import opencv_doc_photos
+    voc = root / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    photos = [p for p in opencv_doc_photos() if p.suffix.lower() in (".jpg", ".png")][:n_trainval + n_test]
+    classes = _script("voc_classification").CLASSES
+    ids = []
+    for i, photo in enumerate(photos):
+        image_id = f"{i:06d}"
+        ids.append(image_id)
+        Image.open(photo).convert("RGB").save(voc / "JPEGImages" / f"{image_id}.jpg")
+        objs = [(classes[i % 3], 0), (classes[3 + i % 2], 1 if i % 4 == 0 else 0)]
+        body = "".join(f"<object><name>{c}</name><difficult>{d}</difficult></object>" for c, d in objs)
+        (voc / "Annotations" / f"{image_id}.xml").write_text(f"<annotation><filename>{image_id}.jpg</filename>"
+                                                             f"{body}</annotation>")
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids[:n_trainval]) + "\n")
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids[n_trainval:]) + "\n")
+    return root / "VOCdevkit"
+
+
+def test_voc07_ap_by_hand():
+    import numpy as np
+    ap = _script("voc_classification").voc07_ap(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, -1, 1, 0]))
+    # difficult ignored: ranks 1 (tp), 2 (fp), 3 (tp) -> recall .5 at precision 1, recall 1 at 2/3
+    assert ap == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+
+
+def test_voc_classification_reduced(caffe, tmp_path):
+    mod = _script("voc_classification")
+    devkit = _tiny_voc(tmp_path)
+    results = tmp_path / "voc.tsv"
+    for init in ("kmeans", "caffe"):
+        assert mod.main([str(devkit), "--net", "caffenet", "--init", init, "--reduced", "--batch", "4",
+                         "--results", str(results)]) == 0
+    lines = results.read_text().splitlines()
+    assert len(lines) == 3
+    header = lines[0].split("\t")
+    assert header[:7] == ["date", "net", "init", "between", "weights", "iterations", "mAP"]
+    assert header[-20:] == list(mod.CLASSES)
+    for line, init in zip(lines[1:], ("kmeans", "caffe")):
+        cells = line.split("\t")
+        assert cells[1:3] == ["caffenet", init] and cells[5] == "2"
+        assert 0.0 <= float(cells[6]) <= 100.0
+    assert mod.main([str(tmp_path), "--reduced", "--results", str(results)]) == 1  # not a VOCdevkit

@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""PASCAL VOC 2007 classification fine-tuning (the paper's §4, Tables 1-3), driven through real
+Caffe's SGD solver from Python.
+
+    python scripts/voc_classification.py VOCdevkit --net caffenet --init kmeans
+                                         [--weights pretrained.caffemodel] [--no-between]
+                                         [--iterations 80000] [--results results/voc2007.tsv]
+
+Given a VOCdevkit folder (VOC2007/JPEGImages, Annotations, ImageSets/Main), it builds the
+trainval and test lists and 20-class label vectors from the annotations; turns
+models/<net>/deploy.prototxt into a training net whose last InnerProduct predicts the 20 classes
+with a sigmoid cross-entropy loss; initializes it with magic-init (``--init``; or Caffe's fillers
+from models/<net>/train_val.prototxt with ``--init caffe``; ``--weights`` starts from a
+pretrained model, of which only the new classifier is initialized and then every layer is
+rescaled); trains with SGD (lr 0.001 halved every 10,000 iterations, batch 10, momentum 0.9,
+weight decay 5e-4, random 227/224 crops of 256x256 images with mirroring); evaluates with the
+mean score of 10 random crops per test image and VOC 2007's 11-point interpolated AP per class
+(difficult objects ignored, as VOCevalcls does); and appends a row to the results TSV.
+``--reduced`` trains 2 iterations and tests with 2 crops (for CI's tiny dataset).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+           "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+NETS = ("caffenet", "googlenet", "vgg16")
+
+
+class VocError(Exception):
+    """The VOCdevkit folder is missing something."""
+
+
+def read_split(voc: Path, split: str) -> Tuple[List[Path], np.ndarray]:
+    """Image paths and VOC classification ground truth (N, 20): 1 present, -1 absent, 0 only
+    difficult (ignored in evaluation, as in VOC's own ground-truth files)."""
+    ids_file = voc / "ImageSets" / "Main" / f"{split}.txt"
+    if not ids_file.is_file():
+        raise VocError(f"{ids_file} is missing; point the script at a VOCdevkit folder (with VOC2007 inside)")
+    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise VocError(f"{ids_file} lists no images")
+    gt = np.full((len(ids), len(CLASSES)), -1, np.int8)
+    paths = []
+    for i, image_id in enumerate(ids):
+        ann = voc / "Annotations" / f"{image_id}.xml"
+        try:
+            root = ET.parse(ann).getroot()
+        except (OSError, ET.ParseError) as exc:
+            raise VocError(f"cannot read {ann}: {exc}") from exc
+        for obj in root.iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            if name not in CLASSES:
+                raise VocError(f"{ann}: unknown class '{name}'")
+            c = CLASSES.index(name)
+            difficult = (obj.findtext("difficult") or "0").strip() == "1"
+            if not difficult:
+                gt[i, c] = 1
+            elif gt[i, c] != 1:
+                gt[i, c] = 0
+        paths.append(voc / "JPEGImages" / f"{image_id}.jpg")
+    return paths, gt
+
+
+def voc07_ap(scores: np.ndarray, gt: np.ndarray) -> float:
+    """VOC 2007's 11-point interpolated average precision; ``gt`` 1/-1, 0 = ignored."""
+    keep = gt != 0
+    scores, gt = scores[keep], gt[keep]
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(gt[order] > 0)
+    fp = np.cumsum(gt[order] < 0)
+    npos = max(int((gt > 0).sum()), 1)
+    rec = tp / npos
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        p = prec[rec >= t]
+        ap += (p.max() if p.size else 0.0) / 11.0
+    return float(ap)
+
+
+def train_net_text(net: str, batch: int) -> Tuple[str, str, Tuple[int, int, int]]:
+    """The training prototxt (Input data + 20-d label, 20-way classifier, sigmoid cross-entropy),
+    the classifier's layer name, and the input shape."""
+    from caffe_utils import magic, netio
+    param = magic.prepare_net(netio.read_net(str(ROOT / "models" / net / "deploy.prototxt"), netio.TEST)).net_param
+    c, h, w = [int(d) for d in param.layer[0].input_param.shape[0].dim[1:]]
+    del param.layer[0].input_param.shape[0].dim[0]
+    param.layer[0].input_param.shape[0].dim.insert(0, batch)
+    last = [lp for lp in param.layer if lp.type == "InnerProduct"][-1]
+    old = last.name
+    last.name = f"{old}_voc"
+    last.inner_product_param.num_output = len(CLASSES)
+    for lp in param.layer:  # keep Caffe from loading the 1000-way weights into the new layer
+        lp.top[:] = [last.name if t == old and lp is last else t for t in lp.top]
+        lp.bottom[:] = [last.name if b == old else b for b in lp.bottom]
+    # the prepared net ends at the classifier (Softmax dropped); add the label input and the loss
+    label = param.layer.add(name="label", type="Input")
+    label.top.append("label")
+    label.input_param.shape.add().dim.extend([batch, len(CLASSES)])
+    loss = param.layer.add(name="loss", type="SigmoidCrossEntropyLoss")
+    loss.bottom.extend([last.name, "label"])
+    loss.top.append("loss")
+    return netio.net_to_text(param), last.name, (c, h, w)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("devkit", type=Path, help="VOCdevkit folder (or its VOC2007 subfolder)")
+    ap.add_argument("--net", choices=NETS, default="caffenet")
+    ap.add_argument("--init", default="kmeans",
+                    help="caffe (train_val fillers), or a magic-init --init type (kmeans, gaussian, ...)")
+    ap.add_argument("--no-between", action="store_true")
+    ap.add_argument("--weights", type=Path, default=None, help="start from this pretrained caffemodel")
+    ap.add_argument("--iterations", type=int, default=80000)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--crops", type=int, default=10, help="random crops per test image")
+    ap.add_argument("--init-images", type=int, default=160)
+    ap.add_argument("--gpu", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=ROOT / "results" / "voc2007.tsv")
+    ap.add_argument("--reduced", action="store_true", help="2 iterations, 2 crops, 16 init images")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    from caffe_utils import images, magic, netio
+    from caffe_utils.engine.caffe_net import CaffeNet, import_caffe
+    from caffe_utils.errors import MagicInitError
+    from caffe_utils.magic import INIT_TYPES
+
+    iterations = 2 if args.reduced else args.iterations
+    crops = 2 if args.reduced else args.crops
+    n_init = 16 if args.reduced else args.init_images
+    if args.init != "caffe" and args.init not in INIT_TYPES:
+        print(f"voc_classification: unknown --init '{args.init}'; choose caffe or one of {', '.join(INIT_TYPES)}",
+              file=sys.stderr)
+        return 2
+    voc = args.devkit / "VOC2007" if (args.devkit / "VOC2007").is_dir() else args.devkit
+    try:
+        train_paths, train_gt = read_split(voc, "trainval")
+        test_paths, test_gt = read_split(voc, "test")
+        caffe = import_caffe(args.gpu)
+        caffe.set_random_seed(args.seed)
+        text, classifier, (c, h, w) = train_net_text(args.net, args.batch)
+        rng = np.random.RandomState(args.seed)
+        transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=256, mirror=True)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            train_proto = tmp / "train.prototxt"
+            train_proto.write_text(text)
+            # initialize the deploy-shaped part (everything up to the classifier) with magic-init
+            prepared = magic.prepare_net(netio.read_net(str(train_proto), netio.TEST))
+            init_net = CaffeNet(prepared.net_param)
+            init_net.blobs[prepared.input_name].reshape(16, c, h, w)
+            init_net.reshape()
+            loaded = _load_matching(init_net, args.weights) if args.weights is not None else set()
+            recs = [images.Record(p) for p in train_paths]
+            flat = "-"
+            if args.init == "caffe":
+                _caffe_fillers(init_net, args.net, classifier, loaded, args.seed)
+            else:
+                sample = images.load_sample(recs, n_init, transform, rng).data
+                opts = magic.InitOptions(init=args.init, between=not args.no_between, batch_size=16, seed=args.seed)
+                report = magic.initialize(init_net, prepared, sample, opts, loaded)
+                flat = f"{report.flatness_before:.3g} -> {report.flatness_after:.3g}"
+            weights_file = tmp / "init.caffemodel"
+            init_net.save(weights_file)
+            del init_net
+            solver_file = tmp / "solver.prototxt"
+            solver_file.write_text(
+                f'net: "{train_proto}"\nbase_lr: 0.001\nlr_policy: "step"\ngamma: 0.5\nstepsize: 10000\n'
+                f"momentum: 0.9\nweight_decay: 0.0005\nmax_iter: {iterations}\ndisplay: 0\nsnapshot: 0\n"
+                f"random_seed: {args.seed}\nsolver_mode: {'GPU' if args.gpu is not None else 'CPU'}\n")
+            solver = caffe.SGDSolver(str(solver_file))
+            solver.net.copy_from(str(weights_file))
+            targets = (train_gt != -1).astype(np.float32)  # difficult-only objects count as present
+            order = rng.permutation(len(train_paths))
+            losses = []
+            for it in range(iterations):
+                idx = [order[(it * args.batch + k) % len(order)] for k in range(args.batch)]
+                for k, i in enumerate(idx):
+                    img, pre = images.load_record(recs[i])
+                    solver.net.blobs["data"].data[k] = transform(img, pre, rng)
+                solver.net.blobs["label"].data[...] = targets[idx]
+                solver.step(1)
+                losses.append(float(solver.net.blobs["loss"].data))
+            train_s = time.perf_counter() - t0
+            test_net = caffe.Net(str(train_proto), caffe.TEST)
+            for name, blobs in solver.net.params.items():
+                for dst, src in zip(test_net.params[name], blobs):
+                    dst.data[...] = src.data
+            scores = np.zeros(test_gt.shape, np.float64)
+            batch = np.zeros((args.batch, c, h, w), np.float32)
+            for i, path in enumerate(test_paths):
+                img, pre = images.load_record(images.Record(path))
+                total = np.zeros(len(CLASSES))
+                for start in range(0, crops, args.batch):
+                    n = min(args.batch, crops - start)
+                    for k in range(n):
+                        batch[k] = transform(img, pre, rng)
+                    test_net.blobs["data"].data[...] = batch
+                    out = test_net.forward(end=classifier)[classifier]
+                    total += (0.5 * (1.0 + np.tanh(0.5 * out[:n].astype(np.float64)))).sum(axis=0)  # sigmoid
+                scores[i] = total / crops
+        aps = [voc07_ap(scores[:, k], test_gt[:, k]) for k in range(len(CLASSES))]
+        mean_ap = float(np.mean(aps))
+    except (VocError, MagicInitError) as exc:
+        print(f"voc_classification: {exc}", file=sys.stderr)
+        return 1
+    row = [datetime.datetime.now().isoformat(timespec="seconds"), args.net, args.init,
+           "no" if args.no_between else "yes", str(args.weights or "-"), str(iterations), f"{100 * mean_ap:.2f}",
+           f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"] + [f"{100 * a:.2f}" for a in aps]
+    header = ["date", "net", "init", "between", "weights", "iterations", "mAP", "final loss", "seconds"] + list(CLASSES)
+    _append_row(args.results, header, row)
+    print(f"{args.net} init {args.init}{' --no-between' if args.no_between else ''}: mAP {100 * mean_ap:.2f} % "
+          f"after {iterations} iterations (change-rate flatness {flat}); "
+          f"appended to {args.results}")
+    return 0
+
+
+def _caffe_fillers(net, model: str, classifier: str, keep: set, seed: int) -> None:
+    """Caffe's hand-tuned fillers of models/<model>/train_val.prototxt (drawn by the numpy
+    engine) for every layer not in ``keep``; the new classifier gets N(0, 0.01^2), bias 0."""
+    from caffe_utils import magic, netio
+    from caffe_utils.engine.numpy_net import Net
+    filled = Net(magic.prepare_net(netio.read_net(str(ROOT / "models" / model / "train_val.prototxt"),
+                                                  netio.TEST)).net_param, seed=seed)
+    rng = np.random.RandomState(seed)
+    for name, blobs in net.params.items():
+        if name in keep:
+            continue
+        if name == classifier:
+            blobs[0].data[...] = 0.01 * rng.standard_normal(blobs[0].data.shape)
+            blobs[1].data[...] = 0
+            continue
+        for dst, src in zip(blobs, filled.params[name]):
+            dst.data[...] = src.data
+
+
+def _load_matching(net, path: Path) -> set:
+    """Pretrained weights for the layers whose names and shapes match (not the new classifier)."""
+    from caffe_utils import netio
+    stored = netio.read_caffemodel(str(path))
+    shapes = net.param_shapes()
+    done = set()
+    for name, lw in stored.items():
+        if name in shapes and [tuple(b.shape) for b in lw.blobs] == shapes[name]:
+            for blob, arr in zip(net.params[name], lw.blobs):
+                blob.data[...] = arr
+            done.add(name)
+    return done
+
+
+def _append_row(path: Path, header: List[str], row: List[str]) -> None:
+    """Append a TSV row (writing the header first for a new file), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else "\t".join(header) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    with os.fdopen(fd, "w") as fh:
+        fh.write(old + "\t".join(row) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
