@@ -225,6 +225,7 @@ class Transform:
     mean_image: Optional[np.ndarray] = None
     scale: float = 1.0
     mirror: bool = False
+    centre: bool = False  # centre crop (Caffe's TEST phase) instead of a random one
 
     def __call__(self, img: np.ndarray, pre_resized: bool, rng: np.random.RandomState) -> np.ndarray:
         if self.channels == 1:
@@ -239,8 +240,11 @@ class Transform:
         if h < self.crop_h or w < self.crop_w:
             img = _resize(img, max(h, self.crop_h), max(w, self.crop_w))
             h, w = img.shape[:2]
-        y = rng.randint(0, h - self.crop_h + 1)
-        x = rng.randint(0, w - self.crop_w + 1)
+        if self.centre:
+            y, x = (h - self.crop_h) // 2, (w - self.crop_w) // 2
+        else:
+            y = rng.randint(0, h - self.crop_h + 1)
+            x = rng.randint(0, w - self.crop_w + 1)
         out = img[y:y + self.crop_h, x:x + self.crop_w].transpose(2, 0, 1).astype(np.float32)
         if self.mean_image is not None:
             m = self.mean_image

@@ -261,6 +261,22 @@ def load_weights(net, path: str) -> set:
     return set(matched)
 
 
+def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
+    """Append ``row`` to the TSV results file ``path`` (header first for a new file), atomically."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = dest.read_text() if dest.exists() else "\t".join(header) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(old + "\t".join(row) + "\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(path: str, obj) -> None:
     dest = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent if str(dest.parent) else "."))

@@ -23,8 +23,6 @@ seeds), ``<out>.json`` (every run, every loss) and ``<out>.png`` (mean loss curv
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import tempfile

@@ -92,31 +92,6 @@ def voc07_ap(scores: np.ndarray, gt: np.ndarray) -> float:
     return float(ap)
 
 
-def train_net_text(net: str, batch: int) -> Tuple[str, str, Tuple[int, int, int]]:
-    """The training prototxt (Input data + 20-d label, 20-way classifier, sigmoid cross-entropy),
-    the classifier's layer name, and the input shape."""
-    from caffe_utils import magic, netio
-    param = magic.prepare_net(netio.read_net(str(ROOT / "models" / net / "deploy.prototxt"), netio.TEST)).net_param
-    c, h, w = [int(d) for d in param.layer[0].input_param.shape[0].dim[1:]]
-    del param.layer[0].input_param.shape[0].dim[0]
-    param.layer[0].input_param.shape[0].dim.insert(0, batch)
-    last = [lp for lp in param.layer if lp.type == "InnerProduct"][-1]
-    old = last.name
-    last.name = f"{old}_voc"
-    last.inner_product_param.num_output = len(CLASSES)
-    for lp in param.layer:  # keep Caffe from loading the 1000-way weights into the new layer
-        lp.top[:] = [last.name if t == old and lp is last else t for t in lp.top]
-        lp.bottom[:] = [last.name if b == old else b for b in lp.bottom]
-    # the prepared net ends at the classifier (Softmax dropped); add the label input and the loss
-    label = param.layer.add(name="label", type="Input")
-    label.top.append("label")
-    label.input_param.shape.add().dim.extend([batch, len(CLASSES)])
-    loss = param.layer.add(name="loss", type="SigmoidCrossEntropyLoss")
-    loss.bottom.extend([last.name, "label"])
-    loss.top.append("loss")
-    return netio.net_to_text(param), last.name, (c, h, w)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("devkit", type=Path, help="VOCdevkit folder (or its VOC2007 subfolder)")
@@ -135,10 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="2 iterations, 2 crops, 16 init images")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils import images, magic, netio
+    from caffe_utils import images, magic, netio, training
     from caffe_utils.engine.caffe_net import CaffeNet, import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
+    from caffe_utils.pipeline import append_tsv_row
 
     iterations = 2 if args.reduced else args.iterations
     crops = 2 if args.reduced else args.crops
@@ -153,7 +129,8 @@ def main(argv=None) -> int:
         test_paths, test_gt = read_split(voc, "test")
         caffe = import_caffe(args.gpu)
         caffe.set_random_seed(args.seed)
-        text, classifier, (c, h, w) = train_net_text(args.net, args.batch)
+        text, classifier, (c, h, w) = training.training_net(args.net, args.batch, len(CLASSES), len(CLASSES),
+                                                             "SigmoidCrossEntropyLoss")
         rng = np.random.RandomState(args.seed)
         transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=256, mirror=True)
         t0 = time.perf_counter()
@@ -166,11 +143,11 @@ def main(argv=None) -> int:
             init_net = CaffeNet(prepared.net_param)
             init_net.blobs[prepared.input_name].reshape(16, c, h, w)
             init_net.reshape()
-            loaded = _load_matching(init_net, args.weights) if args.weights is not None else set()
+            loaded = training.load_matching(init_net, args.weights) if args.weights is not None else set()
             recs = [images.Record(p) for p in train_paths]
             flat = "-"
             if args.init == "caffe":
-                _caffe_fillers(init_net, args.net, classifier, loaded, args.seed)
+                training.caffe_fillers(init_net, args.net, classifier, loaded, args.seed)
             else:
                 sample = images.load_sample(recs, n_init, transform, rng).data
                 opts = magic.InitOptions(init=args.init, between=not args.no_between, batch_size=16, seed=args.seed)
@@ -180,10 +157,7 @@ def main(argv=None) -> int:
             init_net.save(weights_file)
             del init_net
             solver_file = tmp / "solver.prototxt"
-            solver_file.write_text(
-                f'net: "{train_proto}"\nbase_lr: 0.001\nlr_policy: "step"\ngamma: 0.5\nstepsize: 10000\n'
-                f"momentum: 0.9\nweight_decay: 0.0005\nmax_iter: {iterations}\ndisplay: 0\nsnapshot: 0\n"
-                f"random_seed: {args.seed}\nsolver_mode: {'GPU' if args.gpu is not None else 'CPU'}\n")
+            solver_file.write_text(training.solver_text(train_proto, 0.001, 0.5, 10000, iterations, args.seed, args.gpu))
             solver = caffe.SGDSolver(str(solver_file))
             solver.net.copy_from(str(weights_file))
             targets = (train_gt != -1).astype(np.float32)  # difficult-only objects count as present
@@ -224,54 +198,11 @@ def main(argv=None) -> int:
            "no" if args.no_between else "yes", str(args.weights or "-"), str(iterations), f"{100 * mean_ap:.2f}",
            f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"] + [f"{100 * a:.2f}" for a in aps]
     header = ["date", "net", "init", "between", "weights", "iterations", "mAP", "final loss", "seconds"] + list(CLASSES)
-    _append_row(args.results, header, row)
+    append_tsv_row(args.results, header, row)
     print(f"{args.net} init {args.init}{' --no-between' if args.no_between else ''}: mAP {100 * mean_ap:.2f} % "
           f"after {iterations} iterations (change-rate flatness {flat}); "
           f"appended to {args.results}")
     return 0
-
-
-def _caffe_fillers(net, model: str, classifier: str, keep: set, seed: int) -> None:
-    """Caffe's hand-tuned fillers of models/<model>/train_val.prototxt (drawn by the numpy
-    engine) for every layer not in ``keep``; the new classifier gets N(0, 0.01^2), bias 0."""
-    from caffe_utils import magic, netio
-    from caffe_utils.engine.numpy_net import Net
-    filled = Net(magic.prepare_net(netio.read_net(str(ROOT / "models" / model / "train_val.prototxt"),
-                                                  netio.TEST)).net_param, seed=seed)
-    rng = np.random.RandomState(seed)
-    for name, blobs in net.params.items():
-        if name in keep:
-            continue
-        if name == classifier:
-            blobs[0].data[...] = 0.01 * rng.standard_normal(blobs[0].data.shape)
-            blobs[1].data[...] = 0
-            continue
-        for dst, src in zip(blobs, filled.params[name]):
-            dst.data[...] = src.data
-
-
-def _load_matching(net, path: Path) -> set:
-    """Pretrained weights for the layers whose names and shapes match (not the new classifier)."""
-    from caffe_utils import netio
-    stored = netio.read_caffemodel(str(path))
-    shapes = net.param_shapes()
-    done = set()
-    for name, lw in stored.items():
-        if name in shapes and [tuple(b.shape) for b in lw.blobs] == shapes[name]:
-            for blob, arr in zip(net.params[name], lw.blobs):
-                blob.data[...] = arr
-            done.add(name)
-    return done
-
-
-def _append_row(path: Path, header: List[str], row: List[str]) -> None:
-    """Append a TSV row (writing the header first for a new file), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else "\t".join(header) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        fh.write(old + "\t".join(row) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

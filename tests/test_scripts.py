@@ -80,3 +80,42 @@ def test_voc_classification_reduced(caffe, tmp_path):
         assert cells[1:3] == ["caffenet", init] and cells[5] == "2"
         assert 0.0 <= float(cells[6]) <= 100.0
     assert mod.main([str(tmp_path), "--reduced", "--results", str(results)]) == 1  # not a VOCdevkit
+
+
+def _tiny_lmdb(path: Path, photos, size=256):
+    """An LMDB of raw (not encoded) Caffe Datums, BGR uint8, labels 0-3, as convert_imageset makes."""
+    import lmdb
+    import numpy as np
+    from PIL import Image
+
+    from caffe_utils.schema import caffe_pb2
+    env = lmdb.open(str(path), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        for i, photo in enumerate(photos):
+            img = np.asarray(Image.open(photo).convert("RGB").resize((size, size)))[:, :, ::-1]
+            datum = caffe_pb2().Datum(channels=3, height=size, width=size, label=i % 4,
+                                      data=np.ascontiguousarray(img.transpose(2, 0, 1)).tobytes())
+            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+    env.close()
+
+
+def test_imagenet_train_reduced(caffe, tmp_path):
+    from caffe_utils.datasets import opencv_doc_photos
+    mod = _script("imagenet_train")
+    photos = [p for p in opencv_doc_photos() if p.suffix.lower() == ".jpg"][:12]
+    _tiny_lmdb(tmp_path / "train_lmdb", photos[:8])
+    _tiny_lmdb(tmp_path / "val_lmdb", photos[8:12])
+    (tmp_path / "train.txt").write_text("".join(f"{p.name} {i % 4}\n" for i, p in enumerate(photos[:8])))
+    results = tmp_path / "imagenet.tsv"
+    for init in ("kmeans", "caffe"):
+        assert mod.main(["--net", "caffenet", "--train-lmdb", str(tmp_path / "train_lmdb"), "--val-lmdb",
+                         str(tmp_path / "val_lmdb"), "--init-list", str(tmp_path / "train.txt"), "--root",
+                         str(photos[0].parent), "--init", init, "--reduced", "--results", str(results)]) == 0
+    lines = results.read_text().splitlines()
+    assert lines[0].split("\t")[:7] == ["date", "net", "init", "between", "iterations", "top-1", "top-5"]
+    assert [l.split("\t")[2] for l in lines[1:]] == ["kmeans", "caffe"]
+    for line in lines[1:]:
+        top1, top5 = float(line.split("\t")[5]), float(line.split("\t")[6])
+        assert 0 <= top1 <= top5 <= 100
+    assert mod.main(["--train-lmdb", str(tmp_path), "--val-lmdb", str(tmp_path), "--init-list",
+                     str(tmp_path / "train.txt"), "--reduced", "--results", str(results)]) == 1
