@@ -128,3 +128,30 @@ class LmdbStream:
     def close(self) -> None:
         self._txn.abort()
         self._env.close()
+
+
+def initial_caffemodel(proto: Path, model: str, classifier: str, init: str, out: Path, records, n_images: int,
+                       transform, rng: np.random.RandomState, between: bool = True, weights: Optional[Path] = None,
+                       zero_classifier: bool = False, seed: int = 0) -> str:
+    """Write the starting weights of the training net ``proto`` to ``out``: pretrained
+    ``weights`` where they fit, then Caffe's fillers (``init == "caffe"``) or magic-init on
+    ``n_images`` of ``records`` for the rest (and the between-layer stage over everything).
+    Returns the change-rate flatness before -> after, or "-" for Caffe's fillers."""
+    from caffe_utils import images
+    from caffe_utils.engine.caffe_net import CaffeNet
+    prepared = magic.prepare_net(netio.read_net(str(proto), netio.TEST))
+    c, h, w = prepared.input_shape
+    net = CaffeNet(prepared.net_param)
+    net.blobs[prepared.input_name].reshape(16, c, h, w)
+    net.reshape()
+    keep = load_matching(net, weights) if weights is not None else set()
+    flat = "-"
+    if init == "caffe":
+        caffe_fillers(net, model, classifier, keep, seed)
+    else:
+        sample = images.load_sample(records, n_images, transform, rng).data
+        report = magic.initialize(net, prepared, sample, magic.InitOptions(
+            init=init, between=between, zero_classifier=zero_classifier, batch_size=16, seed=seed), keep)
+        flat = f"{report.flatness_before:.3g} -> {report.flatness_after:.3g}"
+    net.save(out)
+    return flat

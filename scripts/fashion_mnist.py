@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """From-scratch training on Fashion-MNIST with real Caffe, from seven initializations.
 
-    python scripts/fashion_mnist.py [--iterations 600] [--seeds 3] [--out docs/fashion_mnist]
+    python scripts/fashion_mnist.py [--iterations 250] [--seeds 3] [--out docs/fashion_mnist]
                                     [--reduced]
 
 Trains models/fashion (two conv-ReLU-pool-LRN blocks, FC with dropout) with Caffe's SGD
@@ -110,7 +110,7 @@ def train_one(caffe, name, seed, data, iterations, checkpoints, n_test, tmp):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--iterations", type=int, default=250)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "fashion_mnist"))
     ap.add_argument("--reduced", action="store_true")

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="2 iterations, batch 4, 8 init images")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils import images, magic, netio, training
-    from caffe_utils.engine.caffe_net import CaffeNet, import_caffe
+    from caffe_utils import images, training
+    from caffe_utils.engine.caffe_net import import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
     from caffe_utils.pipeline import append_tsv_row
@@ -75,23 +75,11 @@ def main(argv=None) -> int:
             tmp = Path(tmp)
             proto = tmp / "train.prototxt"
             proto.write_text(text)
-            prepared = magic.prepare_net(netio.read_net(str(proto), netio.TEST))
-            init_net = CaffeNet(prepared.net_param)
-            init_net.blobs[prepared.input_name].reshape(16, c, h, w)
-            init_net.reshape()
-            flat = "-"
-            if args.init == "caffe":
-                training.caffe_fillers(init_net, args.net, classifier, set(), args.seed)
-            else:
-                recs = images.list_source(args.init_list, args.root)
-                sample = images.load_sample(recs, n_init, images.Transform(c, h, w), rng)
-                report = magic.initialize(init_net, prepared, sample.data,
-                                          magic.InitOptions(init=args.init, between=not args.no_between,
-                                                            zero_classifier=True, batch_size=16, seed=args.seed))
-                flat = f"{report.flatness_before:.3g} -> {report.flatness_after:.3g}"
             weights = tmp / "init.caffemodel"
-            init_net.save(weights)
-            del init_net
+            recs = images.list_source(args.init_list, args.root) if args.init != "caffe" else []
+            flat = training.initial_caffemodel(proto, args.net, classifier, args.init, weights, recs, n_init,
+                                               images.Transform(c, h, w), rng, between=not args.no_between,
+                                               zero_classifier=True, seed=args.seed)
             solver_file = tmp / "solver.prototxt"
             solver_file.write_text(training.solver_text(proto, 0.01, 0.1, 100000, iterations, args.seed, args.gpu))
             solver = caffe.SGDSolver(str(solver_file))

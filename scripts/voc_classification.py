@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="2 iterations, 2 crops, 16 init images")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils import images, magic, netio, training
-    from caffe_utils.engine.caffe_net import CaffeNet, import_caffe
+    from caffe_utils import images, training
+    from caffe_utils.engine.caffe_net import import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
     from caffe_utils.pipeline import append_tsv_row
@@ -138,24 +138,11 @@ def main(argv=None) -> int:
             tmp = Path(tmp)
             train_proto = tmp / "train.prototxt"
             train_proto.write_text(text)
-            # initialize the deploy-shaped part (everything up to the classifier) with magic-init
-            prepared = magic.prepare_net(netio.read_net(str(train_proto), netio.TEST))
-            init_net = CaffeNet(prepared.net_param)
-            init_net.blobs[prepared.input_name].reshape(16, c, h, w)
-            init_net.reshape()
-            loaded = training.load_matching(init_net, args.weights) if args.weights is not None else set()
-            recs = [images.Record(p) for p in train_paths]
-            flat = "-"
-            if args.init == "caffe":
-                training.caffe_fillers(init_net, args.net, classifier, loaded, args.seed)
-            else:
-                sample = images.load_sample(recs, n_init, transform, rng).data
-                opts = magic.InitOptions(init=args.init, between=not args.no_between, batch_size=16, seed=args.seed)
-                report = magic.initialize(init_net, prepared, sample, opts, loaded)
-                flat = f"{report.flatness_before:.3g} -> {report.flatness_after:.3g}"
             weights_file = tmp / "init.caffemodel"
-            init_net.save(weights_file)
-            del init_net
+            recs = [images.Record(p) for p in train_paths]
+            flat = training.initial_caffemodel(train_proto, args.net, classifier, args.init, weights_file, recs,
+                                               n_init, transform, rng, between=not args.no_between,
+                                               weights=args.weights, seed=args.seed)
             solver_file = tmp / "solver.prototxt"
             solver_file.write_text(training.solver_text(train_proto, 0.001, 0.5, 10000, iterations, args.seed, args.gpu))
             solver = caffe.SGDSolver(str(solver_file))
