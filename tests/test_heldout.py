@@ -71,12 +71,12 @@ def test_rates_are_flat_on_held_out_photos(caffe, split_photos, tmp_path, model)
     assert flat <= FLATNESS[model], rates
 
 
-@pytest.mark.parametrize("model", ["caffenet"])
+@pytest.mark.parametrize("model", ["caffenet", "googlenet", "vgg16"])
 def test_within_layer_gives_unit_std_channels(caffe, split_photos, tmp_path, model):
     proto = f"models/{model}/deploy.prototxt"
     out = tmp_path / f"{model}.caffemodel"
     run(RunConfig(prototxt=proto, output=str(out), data=str(split_photos["init"]), images=160, init="kmeans",
-                  between=False, engine="caffe", seed=4))
+                  between=False, engine=ENGINE[model], seed=4))
     prepared, sample = _sample(proto, split_photos["init"], 160, seed=4)
     net = _caffe_net(prepared, out, 16)
     affine = [lp for lp in prepared.net_param.layer if lp.type in ("Convolution", "InnerProduct")]

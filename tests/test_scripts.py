@@ -119,3 +119,15 @@ def test_imagenet_train_reduced(caffe, tmp_path):
         assert 0 <= top1 <= top5 <= 100
     assert mod.main(["--train-lmdb", str(tmp_path), "--val-lmdb", str(tmp_path), "--init-list",
                      str(tmp_path / "train.txt"), "--reduced", "--results", str(results)]) == 1
+
+
+def test_fashion_mnist_reduced(caffe, tmp_path):
+    out = tmp_path / "fm"
+    assert _script("fashion_mnist").main(["--reduced", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["init"] for r in data["runs"]] == ["caffe-gaussian", "ours-kmeans"]
+    for r in data["runs"]:
+        assert r["finite"] and len(r["loss"]) == 30 and 0.0 <= r["test_accuracy"] <= 1.0
+    table = out.with_suffix(".md").read_text()
+    assert "| caffe-gaussian |" in table and "| ours-kmeans |" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
