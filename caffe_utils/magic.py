@@ -45,9 +45,9 @@ import numpy as np
 from caffe_utils import measure, scaling
 from caffe_utils.measure import channel_stats as _channel_stats
 from caffe_utils.measure import flatness as _flatness
-from caffe_utils.measure import set_input as _set_input
 from caffe_utils.measure import sq as _sq
 from caffe_utils.measure import weight_columns as _columns
+from caffe_utils.engine import set_data as _set_input
 from caffe_utils.errors import DataError, PrototxtError
 from caffe_utils.layers.im2col import im2col_batch, out_shape
 from caffe_utils.schema import caffe_pb2

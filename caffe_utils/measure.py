@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-AFFINE_TYPES = ("Convolution", "InnerProduct", "Deconvolution")
+from caffe_utils.engine import set_data
+from caffe_utils.scaling import AFFINE_TYPES
 
 
 @dataclass
@@ -75,14 +76,6 @@ def affine_layers(net) -> List:
     return [lp for lp in net.net_param.layer if lp.type in AFFINE_TYPES]
 
 
-def set_input(net, name: str, data: np.ndarray) -> None:
-    """Set the net's input blob (and, on pycaffe, Caffe's Split copies of it)."""
-    if hasattr(net, "set_data"):
-        net.set_data(name, data)
-    else:
-        net.blobs[name].data[...] = data
-
-
 def measure(net, input_name: str, images: np.ndarray, seed: int = 0,
             layers: Optional[Sequence[str]] = None) -> "OrderedDict[str, LayerStats]":
     """Statistics of every affine layer (or of ``layers``) of ``net`` on ``images``.
@@ -113,7 +106,7 @@ def measure(net, input_name: str, images: np.ndarray, seed: int = 0,
             valid = batch.shape[0]
             if valid < bs:
                 batch = np.concatenate([batch] + [images[:bs]] * int(math.ceil((bs - valid) / min(n, bs))))[:bs]
-            set_input(net, input_name, batch)
+            set_data(net, input_name, batch)
             pos = 1 if net.net_param.layer[0].type == "Input" else 0
             for lp in lps:
                 idx = index[lp.name]

@@ -31,6 +31,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from caffe_utils.engine import set_data
+
 AFFINE_TYPES = ("Convolution", "InnerProduct", "Deconvolution")
 ELEMENTWISE_HOMOGENEOUS = {"ReLU", "PReLU", "Dropout", "AbsVal", "Split", "Flatten", "Reshape"}
 ELEMENTWISE_INEXACT = {"Sigmoid", "TanH", "ELU", "BNLL", "Exp", "Log", "Threshold", "Clip", "Swish", "LRN", "MVN"}
@@ -574,10 +576,10 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
         lp = lps[names[i]]
         bottom, top = net.blobs[lp.bottom[0]], net.blobs[lp.top[0]]
         x = np.array(bottom.data)
-        _set_data(net, lp.bottom[0], x * np.float32(factor))
+        set_data(net, lp.bottom[0], x * np.float32(factor))
         net.forward(start=names[i], end=names[i])
         y2 = _centred_norm(top.data)
-        _set_data(net, lp.bottom[0], x)
+        set_data(net, lp.bottom[0], x)
         net.forward(start=names[i], end=names[i])
         y1 = _centred_norm(top.data)
         d = math.log(y2 / y1) / math.log(factor) if y1 > 0 and y2 > 0 else 1.0
@@ -586,13 +588,6 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
     if pos < len(names):
         net.forward(start=names[pos])
     return degrees
-
-
-def _set_data(net, name: str, data: np.ndarray) -> None:
-    if hasattr(net, "set_data"):  # also sets Caffe's Split copies of the blob
-        net.set_data(name, data)
-    else:
-        net.blobs[name].data[...] = data
 
 
 def _centred_norm(a: np.ndarray) -> float:

@@ -18,7 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ENGINES = ("auto", "numpy", "caffe")
+from caffe_utils.engine import ENGINES  # noqa: E402  (after the sys.path line above)
 
 
 def _positive(ctx, param, value):

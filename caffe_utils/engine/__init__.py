@@ -25,6 +25,15 @@ from caffe_utils.schema import pycaffe_importable
 ENGINES = ("auto", "numpy", "caffe")
 
 
+def set_data(net, name: str, data) -> None:
+    """Set blob ``name``'s data on either engine (on pycaffe also Caffe's Split copies of it, so
+    that ``forward(start=...)`` sees it)."""
+    if hasattr(net, "set_data"):
+        net.set_data(name, data)
+    else:
+        net.blobs[name].data[...] = data
+
+
 def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
     """The concrete engine (``numpy`` or ``caffe``) that ``engine`` and ``gpu`` select."""
     if engine not in ENGINES:
