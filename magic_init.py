@@ -14,27 +14,13 @@ from typing import Optional
 
 import click
 
+from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive, seed_range,
+                                  signal_name, signals_as_interrupts)
 from caffe_utils.magic import INIT_TYPES
+from caffe_utils.pipeline import MIN_IMAGES
 
 ENGINES = ("auto", "numpy", "caffe")
-
-
-def _positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative(ctx, param, value):
-    if value is not None and value < 0:
-        raise click.BadParameter(f"must be 0 or more, got {value}")
-    return value
-
-
-def _damping(ctx, param, value):
-    if not 0 < value < 1:
-        raise click.BadParameter(f"must be between 0 and 1 (exclusive), got {value}")
-    return value
+PROG = "magic_init.py"
 
 
 class _Progress:
@@ -60,7 +46,7 @@ class _Progress:
         self.stage = stage
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, prog=PROG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("prototxt", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the initialized caffemodel.")
@@ -69,23 +55,24 @@ class _Progress:
 @click.option("-d", "--data", help="Images: a glob, a folder, a Caffe image list or an LMDB "
               "[default: the source of the net's data layer].")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), help="Root folder for image-list paths.")
-@click.option("-n", "--images", default=160, show_default=True, type=int, callback=_positive,
-              help="Number of sample images.")
-@click.option("--batch-size", default=16, show_default=True, type=int, callback=_positive)
+@click.option("-n", "--images", default=160, show_default=True, type=int, callback=positive,
+              help="Number of sample images; with fewer usable ones (at least "
+                   f"{MIN_IMAGES}) they are reused with other random crops and a warning.")
+@click.option("--batch-size", default=16, show_default=True, type=int, callback=positive)
 @click.option("--mean", default=None, help="Mean to subtract: 'B,G,R' values or a .binaryproto "
               "[default: the data layer's, else 104,117,123].")
 @click.option("--scale", default=None, type=float, help="Multiply inputs by this after mean subtraction "
               "[default: the data layer's, else 1].")
-@click.option("--resize", default=None, type=int, callback=_positive,
+@click.option("--resize", default=None, type=int, callback=positive,
               help="Resize images to this square size before cropping [default: 256 or the crop size].")
 @click.option("-t", "--init", "init", default="kmeans", show_default=True, type=click.Choice(INIT_TYPES),
               help="Weight initialization (pca/zca/kmeans/rand for convolutions; others use gaussian).")
 @click.option("--no-within", is_flag=True, help="Skip the within-layer normalization.")
 @click.option("--no-between", is_flag=True, help="Skip the between-layer scale adjustment.")
 @click.option("--beta", default=0.1, show_default=True, type=float, help="Mean of every output channel.")
-@click.option("--iterations", default=10, show_default=True, type=int, callback=_non_negative,
+@click.option("--iterations", default=10, show_default=True, type=int, callback=non_negative,
               help="Between-layer iterations (stops early when every rate is within 1%).")
-@click.option("--damping", default=0.5, show_default=True, type=float, callback=_damping,
+@click.option("--damping", default=0.5, show_default=True, type=float, callback=damping_range,
               help="Between-layer damping alpha: each round moves every layer's log change rate this "
                    "fraction of the way to the common target (1 = one full step).")
 @click.option("--zero-classifier", is_flag=True, help="Set the last affine layer to zero (paper 4.5).")
@@ -93,10 +80,11 @@ class _Progress:
 @click.option("--reinit-all", is_flag=True, help="Re-initialize every layer.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINES),
               help="auto: pycaffe when importable, else the built-in numpy engine.")
-@click.option("--gpu", default=None, type=int, callback=_non_negative, help="GPU id (pycaffe with CUDA only).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only).")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_range,
+              help="Random seed: same seed, inputs and engine give a bit-identical output.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--mem-limit", default=1024, show_default=True, type=int, callback=_positive,
+@click.option("--mem-limit", default=1024, show_default=True, type=int, callback=positive,
               help="MB of cached activations and patches.")
 @click.option("--force", is_flag=True, help="Allow the output to replace the input weights.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -107,6 +95,7 @@ def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, 
         report_path, mem_limit, force, plot_path, quiet):
     """Initialize the Caffe net PROTOTXT from sample images and write OUTPUT."""
     from caffe_utils.errors import MagicInitError
+    from caffe_utils.outputs import OutputSet
     from caffe_utils.pipeline import RunConfig, format_report, run
 
     if gpu is not None and engine == "numpy":
@@ -118,21 +107,27 @@ def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, 
                     damping=damping, zero_classifier=zero_classifier, reinit=reinit, reinit_all=reinit_all,
                     engine=engine, gpu=gpu, seed=seed, report=report_path, mem_limit_mb=mem_limit, force=force,
                     plot=plot_path)
+    outputs = OutputSet()
     try:
-        result = run(cfg, progress=_Progress(quiet),
-                     warn=lambda m: click.echo(f"warning: {m}", err=True))
+        with signals_as_interrupts():
+            result = run(cfg, progress=_Progress(quiet),
+                         warn=lambda m: click.echo(f"warning: {m}", err=True), outputs=outputs)
     except MagicInitError as exc:
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("magic-init: interrupted; no output written", err=True)
-        sys.exit(130)
+    except MemoryError:
+        raise click.ClickException("out of memory; lower --batch-size, -n/--images or --mem-limit, or use a "
+                                   "machine with more memory") from None
+    except KeyboardInterrupt as exc:
+        what = f"{output} was written before it" if outputs.committed else "no output written"
+        click.echo(f"{PROG}: interrupted ({signal_name(exc)}); {what}", err=True)
+        sys.exit(exit_status(exc))
     if not quiet:
         click.echo(format_report(result))
     click.echo(f"wrote {output}", err=True)
 
 
 def main() -> None:
-    cli(prog_name="magic_init.py")
+    cli(prog_name=PROG)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,18 @@ Preprocessing (:class:`Transform`) follows Caffe's data layers: decode to BGR 0.
 records, which are stored resized), a random ``crop`` (and optional mirror), subtract the mean
 (per-channel values or a mean image, cropped like the data), multiply by ``scale``.
 
-Unreadable, empty, corrupt or oversized (decompression-bomb) files are skipped and counted; the
-caller reports the count once. Grey, RGBA, 16-bit, palette and CMYK images are converted.
+Unreadable, empty, corrupt or oversized (decompression-bomb: over ``MAX_PIXELS``, judged from the
+header before any pixel is decoded) files are skipped and counted; the caller reports the count
+once. Grey, RGBA, 16-bit, palette and CMYK images are converted. Images over ``REDUCE_PIXELS`` are
+reduced by an integer box filter while decoding (JPEG at DCT scale) so a 60-megapixel photo costs
+about 200 MB, not gigabytes; their resized pixels then differ slightly from Caffe's direct resize.
 Limit: only 2-D images (no video, no multi-frame TIFF beyond the first frame).
 """
 from __future__ import annotations
 
 import glob as globlib
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -31,7 +35,9 @@ import numpy as np
 from caffe_utils.errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif"}
+_LABEL = re.compile(r"-?[0-9]+")  # an integer label (ASCII digits, as Caffe's atoi reads)
 MAX_PIXELS = 64_000_000  # refuse larger images before decoding them (decompression bombs)
+REDUCE_PIXELS = 16_000_000  # larger images are box-reduced by an integer factor right after decoding
 
 
 @dataclass
@@ -95,14 +101,26 @@ def list_source(source: Union[str, Path], root: Optional[Union[str, Path]] = Non
 
 def _list_image_list(path: Path, root: Optional[Union[str, Path]]) -> List[Record]:
     base = Path(root) if root is not None else path.parent
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image list '{path}': {exc.strerror}; check its permissions") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"image list '{path}' line {line} is not UTF-8 text; save the list as UTF-8") from exc
     out: List[Record] = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:
+            raise DataError(f"image list '{path}' line {lineno} contains a NUL byte; "
+                            "write one 'path label' per line as plain text")
         name, label = line, None
         head, sep, tail = line.rpartition(" ")
-        if sep and tail.lstrip("-").isdigit():
+        if sep and _LABEL.fullmatch(tail):
             name, label = head.rstrip(), int(tail)
         p = Path(name)
         out.append(Record(path=p if p.is_absolute() else base / p, label=label, key=f"{path.name}:{lineno}"))
@@ -137,21 +155,21 @@ class ImageReadError(DataError):
 def _pil_to_bgr(img) -> np.ndarray:
     from PIL import Image
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
         hi = arr.max() if arr.size else 0
         scale = 255.0 / 65535.0 if hi > 255 else 1.0
         arr = np.clip(arr * scale, 0, 255)
         rgb = np.repeat(arr[:, :, None], 3, axis=2)
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
         rgb = np.repeat(np.clip(arr, 0, 255)[:, :, None], 3, axis=2)
     else:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
-        rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
-    return rgb[:, :, ::-1].astype(np.float32)  # RGB -> BGR, HxWx3
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return np.ascontiguousarray(rgb[:, :, ::-1], dtype=np.float32)  # RGB -> BGR, HxWx3
 
 
 def decode_bytes(data: bytes, what: str) -> np.ndarray:
@@ -164,7 +182,16 @@ def decode_bytes(data: bytes, what: str) -> np.ndarray:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageReadError(f"{what}: {w}x{h} pixels is over the {MAX_PIXELS} limit")
+            factor = int(np.ceil(np.sqrt(w * h / REDUCE_PIXELS))) if w * h > REDUCE_PIXELS else 1
+            if factor > 1 and img.format == "JPEG":
+                img.draft("RGB", (w // factor, h // factor))  # decode at reduced scale
             img.load()
+            if factor > 1:
+                if img.mode not in ("L", "RGB", "RGBA", "LA", "I", "F", "CMYK", "I;16"):
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+                factor = int(np.ceil(np.sqrt(img.size[0] * img.size[1] / REDUCE_PIXELS)))
+                if factor > 1:
+                    img = img.reduce(factor)
             return _pil_to_bgr(img)
     except ImageReadError:
         raise

@@ -17,6 +17,7 @@ import numpy as np
 from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine import open_net, resolve_engine
 from caffe_utils.errors import DataError, OutputError
+from caffe_utils.outputs import OutputSet, temp_file_next_to
 
 MIN_IMAGES = 2
 
@@ -59,28 +60,52 @@ class RunResult:
     warnings: List[str] = field(default_factory=list)
 
 
-def _check_output(cfg: RunConfig) -> None:
-    out = Path(cfg.output)
+def _check_target(path: str, option: str) -> Path:
+    """``path`` as an output file for ``option``: its folder exists and is writable, it is no folder."""
+    out = Path(path)
     if out.is_dir():
-        raise OutputError(f"output '{out}' is a directory; give a file name such as {out}/init.caffemodel")
+        raise OutputError(f"{option} '{out}' is a directory; give a file name such as {out / out.name}")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{option} '{out}': '{parent}' is a file, not a folder; choose another {option} path")
     if not parent.is_dir():
-        raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory '{parent}' is not writable; choose another -o path")
-    if cfg.weights and out.exists() and Path(cfg.weights).exists() and out.resolve() == Path(cfg.weights).resolve():
-        if not cfg.force:
-            raise OutputError(f"output '{out}' is the input weights file; choose another -o path "
-                              "(or --force to replace it)")
+        raise OutputError(f"{option} folder '{parent}' does not exist; create it or choose another {option} path")
+    try:  # the output is renamed into place from a file next to it: that file must be creatable
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=str(parent))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{option} folder '{parent}' is not writable ({exc.strerror}); "
+                          f"choose another {option} path") from exc
+    return out
+
+
+def _same_file(a: Path, b: Optional[str]) -> bool:
+    if not b or not a.exists() or not Path(b).exists():
+        return False
+    return os.path.samefile(a, b)
+
+
+def _check_output(cfg: RunConfig) -> None:
+    """Refuse, before any work, outputs that cannot be written or would overwrite an input."""
+    outs = [(cfg.output, "-o/--output")]
     if cfg.report:
-        rp = Path(cfg.report)
-        rparent = rp.parent if str(rp.parent) else Path(".")
-        if not rparent.is_dir():
-            raise OutputError(f"report directory '{rparent}' does not exist; create it or choose another --report")
+        outs.append((cfg.report, "--report"))
     if cfg.plot:
-        pparent = Path(cfg.plot).parent if str(Path(cfg.plot).parent) else Path(".")
-        if not pparent.is_dir():
-            raise OutputError(f"plot directory '{pparent}' does not exist; create it or choose another --plot")
+        outs.append((cfg.plot, "--plot"))
+    checked = [(_check_target(path, option), option) for path, option in outs]
+    for i, (a, opt_a) in enumerate(checked):
+        for b, opt_b in checked[i + 1:]:
+            if a.resolve() == b.resolve():
+                raise OutputError(f"{opt_a} and {opt_b} are the same file '{a}'; give each its own path")
+        if _same_file(a, cfg.prototxt) or (not a.exists() and a.resolve() == Path(cfg.prototxt).resolve()):
+            raise OutputError(f"{opt_a} '{a}' is the network definition; choose another {opt_a} path")
+        if opt_a != "-o/--output" and _same_file(a, cfg.weights):
+            raise OutputError(f"{opt_a} '{a}' is the input weights file; choose another {opt_a} path")
+    out = checked[0][0]
+    if _same_file(out, cfg.weights) and not cfg.force:
+        raise OutputError(f"output '{out}' is the input weights file; choose another -o path "
+                          "(or --force to replace it)")
 
 
 def _mean_for(cfg: RunConfig, prepared: magic.PreparedNet, base: Path) -> Tuple[Sequence[float], Optional[np.ndarray]]:
@@ -104,8 +129,13 @@ def _mean_for(cfg: RunConfig, prepared: magic.PreparedNet, base: Path) -> Tuple[
 
 
 def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = None,
-        warn: Optional[Callable[[str], None]] = None) -> RunResult:
-    """Run the initialization described by ``cfg``; writes ``cfg.output`` (and the report)."""
+        warn: Optional[Callable[[str], None]] = None, outputs: Optional[OutputSet] = None) -> RunResult:
+    """Run the initialization described by ``cfg``; writes ``cfg.output`` (and the report and plot).
+
+    The output files appear together at the end or not at all (see :mod:`caffe_utils.outputs`);
+    pass ``outputs`` to learn afterwards (``outputs.committed``) whether they were written, e.g.
+    when a Ctrl-C arrived.
+    """
     warnings: List[str] = []
 
     def note(msg: str) -> None:
@@ -117,11 +147,11 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = magic.prepare_net(net_param)
-    sample = load_images(cfg, prepared, note, progress)
     c, h, w = prepared.input_shape
     net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
                    input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
     loaded = load_weights(net, cfg.weights) if cfg.weights else set()
+    sample = load_images(cfg, prepared, note, progress)
     opts = magic.InitOptions(init=cfg.init, within=cfg.within, between=cfg.between, beta=cfg.beta,
                              iterations=cfg.iterations, damping=cfg.damping, zero_classifier=cfg.zero_classifier,
                              reinit=tuple(cfg.reinit), reinit_all=cfg.reinit_all, batch_size=cfg.batch_size,
@@ -130,19 +160,26 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     for msg in report.warnings:
         note(msg)
     params = {name: [np.asarray(b.data) for b in blobs] for name, blobs in net.params.items()}
-    netio.write_caffemodel(cfg.output, net_param, params)
-    if cfg.report:
-        write_json_atomic(cfg.report, {"prototxt": str(cfg.prototxt), "output": str(cfg.output),
-                                       "engine": engine, "images": sample.used, "options": {
-                                           k: getattr(cfg, k) for k in ("init", "within", "between", "beta",
-                                                                        "iterations", "damping", "seed")},
-                                       **report.to_dict()})
-    if cfg.plot:
-        from caffe_utils.plots import plot_rates
-        plot_rates([("before", {l.name: l.rate_before for l in report.layers},
-                     {l.name: l.cv_before for l in report.layers}),
-                    ("after", {l.name: l.rate_after for l in report.layers},
-                     {l.name: l.cv_after for l in report.layers})], cfg.plot, title=Path(cfg.prototxt).name)
+    with (outputs if outputs is not None else OutputSet()) as outs:
+        if progress:
+            progress("writing", 0, 1)
+        netio.write_caffemodel(outs.stage(cfg.output), net_param, params)
+        if cfg.report:
+            write_json_atomic(outs.stage(cfg.report), {
+                "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
+                "options": {k: getattr(cfg, k) for k in ("init", "within", "between", "beta", "iterations",
+                                                         "damping", "seed")},
+                **report.to_dict()})
+        if cfg.plot:
+            from caffe_utils.plots import plot_rates
+            plot_rates([("before", {l.name: l.rate_before for l in report.layers},
+                         {l.name: l.cv_before for l in report.layers}),
+                        ("after", {l.name: l.rate_after for l in report.layers},
+                         {l.name: l.cv_after for l in report.layers})], outs.stage(cfg.plot),
+                       title=Path(cfg.prototxt).name)
+        outs.commit()
+        if progress:
+            progress("writing", 1, 1)
     return RunResult(report, engine, sample.used, warnings)
 
 
@@ -183,10 +220,10 @@ def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, in
     same images and the same random top gradients; returns (stats per model, images, engine)."""
     engine = resolve_engine(cfg.engine, cfg.gpu)
     prepared = magic.prepare_net(netio.read_net(cfg.prototxt, netio.TEST))
-    sample = load_images(cfg, prepared, warn or (lambda m: None), progress)
     c, h, w = prepared.input_shape
     net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
                    input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
+    sample = load_images(cfg, prepared, warn or (lambda m: None), progress)
     out = []
     for i, path in enumerate(cfg.weights):
         if progress:
@@ -249,16 +286,29 @@ def load_images(cfg, prepared: magic.PreparedNet, note: Callable[[str], None],
     return sample
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in ``a``, without a temporary of its size (min and max propagate NaN)."""
+    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
 def load_weights(net, path: str) -> set:
-    """Copy the caffemodel ``path``'s blobs into ``net`` by layer name; the names it set."""
-    matched = netio.match_weights(net.param_shapes(), netio.read_caffemodel(path), str(path))
-    for name, arrays in matched.items():
-        for blob, arr in zip(net.params[name], arrays):
-            blob.data[...] = arr
-        if not np.all([np.all(np.isfinite(a)) for a in arrays]):
-            raise DataError(f"{path}: layer '{name}' holds NaN or Inf values; "
-                            "use an intact caffemodel or --reinit that layer")
-    return set(matched)
+    """Copy the caffemodel ``path``'s blobs into ``net`` by layer name; the names it set.
+
+    The blobs go straight from the file into the net's parameter arrays
+    (:func:`netio.copy_caffemodel_into`), so the peak memory is the net's, not the net's plus
+    the file's; shapes are all checked before anything is written."""
+    targets = OrderedDict((name, [b.data for b in blobs]) for name, blobs in net.params.items())
+    loaded = set()
+    filled = netio.copy_caffemodel_into(path, targets)
+    try:
+        for name in filled:
+            if not all(_all_finite(a) for a in targets[name]):
+                raise DataError(f"{path}: layer '{name}' holds NaN or Inf values; "
+                                "use an intact caffemodel or --reinit that layer")
+            loaded.add(name)
+    finally:
+        filled.close()  # closes the file at once, also when a layer is refused
+    return loaded
 
 
 def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
@@ -266,7 +316,7 @@ def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = dest.read_text() if dest.exists() else "\t".join(header) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
+    fd, tmp = temp_file_next_to(dest)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(old + "\t".join(row) + "\n")
@@ -278,12 +328,24 @@ def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
 
 
 def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file; OutputError when that fails."""
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent if str(dest.parent) else "."))
+    try:
+        fd, tmp = temp_file_next_to(dest)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{dest}' ({exc.strerror}); choose a writable folder") from exc
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, dest)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write '{dest}' ({exc.strerror}); free some space or choose another path") from exc
     except BaseException:
         try:
             os.unlink(tmp)

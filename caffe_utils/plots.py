@@ -7,11 +7,11 @@ Needs matplotlib (``pip install -e .[plot]``); without it :func:`plot_rates` rai
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 from caffe_utils.errors import MagicInitError
+from caffe_utils.outputs import temp_file_next_to
 
 Series = Tuple[str, Dict[str, float], Dict[str, float]]  # (label, rate per layer, CV per layer)
 
@@ -48,7 +48,11 @@ def plot_rates(series: Sequence[Series], path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".png", dir=str(parent))
+    try:
+        fd, tmp = temp_file_next_to(dest, ".png")
+    except OSError as exc:
+        plt.close(fig)
+        raise PlotError(f"cannot write the plot '{dest}': {exc.strerror}; choose another --plot path") from exc
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)

@@ -18,16 +18,11 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from caffe_utils.clitools import OneLineCommand, non_negative, positive, seed_range  # noqa: E402
 from caffe_utils.engine import ENGINES  # noqa: E402  (after the sys.path line above)
 
 
-def _positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, prog="measure_stat.py", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("prototxt", type=click.Path(exists=True, dir_okay=False))
 @click.option("-w", "--weights", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="A caffemodel to measure (repeat to compare several).")
@@ -35,14 +30,14 @@ def _positive(ctx, param, value):
               "[default: the net's own data layer source].")
 @click.option("--root", default=None, type=click.Path(exists=True, file_okay=False),
               help="Folder that image-list paths are relative to.")
-@click.option("-n", "--images", default=160, show_default=True, type=int, callback=_positive)
-@click.option("--batch-size", default=16, show_default=True, type=int, callback=_positive)
+@click.option("-n", "--images", default=160, show_default=True, type=int, callback=positive)
+@click.option("--batch-size", default=16, show_default=True, type=int, callback=positive)
 @click.option("--mean", default=None, help="Mean values 'B,G,R' or a .binaryproto [default: 104,117,123].")
 @click.option("--scale", default=None, type=float, help="Input scale [default: the net's transform_param or 1].")
-@click.option("--resize", default=None, type=int, callback=_positive, help="Resize before cropping.")
+@click.option("--resize", default=None, type=int, callback=positive, help="Resize before cropping.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINES))
-@click.option("--gpu", default=None, type=int, help="GPU id (pycaffe with CUDA only).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the crops and the top gradients.")
+@click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only).")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_range, help="Seeds the crops and the top gradients.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw Figure 1 (a) and (b) for every caffemodel into this PNG (needs matplotlib).")

@@ -114,5 +114,5 @@ def test_magic_init_plot(small, photos, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     res = CliRunner().invoke(magic_init.cli, [str(small), "-o", str(tmp_path / "p.caffemodel"), "-d", photos,
                                               "--engine", "numpy", "--plot", str(tmp_path / "no" / "x.png")])
-    assert res.exit_code != 0 and "plot directory" in res.output
+    assert res.exit_code != 0 and "plot folder" in res.output
     assert not (tmp_path / "p.caffemodel").exists()

@@ -10,6 +10,7 @@ pycaffe already provides ``blobs``, ``params``, ``layers``, ``inputs``, ``output
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import tempfile
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from caffe_utils import netio
-from caffe_utils.errors import EngineError
+from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 
 def import_caffe(gpu: Optional[int] = None):
@@ -58,6 +59,91 @@ def caffe_has_cuda(caffe) -> bool:
     return False
 
 
+def _fatal_message(log: str) -> str:
+    """The message of the last glog FATAL (``F...] msg``) or ``Check failed`` line in ``log``."""
+    found = ""
+    for line in log.splitlines():
+        head, sep, msg = line.partition("] ")
+        if sep and head[:1] == "F" and head[1:5].isdigit():
+            found = msg.strip()
+        elif line.startswith("Error: ") or "Check failed" in line:
+            found = found or line.strip()
+    return found
+
+
+def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
+    """Build ``prototxt`` in a forked child; None if that worked, else what Caffe said."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only build the net, with stderr into the pipe
+        try:
+            os.close(read_fd)
+            os.dup2(write_fd, 2)
+            faulthandler.disable()  # an abort here is expected; no Python dump on the parent's stderr
+            caffe.Net(prototxt, int(phase))
+            os._exit(0)
+        except BaseException as exc:  # a Python-level failure of pycaffe
+            try:
+                os.write(2, f"\nError: {exc}\n".encode("utf-8", "replace"))
+            finally:
+                os._exit(3)
+    os.close(write_fd)
+    chunks = []
+    with os.fdopen(read_fd, "rb") as fh:
+        while True:
+            chunk = fh.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return None
+    msg = _fatal_message(b"".join(chunks).decode("utf-8", "replace"))
+    return msg or (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit status {os.WEXITSTATUS(status)}")
+
+
+def probe_net(caffe, param, phase: int) -> None:
+    """Build the NetParameter ``param`` in a forked child first: Caffe aborts the whole process
+    (glog FATAL) on a missing bottom, impossible shapes and other net errors. A failure becomes a
+    :class:`PrototxtError` with Caffe's own message and the layer it failed on (found by building
+    ever shorter prefixes of the net, a binary search).
+
+    Costs one extra net construction (no forward pass); more only for a net that fails. Where fork
+    is unavailable it does nothing.
+    """
+    if not hasattr(os, "fork"):
+        return
+
+    def attempt(n_layers: int) -> Optional[str]:
+        sub = type(param)()
+        sub.CopyFrom(param)
+        del sub.layer[n_layers:]
+        fd, tmp = tempfile.mkstemp(suffix=".prototxt")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(netio.net_to_text(sub))
+            return _build_in_child(caffe, tmp, phase)
+        finally:
+            os.unlink(tmp)
+
+    msg = attempt(len(param.layer))
+    if msg is None:
+        return
+    lo, hi = 0, len(param.layer)  # prefix of lo layers builds, of hi fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if attempt(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    culprit = param.layer[hi - 1]
+    if len(msg) > 600:
+        msg = msg[:600] + " ..."
+    raise PrototxtError(f"Caffe cannot build layer '{culprit.name}' ({culprit.type}): {msg}; "
+                        "fix that layer in the prototxt")
+
+
 class CaffeNet:
     """``caffe.Net`` behind the engine interface (see module docstring)."""
 
@@ -82,12 +168,19 @@ class CaffeNet:
                         if t in input_shapes and k < len(lp.input_param.shape):
                             del lp.input_param.shape[k].dim[:]
                             lp.input_param.shape[k].dim.extend(int(d) for d in input_shapes[t])
+        known = set(caffe.layer_type_list()) if hasattr(caffe, "layer_type_list") else None
+        for lp in param.layer:
+            if known is not None and lp.type not in known:
+                raise UnsupportedLayerError(
+                    f"layer '{lp.name}' has type '{lp.type}', which this Caffe does not know (known: "
+                    f"{', '.join(sorted(known))}); fix the type or use a Caffe build that has it")
         if seed is not None:
             caffe.set_random_seed(int(seed))
         fd, tmp = tempfile.mkstemp(suffix=".prototxt")
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(netio.net_to_text(param))
+            probe_net(caffe, param, phase)
             self._net = caffe.Net(tmp, int(phase))
         finally:
             os.unlink(tmp)

@@ -1,0 +1,109 @@
+"""Shared pieces of the project's click commands (``magic_init.py``, ``scripts/measure_stat.py``).
+
+* :class:`OneLineCommand`: every error is one line on stderr, ``PROG: error: ...``, with exit
+  status 2 for bad options and 1 for other user errors (click's own format spends three lines
+  on usage, hint and error).
+* :func:`signals_as_interrupts`: SIGTERM and SIGHUP arrive as :class:`Interrupted`, a
+  ``KeyboardInterrupt``, so that every stage cleans up on the way out exactly as for Ctrl-C.
+* Option validators (click callbacks) that raise ``click.BadParameter``.
+
+No algorithm code lives here.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+
+
+def positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def non_negative(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be 0 or more, got {value}")
+    return value
+
+
+def seed_range(ctx, param, value):
+    if value is not None and not 0 <= value < 2 ** 32:
+        raise click.BadParameter(f"must be between 0 and 2**32 - 1, got {value}")
+    return value
+
+
+def damping_range(ctx, param, value):
+    if not 0 < value < 1:
+        raise click.BadParameter(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, delivered like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def signal_name(exc: KeyboardInterrupt) -> str:
+    return signal.Signals(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT).name
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number, as a shell reports a process killed by that signal."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Interrupted` inside the block (main thread only)."""
+    saved = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, _raise_interrupted)
+    except ValueError:  # not the main thread: leave the handlers alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose every error is one line on stderr: ``PROG: error: ...``.
+
+    ``prog`` (a keyword of ``click.command``) is the program name used in those lines. A usage
+    error names the option and ends with a pointer to ``--help``.
+    """
+
+    def __init__(self, *args, prog: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prog = prog
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        prog = self.prog or prog_name or self.name
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            click.echo(f"{prog}: error: {exc.format_message()} (see '{prog} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(f"{prog}: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
