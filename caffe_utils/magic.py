@@ -170,6 +170,9 @@ def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -
     if chw is None:
         raise PrototxtError(f"data layer '{first.name}' ({first.type}) does not tell its image size; "
                             "give the net an Input layer or a transform_param crop_size")
+    if min(chw) <= 0:
+        raise PrototxtError(f"input '{name}' of layer '{first.name}' has channels, height, width {tuple(chw)}; "
+                            "all three must be positive")
     source = root = None
     if first.type == "ImageData":
         source, root = first.image_data_param.source, first.image_data_param.root_folder or None
@@ -398,7 +401,7 @@ def _scale_rows(lp, blobs, factors: np.ndarray, shift: Optional[np.ndarray]) -> 
 
 
 def _is_initialized(blobs) -> bool:
-    return any(np.any(b.data != 0) for b in blobs)
+    return any(b.data.any() for b in blobs)  # ndarray.any: no temporary of the blob's size
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -463,7 +466,7 @@ def initialize(net, prepared: PreparedNet, sample: np.ndarray, options: InitOpti
     report.layers = list(reports.values())
     for name in net.params:
         for b in net.params[name]:
-            if not np.all(np.isfinite(b.data)):
+            if b.data.size and not (np.isfinite(b.data.min()) and np.isfinite(b.data.max())):  # NaN propagates
                 raise DataError(f"layer '{name}' got non-finite weights; the sample may be degenerate "
                                 "(constant images?): use more varied images")
     return report

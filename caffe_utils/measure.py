@@ -51,9 +51,10 @@ def weight_columns(lp, w: np.ndarray) -> np.ndarray:
 
 
 def sq(a: np.ndarray) -> float:
-    """Sum of squares in float64."""
-    flat = np.asarray(a, np.float64).reshape(-1)
-    return float(np.dot(flat, flat))
+    """Sum of squares, accumulated in float64 without a float64 copy of ``a`` (einsum casts
+    through a small buffer: a VGG16 fc6 would otherwise take 822 MB more)."""
+    flat = np.asarray(a).reshape(-1)
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
 
 
 def channel_stats(top: np.ndarray, valid: int):

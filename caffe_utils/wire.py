@@ -1,16 +1,20 @@
 """Minimal protobuf wire-format reader/writer for Caffe's large messages.
 
 Parsing a 500 MB caffemodel through protobuf's Python API costs several copies of the file;
-this module walks the wire format directly and exposes packed float blobs as numpy views of the
-file's bytes, and writes blobs from numpy buffers without per-element conversion. It knows only
-what Caffe's NetParameter/LayerParameter/BlobProto need; all other fields are skipped.
+this module walks the wire format directly, either in memory (a ``memoryview``, where packed
+float blobs become numpy views of the bytes) or in a file through :class:`FileBuffer`, which
+reads only the bytes the walk looks at (field keys, lengths, names, shapes) and lets the caller
+copy a blob's packed floats straight from the file into their destination. Blobs are written
+from numpy buffers without per-element conversion: :func:`blob_header` gives the bytes before
+the raw floats, so a writer can put the array's own buffer after it. It knows only what Caffe's
+NetParameter/LayerParameter/BlobProto need; all other fields are skipped.
 
 Every bounds problem raises :class:`WireFormatError`, never IndexError.
 """
 from __future__ import annotations
 
 import struct
-from typing import Iterator, Tuple, Union
+from typing import BinaryIO, Iterator, Tuple, Union, overload
 
 import numpy as np
 
@@ -91,6 +95,8 @@ def packed_varints(buf: memoryview, span: Tuple[int, int]) -> list:
 
 
 def signed64(v: int) -> int:
+    """A varint as protobuf's int64 reads it: truncated to 64 bits, two's complement."""
+    v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
@@ -116,15 +122,29 @@ def len_prefix(field: int, length: int) -> bytes:
     return encode_key(field, LEN) + encode_varint(length)
 
 
-def encode_blob(array: np.ndarray) -> bytes:
-    """Serialize ``array`` as a Caffe BlobProto: ``shape`` (field 7) and packed float ``data`` (5)."""
+def blob_header(shape: Tuple[int, ...], nbytes: int) -> bytes:
+    """The bytes of a Caffe BlobProto that precede its ``nbytes`` of packed little-endian floats:
+    ``shape`` (field 7), then the key and length of ``data`` (field 5)."""
+    dims = b"".join(encode_varint(int(d)) for d in shape)
+    shape_msg = (len_prefix(1, len(dims)) + dims) if dims else b""
+    return len_prefix(7, len(shape_msg)) + shape_msg + len_prefix(5, nbytes)
+
+
+def blob_array(array: np.ndarray) -> np.ndarray:
+    """``array`` as the C-contiguous little-endian float32 array a blob stores (no copy when it
+    already is one)."""
     if array is None:
         raise TypeError("blob data is None")
-    arr = np.ascontiguousarray(array, dtype="<f4")
-    dims = b"".join(encode_varint(int(d)) for d in arr.shape)
-    shape_msg = (len_prefix(1, len(dims)) + dims) if dims else b""
-    raw = arr.tobytes()
-    return len_prefix(7, len(shape_msg)) + shape_msg + len_prefix(5, len(raw)) + raw
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
+def encode_blob(array: np.ndarray) -> bytes:
+    """Serialize ``array`` as a Caffe BlobProto: ``shape`` (field 7) and packed float ``data`` (5).
+
+    This builds the whole message in memory; writers of large blobs use :func:`blob_header` and
+    the array's buffer instead."""
+    arr = blob_array(array)
+    return blob_header(arr.shape, arr.nbytes) + arr.tobytes()
 
 
 def float_array(buf: memoryview, span: Tuple[int, int]) -> np.ndarray:
@@ -147,3 +167,63 @@ def fixed32_to_float(v: int) -> float:
 
 def fixed64_to_double(v: int) -> float:
     return struct.unpack("<d", v.to_bytes(8, "little"))[0]
+
+
+class FileBuffer:
+    """A read-only, byte-indexable view of an open binary file for the walking functions above.
+
+    ``buf[i]`` is the byte at offset ``i`` and ``buf[a:b]`` the bytes of that range, read on
+    demand through a small window (``window`` bytes, read at the offset asked for), so walking the
+    fields of a message reads only its keys, lengths and the small fields looked at; the payload
+    of a skipped length-delimited field is never read. Offsets outside ``[0, len(buf))`` raise
+    :class:`WireFormatError`; a file that shrinks while being read raises it too.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int, window: int = 1 << 16) -> None:
+        self._fh = fh
+        self._size = int(size)
+        self._window = int(window)
+        self._start = 0
+        self._data = b""
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _read(self, start: int, n: int) -> bytes:
+        self._fh.seek(start)
+        data = self._fh.read(n)
+        if len(data) != n:
+            raise WireFormatError("truncated file (it changed while being read)")
+        return data
+
+    def _fill(self, start: int) -> None:
+        self._data = self._read(start, min(self._window, self._size - start))
+        self._start = start
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._size)
+            if step != 1:
+                raise ValueError("FileBuffer slices must be contiguous")
+            if stop <= start:
+                return b""
+            off = start - self._start
+            if 0 <= off and stop - self._start <= len(self._data):
+                return self._data[off:stop - self._start]
+            if stop - start > self._window:
+                return self._read(start, stop - start)
+            self._fill(start)
+            return self._data[:stop - start]
+        if not 0 <= key < self._size:
+            raise WireFormatError(f"offset {key} outside the file's {self._size} bytes")
+        off = key - self._start
+        if not 0 <= off < len(self._data):
+            self._fill(key)
+            off = 0
+        return self._data[off]
