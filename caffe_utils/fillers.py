@@ -7,7 +7,7 @@ in Caffe.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,21 @@ def _fans(shape: Sequence[int]) -> tuple:
     return fan_in, fan_out
 
 
+_CHUNK = 1 << 20
+
+
+def _draw(shape: tuple, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+    """A float32 array of ``shape`` filled by ``draw(n)`` chunk by chunk, so a 100M-element blob
+    needs no float64 temporary of its size. Consecutive draws continue numpy's stream, so the
+    values equal one ``draw(count)``."""
+    out = np.empty(shape, np.float32)
+    flat = out.reshape(-1)
+    for i in range(0, flat.size, _CHUNK):
+        j = min(i + _CHUNK, flat.size)
+        flat[i:j] = draw(j - i)
+    return out
+
+
 def fill(filler, shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray:
     """Return a float32 array of ``shape`` drawn as Caffe's filler ``filler`` would."""
     shape = tuple(int(d) for d in shape)
@@ -28,15 +43,19 @@ def fill(filler, shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray
     if kind == "constant":
         return np.full(shape, filler.value, np.float32)
     if kind == "uniform":
-        return rng.uniform(filler.min, filler.max, shape).astype(np.float32)
+        if not (np.isfinite(filler.max - filler.min) and filler.min <= filler.max):
+            raise PrototxtError(f"the uniform filler needs finite min <= max, got min {filler.min} and "
+                                f"max {filler.max}; fix them")
+        return _draw(shape, lambda n: rng.uniform(filler.min, filler.max, n))
+    if 0 in shape:
+        return np.zeros(shape, np.float32)  # nothing to draw (the fan-in below would be 0)
     if kind == "gaussian":
-        out = (filler.mean + filler.std * rng.standard_normal(shape)).astype(np.float32)
+        if filler.sparse >= 0 and len(shape) < 2:
+            raise PrototxtError("the gaussian filler's 'sparse' option needs a blob with >= 2 axes")
+        out = _draw(shape, lambda n: filler.mean + filler.std * rng.standard_normal(n))
         if filler.sparse >= 0:
-            if len(shape) < 2:
-                raise PrototxtError("the gaussian filler's 'sparse' option needs a blob with >= 2 axes")
-            num_outputs = shape[0]
-            p = filler.sparse / float(num_outputs)
-            out *= (rng.uniform(size=shape) < p).astype(np.float32)
+            p = filler.sparse / float(shape[0])
+            out *= _draw(shape, lambda n: rng.uniform(size=n) < p)
         return out
     if kind == "positive_unitball":
         out = rng.uniform(0, 1, shape).astype(np.float32)
@@ -55,8 +74,8 @@ def fill(filler, shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray
             n = fan_in
         if kind == "xavier":
             scale = np.sqrt(3.0 / n)
-            return rng.uniform(-scale, scale, shape).astype(np.float32)
-        return (np.sqrt(2.0 / n) * rng.standard_normal(shape)).astype(np.float32)
+            return _draw(shape, lambda m: rng.uniform(-scale, scale, m))
+        return _draw(shape, lambda m: np.sqrt(2.0 / n) * rng.standard_normal(m))
     if kind == "bilinear":
         if len(shape) != 4 or shape[2] != shape[3]:
             raise PrototxtError("the bilinear filler needs a 4-D blob with square kernels")

@@ -20,10 +20,13 @@ Semantics that follow Caffe:
 * parameters are created with the layers' fillers, then overwritten by ``weights`` (matched by
   layer name); parameters shared by ``param { name: ... }`` are one blob.
 
-Limit: random streams (fillers, Dropout) are numpy's, not Caffe's.
+Limits: random streams (fillers, Dropout) are numpy's, not Caffe's. A net whose blobs and
+parameters (data and diff) would need more than ``max_bytes`` (default: the machine's RAM), or a
+blob over Caffe's 2^31-1 elements, is refused while building, naming the layer.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,7 +37,7 @@ from caffe_utils import netio
 from caffe_utils.errors import PrototxtError
 from caffe_utils.fillers import fill
 from caffe_utils.layers import create_layer
-from caffe_utils.layers.base import Blob, Layer
+from caffe_utils.layers.base import Blob, BlobShapeError, Layer
 from caffe_utils.layers.data import FedDataLayer
 
 # layer type -> (parameter message field, filler fields in blob order); missing filler -> constant 0
@@ -49,6 +52,14 @@ _FILLERS = {
 }
 # Caffe's defaults when the filler is not given at all
 _DEFAULT_FILL = {("PReLU", 0): 0.25, ("Scale", 0): 1.0}
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes (0 when the platform does not tell: no limit)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class _TopView:
@@ -77,7 +88,7 @@ class Net:
     def __init__(self, net: Union[str, Path, object], phase: Union[int, str] = netio.TEST,
                  weights: Optional[Union[str, Path]] = None, *, level: int = 0,
                  stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_bytes: Optional[int] = None) -> None:
         if isinstance(phase, str):
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
@@ -97,6 +108,8 @@ class Net:
         #: compute diffs of the net's input blobs in backward (Caffe's force_backward); turning
         #: it off skips e.g. the first convolution's costly bottom gradient
         self.input_diffs = True
+        #: the most bytes the blobs (data and diff) and parameters may take; checked while building
+        self.max_bytes = physical_memory() if max_bytes is None else int(max_bytes)
         self._build(input_shapes or {})
         if weights is not None:
             self.copy_from(weights)
@@ -109,6 +122,7 @@ class Net:
         readers: Dict[int, List[int]] = {}
         names_seen = set()
         shared: Dict[str, Tuple[str, Blob]] = {}
+        used = 0
         for i, lp in enumerate(self.net_param.layer):
             if not lp.name:
                 raise PrototxtError(f"layer {i} (type '{lp.type}') has no name; give every layer a unique name")
@@ -119,6 +133,9 @@ class Net:
             if layer.num_bottom is not None and len(lp.bottom) != layer.num_bottom:
                 raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_bottom} bottom(s), "
                                     f"has {len(lp.bottom)}")
+            if layer.num_top is not None and len(lp.top) != layer.num_top:
+                raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_top} top(s), "
+                                    f"has {len(lp.top)}")
             bottoms: List[Blob] = []
             for b in lp.bottom:
                 if b not in current:
@@ -152,12 +169,16 @@ class Net:
                 layer.given_shapes = [tuple(input_shapes[t]) if t in input_shapes else None for t in lp.top]
             if lp.type == "Input":
                 self.inputs.extend(lp.top)
-            layer.setup(bottoms, tops)
-            if lp.type == "Input":
-                for t, blob in zip(lp.top, tops):
-                    if t in input_shapes:
-                        blob.reshape(input_shapes[t])
-            layer.reshape(bottoms, tops)
+            try:
+                layer.setup(bottoms, tops)
+                if lp.type == "Input":
+                    for t, blob in zip(lp.top, tops):
+                        if t in input_shapes:
+                            blob.reshape(input_shapes[t])
+                layer.reshape(bottoms, tops)
+            except BlobShapeError as exc:
+                raise layer.error(f"{exc}; make the input or the layer's output smaller") from exc
+            used = self._check_memory(layer, tops, inplace, used)
             if isinstance(layer, FedDataLayer):
                 self.inputs.extend(t for t in lp.top if t not in self.inputs)
             self._fill_params(layer)
@@ -181,6 +202,19 @@ class Net:
         self.outputs = list(available)
         self._index = {n: i for i, n in enumerate(self._layer_names)}
         self._set_loss_diffs()
+
+    def _check_memory(self, layer: Layer, tops: List[Blob], inplace: List[bool], used: int) -> int:
+        """``used`` plus the bytes of ``layer``'s new tops and parameters; a clean error naming the
+        layer when that passes :attr:`max_bytes` (checked before the net writes to them: numpy's
+        zero-filled arrays take no memory until written)."""
+        new = [t for t, same in zip(tops, inplace) if not same] + list(layer.blobs)
+        used += sum(2 * b.data.nbytes for b in new)
+        if self.max_bytes and used > self.max_bytes:
+            shapes = ", ".join(str(b.shape) for b in new)
+            raise layer.error(f"the net's blobs need {used / 2 ** 30:.2f} GiB up to this layer (its blobs: "
+                              f"{shapes}), over the {self.max_bytes / 2 ** 30:.2f} GiB limit; make the "
+                              "input, the batch or the layer's output smaller")
+        return used
 
     def _layer_loss_weights(self, layer: Layer, lp) -> List[float]:
         n = len(lp.top)
@@ -209,7 +243,10 @@ class Net:
                 default = _DEFAULT_FILL.get((layer.type, j), 0.0)
                 blob.data[...] = default
             else:
-                blob.data[...] = fill(filler, blob.shape, self._rng)
+                try:
+                    blob.data[...] = fill(filler, blob.shape, self._rng)
+                except PrototxtError as exc:
+                    raise layer.error(f"{spec[1][j]}: {exc}") from exc
             blob.diff[...] = 0
 
     def _share_params(self, layer: Layer, lp, shared: Dict[str, Tuple[str, Blob]]) -> None:

@@ -27,15 +27,51 @@ from caffe_utils.errors import PrototxtError, UnsupportedLayerError
 DTYPE = np.float32
 
 
+#: Caffe's Blob::Reshape limit: a blob's element count must fit in an ``int``
+MAX_BLOB_COUNT = 2 ** 31 - 1
+
+
+class BlobShapeError(PrototxtError):
+    """A blob shape is negative, over Caffe's element limit (in total or in one dimension), or too
+    large to allocate.
+
+    Raised before anything is allocated (except for the MemoryError case); the net re-raises it
+    naming the layer whose parameters implied the shape.
+    """
+
+
+def _checked_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise BlobShapeError(f"negative blob dimension in {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count > MAX_BLOB_COUNT or any(d > MAX_BLOB_COUNT for d in shape):
+        raise BlobShapeError(f"a blob of shape {shape} has {count} elements, over Caffe's limit of "
+                             f"{MAX_BLOB_COUNT}")
+    return shape
+
+
+def _zeros_pair(shape: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        return np.zeros(shape, DTYPE), np.zeros(shape, DTYPE)
+    except MemoryError as exc:
+        nbytes = 2 * DTYPE().itemsize * int(np.prod(shape, dtype=object))
+        raise BlobShapeError(f"a blob of shape {shape} ({nbytes / 2 ** 30:.1f} GiB with its diff) "
+                             "does not fit in memory") from exc
+    except ValueError as exc:  # numpy: the dimensions' product (ignoring zeros) overflows
+        raise BlobShapeError(f"a blob of shape {shape} has dimensions too large for numpy") from exc
+
+
 class Blob:
     """A Caffe blob: ``data`` and ``diff`` float32 arrays of the same shape."""
 
     __slots__ = ("data", "diff")
 
     def __init__(self, shape: Sequence[int] = (0,)) -> None:
-        shape = tuple(int(d) for d in shape)
-        self.data = np.zeros(shape, DTYPE)
-        self.diff = np.zeros(shape, DTYPE)
+        shape = _checked_shape(shape)
+        self.data, self.diff = _zeros_pair(shape)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -50,12 +86,9 @@ class Blob:
         ``Blob.reshape(n, c, h, w)``); contents are kept when the shape is unchanged, else zeroed."""
         if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
             shape = shape[0]
-        shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape):
-            raise ValueError(f"negative blob dimension in {shape}")
+        shape = _checked_shape(shape)
         if shape != self.data.shape:
-            self.data = np.zeros(shape, DTYPE)
-            self.diff = np.zeros(shape, DTYPE)
+            self.data, self.diff = _zeros_pair(shape)
 
     def __repr__(self) -> str:
         return f"Blob{self.shape}"

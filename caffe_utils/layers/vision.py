@@ -296,6 +296,8 @@ class InnerProduct(Layer):
         shape = bottom[0].shape
         self.axis = self._axis(shape)
         self.N = int(ip.num_output)
+        if self.N <= 0:
+            raise self.error("num_output must be positive")
         self.K = int(np.prod(shape[self.axis:], dtype=np.int64))
         self.bias_term = bool(ip.bias_term)
         self.transpose = bool(ip.transpose)
