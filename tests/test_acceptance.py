@@ -54,3 +54,24 @@ def test_numpy_and_caffe_engines_give_the_same_model(caffe, tmp_path, init):
     for name in ("conv1", "conv2", "fc1", "fc2"):
         for a, b in zip(outs["numpy"][name].blobs, outs["caffe"][name].blobs):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.acceptance
+def test_numpy_and_caffe_engines_agree_on_caffenet(caffe, tmp_path):
+    """CaffeNet, Gaussian weights, both stages (10 between-layer rounds), same seed: the two
+    engines' caffemodels agree within rtol 1e-3. (With k-means they agree on conv1-conv3 only:
+    float32 differences of ~1e-6 between the engines' activations flip k-means assignments from
+    conv4 on, so the clusters, not the method, differ; see README.)"""
+    photos = str(skimage_photos()[0].parent)
+    outs = {}
+    for engine in ("numpy", "caffe"):
+        out = tmp_path / f"{engine}.caffemodel"
+        run(RunConfig(prototxt="models/caffenet/deploy.prototxt", output=str(out), data=photos, images=64,
+                      init="gaussian", engine=engine, seed=3))
+        outs[engine] = netio.read_caffemodel(out)
+    names = [n for n, lw in outs["caffe"].items() if lw.blobs]
+    assert names == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    for name in names:
+        for a, b in zip(outs["numpy"][name].blobs, outs["caffe"][name].blobs):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))), err_msg=name)

@@ -476,10 +476,9 @@ def wrong_caffemodel(draw, names: Sequence[str]) -> bytes:
     return out
 
 
-@st.composite
-def damaged_caffemodel(draw, valid: bytes) -> bytes:
-    data = bytearray(valid)
-    for _ in range(draw(st.integers(1, 8))):
+def _damage(draw, data: bytearray, min_steps: int, max_steps: int, max_span: int) -> bytes:
+    """``min_steps`` to ``max_steps`` random bit flips, byte sets, truncations, deletions, insertions."""
+    for _ in range(draw(st.integers(min_steps, max_steps))):
         kind = draw(st.sampled_from(["flip", "flip", "set", "truncate", "delete", "insert"]))
         if not data:
             break
@@ -491,10 +490,15 @@ def damaged_caffemodel(draw, valid: bytes) -> bytes:
         elif kind == "truncate":
             del data[i:]
         elif kind == "delete":
-            del data[i:i + draw(st.integers(1, 16))]
+            del data[i:i + draw(st.integers(1, max_span))]
         else:
-            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+            data[i:i] = draw(st.binary(min_size=1, max_size=max_span))
     return bytes(data)
+
+
+@st.composite
+def damaged_caffemodel(draw, valid: bytes) -> bytes:
+    return _damage(draw, bytearray(valid), min_steps=1, max_steps=8, max_span=16)
 
 
 @FUZZ
@@ -609,23 +613,7 @@ def _bomb(kind: str, w: int, h: int) -> bytes:
 
 @st.composite
 def damaged_image(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(REAL_IMAGES)))
-    for _ in range(draw(st.integers(0, 6))):
-        kind = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]))
-        if not data:
-            break
-        i = draw(st.integers(0, len(data) - 1))
-        if kind == "flip":
-            data[i] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set":
-            data[i] = draw(st.sampled_from([0, 0xFF, 0x7F, 0x80]))
-        elif kind == "truncate":
-            del data[i:]
-        elif kind == "insert":
-            data[i:i] = draw(st.binary(min_size=1, max_size=8))
-        else:
-            del data[i:i + draw(st.integers(1, 8))]
-    return bytes(data)
+    return _damage(draw, bytearray(draw(st.sampled_from(REAL_IMAGES))), min_steps=0, max_steps=6, max_span=8)
 
 
 @FUZZ

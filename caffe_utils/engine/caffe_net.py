@@ -250,10 +250,9 @@ class CaffeNet:
         return OrderedDict((n, [tuple(b.data.shape) for b in bl]) for n, bl in self._net.params.items())
 
     def copy_from(self, weights: Union[str, Path]) -> None:
-        matched = netio.match_weights(self.param_shapes(), netio.read_caffemodel(weights), str(weights))
-        for name, arrays in matched.items():
-            for blob, arr in zip(self._net.params[name], arrays):
-                blob.data[...] = arr
+        targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items())
+        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+            pass
 
     def save(self, path: Union[str, Path]) -> None:
         netio.write_caffemodel(path, self.net_param,

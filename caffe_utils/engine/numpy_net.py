@@ -352,11 +352,9 @@ class Net:
 
     def copy_from(self, weights: Union[str, Path]) -> None:
         """Load parameters from a caffemodel, matching layers by name (as ``Net.copy_from``)."""
-        file_weights = netio.read_caffemodel(weights)
-        matched = netio.match_weights(self.param_shapes(), file_weights, str(weights))
-        for name, arrays in matched.items():
-            for blob, arr in zip(self.params[name], arrays):
-                blob.data[...] = arr
+        targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items())
+        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+            pass
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the net's parameters as a caffemodel (atomically)."""
