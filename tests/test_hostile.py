@@ -227,6 +227,12 @@ BROKEN_NETS = {
                                  "layer 'conv1'"),
     "four-channel input": (SMALL.replace("dim: 1 dim: 3 dim: 48", "dim: 1 dim: 4 dim: 48"), "4 channels"),
     "binary": ("\x00\x01\x02\xff", "not a text file"),
+    # 64 blobs of 2x16x6000x6000 floats (each under Caffe's INT_MAX elements): ~590 GB with diffs
+    "too big for memory": ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 '
+                           'dim: 6000 dim: 6000 } } }\n' + "".join(
+                               f'layer {{ name: "c{i}" type: "Convolution" bottom: "{"data" if i == 0 else f"c{i - 1}"}" '
+                               f'top: "c{i}" convolution_param {{ num_output: 16 kernel_size: 1 bias_term: false }} }}\n'
+                               for i in range(64)), "GiB"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from caffe_utils import netio
+from caffe_utils.engine.numpy_net import physical_memory
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 
@@ -184,6 +185,7 @@ class CaffeNet:
             self._net = caffe.Net(tmp, int(phase))
         finally:
             os.unlink(tmp)
+        self._check_memory()
         self._caffe_layer_index = {n: i for i, n in enumerate(self._net._layer_names)}
         # Caffe's own Split layers copy a blob read by several layers; restoring a blob's data
         # must restore those copies too
@@ -196,6 +198,19 @@ class CaffeNet:
         self.top_names = OrderedDict((lp.name, list(lp.top)) for lp in self.net_param.layer)
         if weights is not None:
             self.copy_from(weights)
+
+    def _check_memory(self) -> None:
+        """Refuse a net whose blobs and parameters (data and diff, float32) cannot fit in this
+        machine's RAM: Caffe allocates activations lazily and would abort the process mid-run."""
+        limit = physical_memory()
+        counts = [b.count for b in self._net.blobs.values()]
+        counts += [p.count for ps in self._net.params.values() for p in ps]
+        need = 8 * sum(counts)
+        if limit and need > limit:
+            big = max(self._net.blobs.items(), key=lambda kv: kv[1].count)
+            raise EngineError(f"the net's blobs need {need / 2 ** 30:.1f} GiB (the largest, '{big[0]}', has shape "
+                              f"{tuple(big[1].shape)}), more than this machine's "
+                              f"{limit / 2 ** 30:.1f} GiB; lower --batch-size or the net's input size")
 
     # pycaffe passthroughs
     @property
