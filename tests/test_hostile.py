@@ -435,8 +435,11 @@ def _slow_args(work: Path, out: Path) -> List[str]:
 @pytest.mark.parametrize("stage", ["loading images", "within-layer", "between-layer", "writing"])
 def test_signal_in_each_stage_leaves_no_partial_file(work, stage, sig):
     out = work / "out" / "init.caffemodel"
+    # as from a terminal: a job started in the background inherits SIGINT ignored, and Python
+    # (like any program) keeps it ignored
     proc = subprocess.Popen(_slow_args(work, out), stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=_env(), cwd=str(work))
+                            env=_env(), cwd=str(work),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.time() + 300
     try:
