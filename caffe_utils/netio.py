@@ -30,7 +30,7 @@ from google.protobuf import text_format
 
 from caffe_utils import wire
 from caffe_utils.errors import OutputError, PrototxtError, ShapeMismatchError, WeightsError
-from caffe_utils.outputs import temp_file_next_to
+from caffe_utils.outputs import atomic_file
 from caffe_utils.schema import caffe_pb2
 
 PathLike = Union[str, os.PathLike]
@@ -646,14 +646,15 @@ def _layer_without_blobs(layer) -> bytes:
     return stripped.SerializeToString()
 
 
-def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]]) -> None:
+def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]], atomic: bool = True) -> None:
     """Write a caffemodel: every layer of ``net`` (a NetParameter) with its blobs from ``params``.
 
     The file is what Caffe's ``Net::ToProto`` writes (full layer definitions plus blobs), so
     ``caffe.Net(prototxt, path, phase)`` and ``Net.copy_from`` load it. Each blob's floats are
-    written from the array's own buffer (no copy for C-contiguous float32 arrays). It is written
-    to a temporary file next to ``path`` and renamed, so an interrupted run never leaves a partial
-    file.
+    written from the array's own buffer (no copy for C-contiguous float32 arrays). With
+    ``atomic`` it is written to a temporary file next to ``path`` and renamed, so an interrupted
+    run never leaves a partial file; ``atomic=False`` is for a path from
+    :meth:`~caffe_utils.outputs.OutputSet.stage`, which is already such a temporary file.
     """
     dest = Path(path)
     parent = dest.parent if str(dest.parent) else Path(".")
@@ -665,42 +666,21 @@ def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarr
     missing = [n for n in params if n not in known]
     if missing:
         raise ValueError(f"parameters given for layers not in the net: {missing}")
-    try:
-        fd, tmp = temp_file_next_to(dest)
-    except OSError as exc:
-        raise OutputError(f"cannot write to '{parent}': {exc.strerror}; choose a writable -o path") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if net.name:
-                name = net.name.encode("utf-8")
-                fh.write(wire.len_prefix(1, len(name)) + name)
-            for layer in net.layer:
-                head = _layer_without_blobs(layer)
-                arrays = [wire.blob_array(a) for a in params.get(layer.name, ())]
-                headers = [wire.blob_header(a.shape, a.nbytes) for a in arrays]
-                sizes = [len(h) + a.nbytes for h, a in zip(headers, arrays)]
-                body_len = len(head) + sum(len(wire.len_prefix(7, n)) + n for n in sizes)
-                fh.write(wire.len_prefix(100, body_len))
-                fh.write(head)
-                for h, a, n in zip(headers, arrays, sizes):
-                    fh.write(wire.len_prefix(7, n) + h)
-                    fh.write(memoryview(a.reshape(-1)).cast("B"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise OutputError(f"cannot write '{dest}': {exc.strerror}; free space or choose another -o path") from exc
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    with atomic_file(dest, "wb", atomic=atomic, fix="free space or choose a writable -o path") as fh:
+        if net.name:
+            name = net.name.encode("utf-8")
+            fh.write(wire.len_prefix(1, len(name)) + name)
+        for layer in net.layer:
+            head = _layer_without_blobs(layer)
+            arrays = [wire.blob_array(a) for a in params.get(layer.name, ())]
+            headers = [wire.blob_header(a.shape, a.nbytes) for a in arrays]
+            sizes = [len(h) + a.nbytes for h, a in zip(headers, arrays)]
+            body_len = len(head) + sum(len(wire.len_prefix(7, n)) + n for n in sizes)
+            fh.write(wire.len_prefix(100, body_len))
+            fh.write(head)
+            for h, a, n in zip(headers, arrays, sizes):
+                fh.write(wire.len_prefix(7, n) + h)
+                fh.write(memoryview(a.reshape(-1)).cast("B"))
 
 
 # ----------------------------------------------------------------------------- mean file

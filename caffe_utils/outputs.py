@@ -1,4 +1,5 @@
-"""Output files that appear together, completely, or not at all.
+"""Output files that appear completely or not at all: one file (:func:`atomic_file`) or several
+together (:class:`OutputSet`).
 
 A run writes up to three files (the caffemodel, the JSON report, the plot). Each is first written
 to a hidden temporary file next to its destination; only when all are complete does
@@ -6,6 +7,8 @@ to a hidden temporary file next to its destination; only when all are complete d
 those few renames. Any exception, Ctrl-C included, before the commit removes the temporary files,
 so an interrupted or failed run (disk full, killed by a signal that Python sees) leaves neither a
 partial file nor a stray temporary one; existing files at the destinations stay as they were.
+The same signals are also held while a temporary file is created and registered for removal, so
+a signal arriving between the two cannot orphan it.
 
 Limits: SIGKILL and power loss cannot be handled; they may leave a ``.NAME.*.part`` temporary file
 (never a partial file under the destination name). Renames are atomic only within one file system,
@@ -13,11 +16,12 @@ which holds because each temporary file lives in its destination's folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import IO, Iterator, List, Tuple
 
 from caffe_utils.errors import OutputError
 
@@ -41,6 +45,69 @@ def temp_file_next_to(dest: "os.PathLike[str] | str", suffix: str = ".part") -> 
     return fd, tmp
 
 
+@contextlib.contextmanager
+def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool = True,
+                fix: str = "free some space or choose another path") -> Iterator[IO]:
+    """Open a file object for writing ``dest`` completely or not at all.
+
+    With ``atomic`` the data go to a hidden temporary file next to ``dest``, which is flushed to
+    disk and renamed onto ``dest`` when the block ends normally and removed when it ends with any
+    exception (Ctrl-C included). ``atomic=False`` writes ``dest`` itself: for a path that
+    :meth:`OutputSet.stage` returned, whose set already does the renaming and the cleanup.
+    An OSError (disk full, no permission) becomes an :class:`OutputError` naming ``dest`` and
+    ending with ``fix``.
+    """
+    target = Path(dest)
+
+    def failure(exc: OSError) -> OutputError:
+        return OutputError(f"cannot write '{target}' ({exc.strerror or exc}); {fix}")
+
+    if not atomic:
+        try:
+            fh = open(target, mode)
+        except OSError as exc:
+            raise failure(exc) from exc
+        try:
+            with fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise failure(exc) from exc
+        return
+    hold = _SignalHold()  # a signal between creating the file and the try below would orphan it
+    try:
+        try:
+            fd, tmp = temp_file_next_to(target)
+        except OSError as exc:
+            raise failure(exc) from exc
+        try:
+            with os.fdopen(fd, mode) as fh:
+                hold.release()
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException as exc:
+            cleanup = _SignalHold()
+            try:
+                _unlink_quietly(tmp)
+            finally:
+                cleanup.release()
+            if isinstance(exc, OSError):
+                raise failure(exc) from exc
+            raise
+    finally:
+        hold.release()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class OutputSet:
     """Temporary paths for several outputs, renamed into place together by :meth:`commit`.
 
@@ -60,18 +127,22 @@ class OutputSet:
         """A new temporary file next to ``dest`` (with ``dest``'s suffix) to write the output into."""
         target = Path(dest)
         parent = target.parent if str(target.parent) else Path(".")
+        hold = _SignalHold()  # a signal between creating and registering would orphan the file
         try:
-            fd, tmp = temp_file_next_to(target, f".part{target.suffix}")
-        except OSError as exc:
-            raise OutputError(f"cannot create a file in '{parent}' ({exc.strerror}); choose a writable "
-                              f"folder for '{target}'") from exc
-        os.close(fd)
-        self._staged.append((tmp, target))
+            try:
+                fd, tmp = temp_file_next_to(target, f".part{target.suffix}")
+            except OSError as exc:
+                raise OutputError(f"cannot create a file in '{parent}' ({exc.strerror}); choose a writable "
+                                  f"folder for '{target}'") from exc
+            os.close(fd)
+            self._staged.append((tmp, target))
+        finally:
+            hold.release()
         return tmp
 
     def commit(self) -> None:
         """Rename every staged file to its destination, with interrupting signals held back."""
-        held = _block_signals()
+        hold = _SignalHold()
         try:
             for tmp, dest in self._staged:
                 try:
@@ -81,16 +152,17 @@ class OutputSet:
             self._staged = []
             self.committed = True
         finally:
-            _unblock_signals(held)
+            hold.release()
 
     def discard(self) -> None:
         """Remove the temporary files not yet committed."""
-        for tmp, _ in self._staged:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self._staged = []
+        hold = _SignalHold()  # a second Ctrl-C must not cut the cleanup short
+        try:
+            for tmp, _ in self._staged:
+                _unlink_quietly(tmp)
+            self._staged = []
+        finally:
+            hold.release()
 
     def __enter__(self) -> "OutputSet":
         return self
@@ -99,13 +171,44 @@ class OutputSet:
         self.discard()
 
 
-def _block_signals() -> Optional[set]:
-    try:
-        return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    except (AttributeError, OSError, ValueError):  # platforms without pthread_sigmask
-        return None
+class _SignalHold:
+    """Defer SIGINT, SIGTERM and SIGHUP while a few file operations must not be split.
 
+    A signal mask would not do: the kernel hands a process-directed signal to any thread that
+    does not block it (BLAS and OpenMP threads included), and Python then runs the handler in the
+    main thread all the same. So the Python handlers are swapped for one that only records the
+    signal; :meth:`release` puts the old handlers back and raises the first recorded signal again,
+    which the old handler then treats as it would have (KeyboardInterrupt, the pipeline's
+    Interrupted, the default action). Outside the main thread nothing is deferred.
+    """
 
-def _unblock_signals(previous: Optional[set]) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    def __init__(self) -> None:
+        self._saved: dict = {}
+        self._pending: List[int] = []
+        try:
+            for sig in sorted(_HELD_SIGNALS):
+                old = signal.getsignal(sig)
+                if old is None:  # installed outside Python: cannot be restored, leave it
+                    continue
+                signal.signal(sig, self._record)
+                self._saved[sig] = old
+        except ValueError:  # not the main thread
+            self._restore()
+        except BaseException:  # a signal came while the handlers were being swapped
+            self._restore()
+            raise
+
+    def _restore(self) -> None:
+        saved, self._saved = self._saved, {}
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+    def _record(self, signum: int, frame) -> None:
+        self._pending.append(signum)
+
+    def release(self) -> None:
+        """Restore the handlers and deliver a signal that came meanwhile (idempotent)."""
+        self._restore()
+        pending, self._pending = self._pending, []
+        if pending:
+            signal.raise_signal(pending[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine import open_net, resolve_engine
 from caffe_utils.errors import DataError, OutputError
-from caffe_utils.outputs import OutputSet, temp_file_next_to
+from caffe_utils.outputs import OutputSet, atomic_file
 
 MIN_IMAGES = 2
 
@@ -70,13 +69,13 @@ def _check_target(path: str, option: str) -> Path:
         raise OutputError(f"{option} '{out}': '{parent}' is a file, not a folder; choose another {option} path")
     if not parent.is_dir():
         raise OutputError(f"{option} folder '{parent}' does not exist; create it or choose another {option} path")
-    try:  # the output is renamed into place from a file next to it: that file must be creatable
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=str(parent))
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"{option} folder '{parent}' is not writable ({exc.strerror}); "
-                          f"choose another {option} path") from exc
+    # the output is renamed into place from a file next to it: that file must be creatable
+    with OutputSet() as probe:
+        try:
+            probe.stage(out)
+        except OutputError as exc:
+            raise OutputError(f"{option} folder '{parent}' is not writable ({getattr(exc.__cause__, 'strerror', None) or exc}); "
+                              f"choose another {option} path") from exc
     return out
 
 
@@ -163,20 +162,20 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     with (outputs if outputs is not None else OutputSet()) as outs:
         if progress:
             progress("writing", 0, 1)
-        netio.write_caffemodel(outs.stage(cfg.output), net_param, params)
+        netio.write_caffemodel(outs.stage(cfg.output), net_param, params, atomic=False)
         if cfg.report:
             write_json_atomic(outs.stage(cfg.report), {
                 "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
                 "options": {k: getattr(cfg, k) for k in ("init", "within", "between", "beta", "iterations",
                                                          "damping", "seed")},
-                **report.to_dict()})
+                **report.to_dict()}, atomic=False)
         if cfg.plot:
             from caffe_utils.plots import plot_rates
             plot_rates([("before", {l.name: l.rate_before for l in report.layers},
                          {l.name: l.cv_before for l in report.layers}),
                         ("after", {l.name: l.rate_after for l in report.layers},
                          {l.name: l.cv_after for l in report.layers})], outs.stage(cfg.plot),
-                       title=Path(cfg.prototxt).name)
+                       title=Path(cfg.prototxt).name, atomic=False)
         outs.commit()
         if progress:
             progress("writing", 1, 1)
@@ -316,42 +315,16 @@ def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     old = dest.read_text() if dest.exists() else "\t".join(header) + "\n"
-    fd, tmp = temp_file_next_to(dest)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(old + "\t".join(row) + "\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest, "w") as fh:
+        fh.write(old + "\t".join(row) + "\n")
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file; OutputError when that fails."""
-    dest = Path(path)
-    try:
-        fd, tmp = temp_file_next_to(dest)
-    except OSError as exc:
-        raise OutputError(f"cannot write '{dest}' ({exc.strerror}); choose a writable folder") from exc
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write '{dest}' ({exc.strerror}); free some space or choose another path") from exc
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def write_json_atomic(path: str, obj, atomic: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file; OutputError when that fails.
+
+    ``atomic=False`` writes ``path`` directly (a path from :meth:`OutputSet.stage`)."""
+    with atomic_file(path, "w", atomic=atomic) as fh:
+        json.dump(obj, fh, indent=2)
 
 
 def _fmt(v: float, spec: str = ".3g") -> str:

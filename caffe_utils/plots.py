@@ -2,26 +2,28 @@
 variation within each layer (b), one line per model, layers on the x axis, log scale.
 
 Needs matplotlib (``pip install -e .[plot]``); without it :func:`plot_rates` raises
-:class:`~caffe_utils.errors.MagicInitError` saying so. Writes the PNG atomically.
+:class:`~caffe_utils.errors.MagicInitError` saying so. Writes the PNG atomically
+(an :class:`~caffe_utils.errors.OutputError` when it cannot).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 from caffe_utils.errors import MagicInitError
-from caffe_utils.outputs import temp_file_next_to
+from caffe_utils.outputs import atomic_file
 
 Series = Tuple[str, Dict[str, float], Dict[str, float]]  # (label, rate per layer, CV per layer)
 
 
 class PlotError(MagicInitError):
-    """matplotlib is missing or the figure cannot be written."""
+    """matplotlib is missing or the plot's folder does not exist."""
 
 
-def plot_rates(series: Sequence[Series], path: str, title: str = "") -> None:
-    """Draw (a) change rate and (b) its coefficient of variation per layer for each series."""
+def plot_rates(series: Sequence[Series], path: str, title: str = "", atomic: bool = True) -> None:
+    """Draw (a) change rate and (b) its coefficient of variation per layer for each series.
+
+    ``atomic=False`` writes ``path`` directly (a path from :meth:`OutputSet.stage`)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -49,17 +51,7 @@ def plot_rates(series: Sequence[Series], path: str, title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     try:
-        fd, tmp = temp_file_next_to(dest, ".png")
-    except OSError as exc:
-        plt.close(fig)
-        raise PlotError(f"cannot write the plot '{dest}': {exc.strerror}; choose another --plot path") from exc
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        raise PlotError(f"cannot write the plot '{dest}': {exc.strerror}; choose another --plot path") from exc
+        with atomic_file(dest, "wb", atomic=atomic, fix="choose another --plot path") as fh:
+            fig.savefig(fh, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
