@@ -50,11 +50,33 @@ def weight_columns(lp, w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
+_SQ_CHUNK = 1 << 14
+
+
 def sq(a: np.ndarray) -> float:
-    """Sum of squares, accumulated in float64 without a float64 copy of ``a`` (einsum casts
-    through a small buffer: a VGG16 fc6 would otherwise take 822 MB more)."""
+    """Sum of squares without a float64 copy of ``a`` (a VGG16 fc6 would take 822 MB more):
+    float32 sums of squares over rows of 16384 values, summed in float64. A float32 chunk sum is off
+    by at most ~1e-7 * sqrt(16384) relative; the float64 sum of the chunks adds nothing to that.
+    2.6 times faster here than einsum's float64 casting loop (CaffeNet fc6: 16 ms against 43 ms)."""
     flat = np.asarray(a).reshape(-1)
-    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    if flat.dtype != np.float32:
+        return float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+    n = flat.shape[0]
+    if n <= _SQ_CHUNK:
+        return float(np.dot(flat, flat))
+    whole = n - n % _SQ_CHUNK
+    rows = flat[:whole].reshape(-1, _SQ_CHUNK)
+    total = float(np.einsum("ij,ij->i", rows, rows).astype(np.float64).sum())
+    if whole < n:
+        tail = flat[whole:]
+        total += float(np.dot(tail, tail))
+    return total
+
+
+def column_energies(w: np.ndarray) -> np.ndarray:
+    """Sum of squares of each column of the 2-D ``w``, in float64 (summed in float32 by einsum's
+    vector loop: 2.5 times faster than summing in float64, off by ~1e-7 relative)."""
+    return np.einsum("ij,ij->j", w, w).astype(np.float64)
 
 
 def channel_stats(top: np.ndarray, valid: int):
@@ -131,7 +153,7 @@ def measure(net, input_name: str, images: np.ndarray, seed: int = 0,
             counted += valid
             for lp in lps:
                 d = weight_columns(lp, net.params[lp.name][0].diff)
-                cols = np.einsum("ij,ij->j", d, d, dtype=np.float64)
+                cols = column_energies(d)
                 grad2[lp.name] += float(cols.sum())
                 col2[lp.name] = cols if col2[lp.name] is None else col2[lp.name] + cols
     finally:

@@ -118,6 +118,42 @@ def test_data_driven_weights_whiten():
     np.testing.assert_allclose(np.linalg.norm(wr, axis=1), 1.0, rtol=1e-6)
 
 
+def _kmeans_naive(xw, centers, iters, rng):
+    """Spherical k-means written as plainly as possible: the oracle for magic.spherical_kmeans."""
+    m, d = xw.shape
+    k = centers.shape[1]
+    c = centers.astype(np.float64).copy()
+    for _ in range(iters):
+        new = np.zeros((d, k))
+        for i in range(m):
+            dots = [float(np.dot(xw[i], c[:, j])) for j in range(k)]
+            j = int(np.argmax(np.abs(dots)))
+            new[:, j] += dots[j] * xw[i]
+        empty = [j for j in range(k) if np.linalg.norm(new[:, j]) < 1e-12]
+        if empty:
+            picks = rng.choice(m, len(empty), replace=m < len(empty))
+            for j, i in zip(empty, picks):
+                new[:, j] = xw[i]
+        c = new + c
+        c /= np.linalg.norm(c, axis=0, keepdims=True) + 1e-12
+    return c
+
+
+@pytest.mark.parametrize("m,k", [(400, 7), (30, 50)])  # the second leaves centres empty
+def test_spherical_kmeans_matches_naive_loop(m, k):
+    rng = np.random.RandomState(3)
+    d = 9
+    xw = rng.standard_normal((m, d)).astype(np.float32)
+    xw[: m // 2] += 4 * rng.standard_normal(d).astype(np.float32)  # a cluster
+    xw /= np.linalg.norm(xw, axis=1, keepdims=True)
+    c0 = rng.standard_normal((d, k)).astype(np.float32)
+    c0 /= np.linalg.norm(c0, axis=0, keepdims=True)
+    fast = magic.spherical_kmeans(xw, c0.copy(), 6, np.random.RandomState(5))
+    slow = _kmeans_naive(xw, c0, 6, np.random.RandomState(5))
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=2e-5)
+    assert np.allclose(np.linalg.norm(fast, axis=0), 1.0, atol=1e-5)
+
+
 def test_too_few_patches_falls_back_to_gaussian(small, photos, tmp_path):
     net = SMALL.replace("num_output: 12 kernel_size: 5 stride: 2", "num_output: 12 kernel_size: 5 stride: 20")
     p = tmp_path / "sparse.prototxt"

@@ -15,6 +15,7 @@ to pycaffe; asking the numpy engine for a GPU is an error.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -23,6 +24,14 @@ from caffe_utils.errors import EngineError
 from caffe_utils.schema import pycaffe_importable
 
 ENGINES = ("auto", "numpy", "caffe")
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes (0 when the platform does not tell: no limit)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def set_data(net, name: str, data) -> None:

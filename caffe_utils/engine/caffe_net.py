@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from caffe_utils import netio
-from caffe_utils.engine.numpy_net import physical_memory
+from caffe_utils.engine import physical_memory
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 

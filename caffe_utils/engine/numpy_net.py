@@ -26,7 +26,6 @@ blob over Caffe's 2^31-1 elements, is refused while building, naming the layer.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,6 +33,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from caffe_utils import netio
+from caffe_utils.engine import physical_memory
 from caffe_utils.errors import PrototxtError
 from caffe_utils.fillers import fill
 from caffe_utils.layers import create_layer
@@ -52,14 +52,6 @@ _FILLERS = {
 }
 # Caffe's defaults when the filler is not given at all
 _DEFAULT_FILL = {("PReLU", 0): 0.25, ("Scale", 0): 1.0}
-
-
-def physical_memory() -> int:
-    """This machine's RAM in bytes (0 when the platform does not tell: no limit)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, OSError, ValueError):
-        return 0
 
 
 class _TopView:
