@@ -17,7 +17,7 @@ import click
 from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive, seed_range,
                                   signal_name, signals_as_interrupts)
 from caffe_utils.magic import INIT_TYPES
-from caffe_utils.pipeline import MIN_IMAGES
+from caffe_utils.pipeline import MIN_IMAGES, RunConfig
 
 ENGINES = ("auto", "numpy", "caffe")
 PROG = "magic_init.py"
@@ -55,36 +55,36 @@ class _Progress:
 @click.option("-d", "--data", help="Images: a glob, a folder, a Caffe image list or an LMDB "
               "[default: the source of the net's data layer].")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), help="Root folder for image-list paths.")
-@click.option("-n", "--images", default=160, show_default=True, type=int, callback=positive,
+@click.option("-n", "--images", default=RunConfig.images, show_default=True, type=int, callback=positive,
               help="Number of sample images; with fewer usable ones (at least "
                    f"{MIN_IMAGES}) they are reused with other random crops and a warning.")
-@click.option("--batch-size", default=16, show_default=True, type=int, callback=positive)
+@click.option("--batch-size", default=RunConfig.batch_size, show_default=True, type=int, callback=positive)
 @click.option("--mean", default=None, help="Mean to subtract: 'B,G,R' values or a .binaryproto "
               "[default: the data layer's, else 104,117,123].")
 @click.option("--scale", default=None, type=float, help="Multiply inputs by this after mean subtraction "
               "[default: the data layer's, else 1].")
 @click.option("--resize", default=None, type=int, callback=positive,
               help="Resize images to this square size before cropping [default: 256 or the crop size].")
-@click.option("-t", "--init", "init", default="kmeans", show_default=True, type=click.Choice(INIT_TYPES),
+@click.option("-t", "--init", "init", default=RunConfig.init, show_default=True, type=click.Choice(INIT_TYPES),
               help="Weight initialization (pca/zca/kmeans/rand for convolutions; others use gaussian).")
 @click.option("--no-within", is_flag=True, help="Skip the within-layer normalization.")
 @click.option("--no-between", is_flag=True, help="Skip the between-layer scale adjustment.")
-@click.option("--beta", default=0.1, show_default=True, type=float, help="Mean of every output channel.")
-@click.option("--iterations", default=10, show_default=True, type=int, callback=non_negative,
+@click.option("--beta", default=RunConfig.beta, show_default=True, type=float, help="Mean of every output channel.")
+@click.option("--iterations", default=RunConfig.iterations, show_default=True, type=int, callback=non_negative,
               help="Between-layer iterations (stops early when every rate is within 1%).")
-@click.option("--damping", default=0.5, show_default=True, type=float, callback=damping_range,
+@click.option("--damping", default=RunConfig.damping, show_default=True, type=float, callback=damping_range,
               help="Between-layer damping alpha: each round moves every layer's log change rate this "
                    "fraction of the way to the common target (1 = one full step).")
 @click.option("--zero-classifier", is_flag=True, help="Set the last affine layer to zero (paper 4.5).")
 @click.option("--reinit", multiple=True, metavar="LAYER", help="Re-initialize this layer even if it has weights.")
 @click.option("--reinit-all", is_flag=True, help="Re-initialize every layer.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINES),
+@click.option("--engine", default=RunConfig.engine, show_default=True, type=click.Choice(ENGINES),
               help="auto: pycaffe when importable, else the built-in numpy engine.")
 @click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only).")
-@click.option("--seed", default=0, show_default=True, type=int, callback=seed_range,
+@click.option("--seed", default=RunConfig.seed, show_default=True, type=int, callback=seed_range,
               help="Random seed: same seed, inputs and engine give a bit-identical output.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--mem-limit", default=1024, show_default=True, type=int, callback=positive,
+@click.option("--mem-limit", default=RunConfig.mem_limit_mb, show_default=True, type=int, callback=positive,
               help="MB of cached activations and patches.")
 @click.option("--force", is_flag=True, help="Allow the output to replace the input weights.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),

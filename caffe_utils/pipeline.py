@@ -23,30 +23,32 @@ MIN_IMAGES = 2
 
 @dataclass
 class RunConfig:
+    """One ``magic_init.py`` run. The algorithm's defaults are :class:`magic.InitOptions`'s; the
+    CLI shows these (one source for every default)."""
     prototxt: str
     output: str
     weights: Optional[str] = None
     data: Optional[str] = None
     root: Optional[str] = None
     images: int = 160
-    batch_size: int = 16
+    batch_size: int = magic.InitOptions.batch_size
     mean: Optional[str] = None
     scale: Optional[float] = None
     resize: Optional[int] = None
-    init: str = "kmeans"
+    init: str = magic.InitOptions.init
     within: bool = True
     between: bool = True
-    beta: float = 0.1
-    iterations: int = 10
-    damping: float = 0.5
+    beta: float = magic.InitOptions.beta
+    iterations: int = magic.InitOptions.iterations
+    damping: float = magic.InitOptions.damping
     zero_classifier: bool = False
     reinit: Sequence[str] = ()
     reinit_all: bool = False
     engine: str = "auto"
     gpu: Optional[int] = None
-    seed: int = 0
+    seed: int = magic.InitOptions.seed
     report: Optional[str] = None
-    mem_limit_mb: int = 1024
+    mem_limit_mb: int = magic.InitOptions.mem_limit >> 20
     force: bool = False
     plot: Optional[str] = None
 
@@ -189,14 +191,14 @@ class MeasureConfig:
     weights: Sequence[str]
     data: Optional[str] = None
     root: Optional[str] = None
-    images: int = 160
-    batch_size: int = 16
+    images: int = RunConfig.images
+    batch_size: int = RunConfig.batch_size
     mean: Optional[str] = None
     scale: Optional[float] = None
     resize: Optional[int] = None
-    engine: str = "auto"
+    engine: str = RunConfig.engine
     gpu: Optional[int] = None
-    seed: int = 0
+    seed: int = RunConfig.seed
 
 
 @dataclass

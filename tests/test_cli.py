@@ -16,6 +16,28 @@ def test_help_documents_options_and_defaults():
         assert text in res.output, text
 
 
+def test_cli_defaults_are_the_algorithms(small, photos, tmp_path):
+    """What --help promises is what the library runs with: the options that the CLI passes on
+    without being given (as the report records them) equal magic.InitOptions' defaults."""
+    import json
+    import re
+
+    from caffe_utils import magic
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "d.caffemodel"), "-d", photos, "-n", "8",
+                                   "--engine", "numpy", "-q", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    used, ref = json.loads(report.read_text())["options"], magic.InitOptions()
+    for name in ("init", "within", "between", "beta", "iterations", "damping", "seed"):
+        assert used[name] == getattr(ref, name), name
+    shown = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+    for option, value in (("--beta", ref.beta), ("--iterations", ref.iterations), ("--damping", ref.damping),
+                          ("--batch-size", ref.batch_size), ("--init", ref.init), ("--seed", ref.seed),
+                          ("--mem-limit", ref.mem_limit >> 20)):
+        m = re.search(re.escape(option) + r"\b.*?\[default: ([^\]]+)\]", shown)
+        assert m and m.group(1) == str(value), (option, m and m.group(1))
+
+
 def test_run_writes_model_and_table(small, photos, tmp_path):
     out = tmp_path / "init.caffemodel"
     res = CliRunner().invoke(cli, [str(small), "-o", str(out), "-d", photos, "-n", "8", "--batch-size", "4",
