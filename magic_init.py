@@ -17,9 +17,9 @@ import click
 from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive, seed_range,
                                   signal_name, signals_as_interrupts)
 from caffe_utils.magic import INIT_TYPES
+from caffe_utils.engine import ENGINES
 from caffe_utils.pipeline import MIN_IMAGES, RunConfig
 
-ENGINES = ("auto", "numpy", "caffe")
 PROG = "magic_init.py"
 
 

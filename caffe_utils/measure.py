@@ -60,7 +60,8 @@ def sq(a: np.ndarray) -> float:
     2.6 times faster here than einsum's float64 casting loop (CaffeNet fc6: 16 ms against 43 ms)."""
     flat = np.asarray(a).reshape(-1)
     if flat.dtype != np.float32:
-        return float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+        x = flat.astype(np.float64, copy=False)
+        return float(np.dot(x, x))
     n = flat.shape[0]
     if n <= _SQ_CHUNK:
         return float(np.dot(flat, flat))
