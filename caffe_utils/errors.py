@@ -36,4 +36,9 @@ class DataError(MagicInitError):
 
 
 class OutputError(MagicInitError):
-    """The output file cannot be written."""
+    """The output file cannot be written; ``reason`` is the system's word for why (e.g.
+    "Permission denied") when there is one, so a caller can phrase its own message."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason

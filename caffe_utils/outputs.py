@@ -60,7 +60,8 @@ def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool =
     target = Path(dest)
 
     def failure(exc: OSError) -> OutputError:
-        return OutputError(f"cannot write '{target}' ({exc.strerror or exc}); {fix}")
+        return OutputError(f"cannot write '{target}' ({exc.strerror or exc}); {fix}",
+                           reason=exc.strerror or str(exc))
 
     if not atomic:
         try:
@@ -89,11 +90,8 @@ def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool =
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
         except BaseException as exc:
-            cleanup = _SignalHold()
-            try:
+            with _SignalHold():
                 _unlink_quietly(tmp)
-            finally:
-                cleanup.release()
             if isinstance(exc, OSError):
                 raise failure(exc) from exc
             raise
@@ -127,42 +125,34 @@ class OutputSet:
         """A new temporary file next to ``dest`` (with ``dest``'s suffix) to write the output into."""
         target = Path(dest)
         parent = target.parent if str(target.parent) else Path(".")
-        hold = _SignalHold()  # a signal between creating and registering would orphan the file
-        try:
+        with _SignalHold():  # a signal between creating and registering would orphan the file
             try:
                 fd, tmp = temp_file_next_to(target, f".part{target.suffix}")
             except OSError as exc:
                 raise OutputError(f"cannot create a file in '{parent}' ({exc.strerror}); choose a writable "
-                                  f"folder for '{target}'") from exc
+                                  f"folder for '{target}'", reason=exc.strerror or str(exc)) from exc
             os.close(fd)
             self._staged.append((tmp, target))
-        finally:
-            hold.release()
         return tmp
 
     def commit(self) -> None:
         """Rename every staged file to its destination, with interrupting signals held back."""
-        hold = _SignalHold()
-        try:
+        with _SignalHold():
             for tmp, dest in self._staged:
                 try:
                     os.replace(tmp, dest)
                 except OSError as exc:
-                    raise OutputError(f"cannot write '{dest}' ({exc.strerror}); choose another path") from exc
+                    raise OutputError(f"cannot write '{dest}' ({exc.strerror}); choose another path",
+                                      reason=exc.strerror or str(exc)) from exc
             self._staged = []
             self.committed = True
-        finally:
-            hold.release()
 
     def discard(self) -> None:
         """Remove the temporary files not yet committed."""
-        hold = _SignalHold()  # a second Ctrl-C must not cut the cleanup short
-        try:
+        with _SignalHold():  # a second Ctrl-C must not cut the cleanup short
             for tmp, _ in self._staged:
                 _unlink_quietly(tmp)
             self._staged = []
-        finally:
-            hold.release()
 
     def __enter__(self) -> "OutputSet":
         return self
@@ -212,3 +202,9 @@ class _SignalHold:
         pending, self._pending = self._pending, []
         if pending:
             signal.raise_signal(pending[0])
+
+    def __enter__(self) -> "_SignalHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -76,8 +76,8 @@ def _check_target(path: str, option: str) -> Path:
         try:
             probe.stage(out)
         except OutputError as exc:
-            raise OutputError(f"{option} folder '{parent}' is not writable ({getattr(exc.__cause__, 'strerror', None) or exc}); "
-                              f"choose another {option} path") from exc
+            raise OutputError(f"{option} folder '{parent}' is not writable ({exc.reason or exc}); "
+                              f"choose another {option} path", reason=exc.reason) from exc
     return out
 
 
