@@ -141,6 +141,18 @@ def opencv_doc_photos() -> List[Path]:
     return sorted(data)
 
 
+def held_out_split(folder: Path) -> Dict[str, Path]:
+    """Caffe image lists in ``folder`` that split the opencv-doc and scikit-image photos in two:
+    ``init`` (every other photo, from the first) to initialize from and ``held_out`` (the rest)
+    to measure on, so that no measured photo was seen by the initialization."""
+    photos = opencv_doc_photos() + skimage_photos()
+    lists = {}
+    for name, part in (("init", photos[0::2]), ("held_out", photos[1::2])):
+        lists[name] = Path(folder) / f"{name}.txt"
+        lists[name].write_text("".join(f"{p} 0\n" for p in part))
+    return lists
+
+
 def fashion_mnist() -> Dict[str, np.ndarray]:
     """Debian's ``dataset-fashion-mnist``: ``train_images`` (60000, 28, 28) uint8, ``train_labels``,
     ``test_images`` (10000, 28, 28), ``test_labels`` (uint8 class ids 0-9)."""

@@ -102,6 +102,8 @@ class InitReport:
     converged: bool = False
     flatness_before: float = float("nan")
     flatness_after: float = float("nan")
+    #: the fixed batch's flatness after each between-layer round (the last one is flatness_after)
+    flatness_rounds: List[float] = field(default_factory=list)
     inexact_layers: List[str] = field(default_factory=list)
     pinned_layers: List[str] = field(default_factory=list)
     output_deviation: Optional[float] = None
@@ -779,6 +781,7 @@ def _between(net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions, 
             scaling.apply_scales(net, plan, {g: math.exp(r) for g, r in rho.items()}, degrees)
             rates, cvs, degrees = _measure(net, affine_lps, eta, degree_layers=degree_layers)
             rates = {n: r * kappa[n] for n, r in rates.items()}
+            report.flatness_rounds.append(_flatness(rates))
         else:
             target = _target(plan, rates, degrees, _energies(net, plan, lps))
             report.converged = all(abs(r / target - 1) <= opts.tolerance

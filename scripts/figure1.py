@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv=None) -> int:
     from caffe_utils import magic, netio
-    from caffe_utils.datasets import opencv_doc_photos, skimage_photos
+    from caffe_utils.datasets import held_out_split
     from caffe_utils.engine.numpy_net import Net
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import (MeasureConfig, RunConfig, format_measurement, measure_models, run,
@@ -45,13 +45,9 @@ def main(argv=None) -> int:
     deploy = ROOT / "models" / "caffenet" / "deploy.prototxt"
     train_val = ROOT / "models" / "caffenet" / "train_val.prototxt"
     try:
-        photos = opencv_doc_photos() + skimage_photos()
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            lists = {}
-            for name, part in (("init", photos[0::2]), ("held_out", photos[1::2])):
-                lists[name] = tmp / f"{name}.txt"
-                lists[name].write_text("".join(f"{p} 0\n" for p in part))
+            lists = held_out_split(tmp)
             models = {}
             t0 = time.perf_counter()
             # (1) Caffe's hand-tuned fillers, drawn by the numpy engine from train_val's filler specs

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from caffe_utils import images, magic, measure, netio
-from caffe_utils.datasets import opencv_doc_photos, skimage_photos
+from caffe_utils.datasets import held_out_split, opencv_doc_photos, skimage_photos
 from caffe_utils.engine.caffe_net import CaffeNet
 from caffe_utils.pipeline import RunConfig, run
 
@@ -27,14 +27,8 @@ HELD_OUT = {"caffenet": 160, "googlenet": 160, "vgg16": 64}
 
 @pytest.fixture(scope="module")
 def split_photos(tmp_path_factory):
-    photos = opencv_doc_photos() + skimage_photos()
-    assert len(photos) >= 100
-    lists = {}
-    root = tmp_path_factory.mktemp("photos")
-    for name, part in (("init", photos[0::2]), ("held_out", photos[1::2])):
-        lists[name] = root / f"{name}.txt"
-        lists[name].write_text("".join(f"{p} 0\n" for p in part))
-    return lists
+    assert len(opencv_doc_photos() + skimage_photos()) >= 100
+    return held_out_split(tmp_path_factory.mktemp("photos"))
 
 
 def _sample(prototxt, source, n, seed):

@@ -52,6 +52,9 @@ def test_between_layer_flattens_change_rates(small, photos, tmp_path):
                         batch_size=8, init="kmeans", iterations=30, engine="numpy"))
     rep = res.report
     assert rep.flatness_after < rep.flatness_before / 10
+    # one flatness per round run; the last is the final one
+    assert len(rep.flatness_rounds) == rep.iterations >= 1
+    assert rep.flatness_rounds[-1] == rep.flatness_after
     assert rep.pinned_layers == ["fc2"]
     for l in rep.layers:
         assert np.isfinite(l.rate_before) and np.isfinite(l.rate_after)

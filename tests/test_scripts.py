@@ -32,6 +32,22 @@ def test_figure1_reduced(tmp_path, capsys):
     assert "flatness (max/min change rate)" in capsys.readouterr().out
 
 
+def test_damping_sweep_reduced(capsys):
+    assert _script("damping_sweep").main(["--reduced", "--engine", "numpy", "--damping", "0.5", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0.5"], ["1"])]
+    assert [r[0] for r in rows] == ["0.5", "1"]
+    for r in rows:
+        assert r[1] == "2" or r[2] == "yes"       # two rounds, unless the 1% stop came first
+        before, after, held = float(r[4]), float(r[6]), float(r[7])
+        assert after < before / 10 and held < before / 10
+    # the flatness of every round is listed; a full step flattens more in one round than alpha 0.5
+    per_round = [[float(x) for x in line.split(":")[1].split()] for line in out.splitlines()
+                 if "after each round" in line]
+    assert len(per_round) == 2 and all(len(p) == 2 for p in per_round)
+    assert per_round[1][0] < per_round[0][0]
+
+
 def _tiny_voc(root: Path, n_trainval=8, n_test=4):
     """A VOC2007 folder layout built from real photos, with made-up class annotations."""
     from PIL import Image
