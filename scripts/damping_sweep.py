@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from caffe_utils import measure
     from caffe_utils.datasets import held_out_split
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import MeasureConfig, RunConfig, measure_models, run
@@ -50,7 +49,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 res = run(RunConfig(prototxt=args.net, output=str(out), data=str(lists["init"]), images=n,
                                     engine=args.engine, seed=args.seed, iterations=rounds, damping=alpha))
-                results.append((alpha, res.report, time.perf_counter() - t0, out, res.engine))
+                results.append((alpha, res.report, time.perf_counter() - t0, out))
+                init_engine = res.engine
                 print(f"initialized with damping {alpha} ({results[-1][2]:.1f} s)", file=sys.stderr)
             stats, used, engine = measure_models(MeasureConfig(
                 prototxt=args.net, weights=[str(r[3]) for r in results], data=str(lists["held_out"]),
@@ -59,12 +59,11 @@ def main(argv=None) -> int:
         print(f"damping_sweep: {exc}", file=sys.stderr)
         return 1
     print(f"{Path(args.net).parent.name}: {n} initialization crops, {n} held-out crops of {used} other photos; "
-          f"initialized on {results[0][4]}, measured on {engine}")
+          f"initialized on {init_engine}, measured on {engine}")
     print(f"{'damping':>8} {'rounds':>6} {'1% stop':>7} {'time':>8} {'batch flatness':>22} {'held out':>9}")
-    for (alpha, rep, seconds, _, _), st in zip(results, stats):
-        held = measure.flatness({k: s.rate for k, s in st.layers.items()})
+    for (alpha, rep, seconds, _), st in zip(results, stats):
         print(f"{alpha:>8g} {rep.iterations:>6d} {'yes' if rep.converged else 'no':>7} {seconds:>7.1f}s "
-              f"{rep.flatness_before:>11.3g} -> {rep.flatness_after:<8.3f} {held:>9.3f}")
+              f"{rep.flatness_before:>11.3g} -> {rep.flatness_after:<8.3f} {st.flatness:>9.3f}")
         print(f"{'':>8} after each round: " + " ".join(f"{f:.3g}" for f in rep.flatness_rounds))
     return 0
 
