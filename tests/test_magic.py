@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from caffe_utils import images, magic, netio
+from caffe_utils.magic import between, weights
 from caffe_utils.datasets import skimage_photos
 from caffe_utils.engine.numpy_net import Net
 from caffe_utils.pipeline import RunConfig, run
@@ -111,18 +112,18 @@ def test_data_driven_weights_whiten():
     rng = np.random.RandomState(0)
     mix = rng.standard_normal((6, 6))
     patches = mix @ rng.standard_normal((6, 5000))
-    w = magic.data_driven_weights("pca", patches, 6, rng)
+    w = weights.data_driven_weights("pca", patches, 6, rng)
     x = patches - patches.mean(axis=1, keepdims=True)
     cov = (w @ x) @ (w @ x).T / x.shape[1]
     assert np.allclose(cov, np.diag(np.diag(cov)), atol=1e-6 * np.abs(cov).max())  # decorrelated
-    wk = magic.data_driven_weights("kmeans", patches, 4, rng)
+    wk = weights.data_driven_weights("kmeans", patches, 4, rng)
     assert wk.shape == (4, 6) and np.all(np.isfinite(wk))
-    wr = magic.data_driven_weights("rand", patches, 3, rng)
+    wr = weights.data_driven_weights("rand", patches, 3, rng)
     np.testing.assert_allclose(np.linalg.norm(wr, axis=1), 1.0, rtol=1e-6)
 
 
 def _kmeans_naive(xw, centers, iters, rng):
-    """Spherical k-means written as plainly as possible: the oracle for magic.spherical_kmeans."""
+    """Spherical k-means written as plainly as possible: the oracle for weights.spherical_kmeans."""
     m, d = xw.shape
     k = centers.shape[1]
     c = centers.astype(np.float64).copy()
@@ -151,7 +152,7 @@ def test_spherical_kmeans_matches_naive_loop(m, k):
     xw /= np.linalg.norm(xw, axis=1, keepdims=True)
     c0 = rng.standard_normal((d, k)).astype(np.float32)
     c0 /= np.linalg.norm(c0, axis=0, keepdims=True)
-    fast = magic.spherical_kmeans(xw, c0.copy(), 6, np.random.RandomState(5))
+    fast = weights.spherical_kmeans(xw, c0.copy(), 6, np.random.RandomState(5))
     slow = _kmeans_naive(xw, c0, 6, np.random.RandomState(5))
     np.testing.assert_allclose(fast, slow, rtol=0, atol=2e-5)
     assert np.allclose(np.linalg.norm(fast, axis=0), 1.0, atol=1e-5)
@@ -233,7 +234,7 @@ def test_between_stage_uses_a_smaller_batch_under_a_small_mem_limit(small):
         per_image = per_image or sum(8 * int(np.prod(b.data.shape[1:])) for b in net.blobs.values())
         limit = (1 << 30) if mem is None else mem * per_image
         opts = magic.InitOptions(init="gaussian", damping=1.0, batch_size=8, mem_limit=limit)
-        assert magic._between_batch(net, opts) == (8 if mem is None else 3)
+        assert between.between_batch(net, opts.batch_size, opts.mem_limit) == (8 if mem is None else 3)
         rep = magic.initialize(net, prepared, sample, opts)
         assert net.blobs["data"].data.shape[0] == (8 if mem is None else 3)
         assert rep.flatness_after < 1.2, mem

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils import scaling
+from caffe_utils.magic import between, plan as scale_plan, propagation, scale_rules
 from caffe_utils.engine.numpy_net import Net
 
 DAG = """
@@ -49,7 +49,7 @@ def _net(tmp_path, text=DAG):
 
 def test_plan_groups_consumers_and_pins(tmp_path):
     net = _net(tmp_path)
-    plan = scaling.build_plan(net)
+    plan = scale_plan.build_plan(net)
     assert plan.affine == ["c1", "c2a", "c2b", "c3", "c4", "fc1", "fc2"]
     groups = plan.groups
     # c3 and c4 are summed: one group
@@ -69,11 +69,11 @@ def test_rescaling_preserves_the_function(tmp_path, seed):
     net = _net(tmp_path)
     net.forward()
     before = net.blobs["prob"].data.copy(), net.blobs["fc2"].data.copy()
-    plan = scaling.build_plan(net)
+    plan = scale_plan.build_plan(net)
     rng = np.random.RandomState(seed)
     scale = {g: float(rng.uniform(0.2, 5.0)) for g in plan.groups if g not in plan.pinned}
     w_before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
-    scaling.apply_scales(net, plan, scale)
+    scale_plan.apply_scales(net, plan, scale)
     net.forward()
     np.testing.assert_allclose(net.blobs["fc2"].data, before[1], rtol=1e-4, atol=1e-4 * np.abs(before[1]).max())
     np.testing.assert_allclose(net.blobs["prob"].data, before[0], rtol=1e-4, atol=1e-6)
@@ -84,7 +84,7 @@ def test_rescaling_preserves_the_function(tmp_path, seed):
 def test_inexact_layers_are_reported(tmp_path):
     text = DAG.replace('layer { name: "r1" type: "ReLU"', 'layer { name: "r1" type: "TanH"')
     net = _net(tmp_path, text)
-    plan = scaling.build_plan(net)
+    plan = scale_plan.build_plan(net)
     assert plan.inexact == ["r1"]
 
 
@@ -100,7 +100,7 @@ def test_batchnorm_rescale_is_exact():
     eps = lp.batch_norm_param.eps
     y = (x - np.array([0.5, -1.0])) / np.sqrt(np.array([2.0, 0.25]) + eps)
     r = np.array([3.0, 0.1])
-    scaling.rescale_batchnorm(blobs, lp, r)
+    scale_plan.rescale_batchnorm(blobs, lp, r)
     mean, var = blobs[0].data / blobs[2].data, blobs[1].data / blobs[2].data
     y2 = (r * x - mean) / np.sqrt(var + eps)
     np.testing.assert_allclose(y2, y, rtol=1e-5)
@@ -120,7 +120,7 @@ layer { name: "fc" type: "InnerProduct" bottom: "sq" top: "fc" inner_product_par
 
 def test_paths_record_the_inexact_layers_each_column_passed(tmp_path):
     net = _net(tmp_path, CHAIN)
-    plan = scaling.build_plan(net)
+    plan = scale_plan.build_plan(net)
     assert plan.inexact == ["norm", "sq", "t"]
     assert plan.degree_layers == ["norm", "sq", "t"]
     (cons,) = plan.consumers
@@ -133,7 +133,7 @@ def test_degree_estimates_and_blobs_end_as_after_forward(tmp_path):
     net = _net(tmp_path, CHAIN)
     net.forward()
     ref = {k: b.data.copy() for k, b in net.blobs.items()}
-    deg = scaling.forward_estimating_degrees(net, ["norm", "sq", "t"])
+    deg = between.forward_estimating_degrees(net, ["norm", "sq", "t"])
     for k, b in net.blobs.items():
         np.testing.assert_array_equal(b.data, ref[k], err_msg=k)
     # LRN with k << alpha * sum x^2 is nearly homogeneous of degree 1 - 2 beta = -0.5
@@ -151,10 +151,10 @@ def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
     devs = []
     for use_degrees in (False, True):
         net = _net(tmp_path, text)
-        plan = scaling.build_plan(net)
-        deg = scaling.forward_estimating_degrees(net, plan.degree_layers)
+        plan = scale_plan.build_plan(net)
+        deg = between.forward_estimating_degrees(net, plan.degree_layers)
         before = net.blobs["fc"].data.copy()
-        scaling.apply_scales(net, plan, {plan.group_of["c1"]: 1.2}, deg if use_degrees else None)
+        scale_plan.apply_scales(net, plan, {plan.group_of["c1"]: 1.2}, deg if use_degrees else None)
         net.forward()
         devs.append(np.abs(net.blobs["fc"].data - before).max() / np.abs(before).max())
     assert devs[1] < devs[0] / 5
@@ -169,7 +169,7 @@ layer { name: "n" type: "TanH" bottom: "a" top: "a" }
 layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 4 } }
 layer { name: "c" type: "InnerProduct" bottom: "b" top: "c" inner_product_param { num_output: 3 } }
 """
-    return scaling.build_plan(_net(tmp_path, text))
+    return scale_plan.build_plan(_net(tmp_path, text))
 
 
 @pytest.mark.parametrize("d", [1.0, 0.5])
@@ -178,12 +178,39 @@ def test_reachable_target_lets_the_pinned_layer_arrive_too(tmp_path, d):
     ga, gb, gc = (plan.group_of[n] for n in "abc")
     assert plan.pinned == {gc}
     c = {ga: 3.0, gb: -1.0, gc: 0.5}
-    t = scaling.reachable_target(plan, c, None, {"n": d})
+    t = propagation.reachable_target(plan, c, None, {"n": d})
     # by hand: c_c moves by 2 rho_b, rho_b = own_b + d rho_a, rho_a = own_a, own = (c - t) / 2
     assert c[gc] + (c[gb] - t) + d * (c[ga] - t) == pytest.approx(t, abs=1e-9)
     if d == 1.0:
         assert t == pytest.approx(np.mean(list(c.values())))
     # and a full step of cumulative scales brings every layer to t (linear model)
-    rho = scaling.cumulative_log_scales(plan, {g: 0.5 * (c[g] - t) for g in (ga, gb)}, None, {"n": d})
+    rho = propagation.cumulative_log_scales(plan, {g: 0.5 * (c[g] - t) for g in (ga, gb)}, None, {"n": d})
     assert c[ga] - 2 * rho[ga] == pytest.approx(t)
     assert c[gb] - 2 * rho[gb] + 2 * d * rho[ga] == pytest.approx(t)
+
+
+def test_a_type_without_scale_rule_is_pinned_and_named(tmp_path):
+    """Tile has a layer but no scale rule: what reaches it stays unscaled, and the plan (and
+    the report) name it; a scale rule for it would change this test."""
+    text = """
+name: "tile"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "t" type: "Tile" bottom: "c1" top: "t" tile_param { axis: 1 tiles: 2 } }
+layer { name: "c2" type: "Convolution" bottom: "t" top: "c2" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "r" type: "ReLU" bottom: "c2" top: "c2" }
+layer { name: "fc" type: "InnerProduct" bottom: "c2" top: "fc" inner_product_param { num_output: 3 } }
+"""
+    plan = scale_plan.build_plan(_net(tmp_path, text))
+    assert plan.unknown == ["t"]
+    assert plan.group_of["c1"] in plan.pinned and plan.group_of["c2"] not in plan.pinned
+    assert "c2" not in {c.layer for c in plan.consumers}  # nothing scaled arrives there
+
+
+def test_plan_builder_dispatches_on_registered_rules(tmp_path):
+    """Every layer type the numpy engine runs either has a scale rule or is a data layer (no
+    bottoms: nothing to pass on) or is knowingly left to the pinned default (Tile)."""
+    from caffe_utils.layers.base import supported_types
+    from caffe_utils.magic.prepare import DATA_LAYERS
+    missing = set(supported_types()) - set(scale_rules.RULES) - set(DATA_LAYERS)
+    assert missing == {"Tile"}

@@ -699,3 +699,20 @@ class LRN(Layer):
         g = dy * power                          # product layer, w.r.t. the input
         g += DTYPE(2.0) * x * d_sq              # square layer
         bottom.diff += g
+
+
+def conv_geometry(cp) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """Caffe's 2-D kernel, pad, stride, dilation from a ConvolutionParameter."""
+    def pick(rep, h_field, w_field, default):
+        if cp.HasField(h_field) or cp.HasField(w_field):
+            return (getattr(cp, h_field), getattr(cp, w_field))
+        vals = list(rep)
+        if not vals:
+            return (default, default)
+        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+    kernel = pick(cp.kernel_size, "kernel_h", "kernel_w", 0)
+    pad = pick(cp.pad, "pad_h", "pad_w", 0)
+    stride = pick(cp.stride, "stride_h", "stride_w", 1)
+    dil = list(cp.dilation)
+    dilation = (1, 1) if not dil else ((dil[0], dil[0]) if len(dil) == 1 else (dil[0], dil[1]))
+    return kernel, pad, stride, dilation

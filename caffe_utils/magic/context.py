@@ -1,0 +1,144 @@
+"""What every stage works on: the net, the options, the sample's batches and the report.
+
+:class:`SampleBatches` runs the sample through the net batch by batch. Stages 1 and 2 visit the
+layers in topological order and each needs the real input (or output) of one layer on every
+image, so the sample's activations are kept at a checkpoint: the blobs that later layers still
+read, stored once they fit in half of ``mem_limit`` (the old checkpoint lives until the new one
+is complete). A batch then runs from the checkpoint instead of from the images; without one it
+is recomputed from the last checkpoint. The stages see only :meth:`SampleBatches.through`.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Set
+
+import numpy as np
+
+from caffe_utils.errors import PrototxtError
+from caffe_utils.layout import AFFINE_TYPES
+from caffe_utils.magic.options import INIT_TYPES, InitOptions
+from caffe_utils.magic.prepare import PreparedNet
+from caffe_utils.magic.report import InitReport, LayerReport
+
+Progress = Callable[[str, int, int], None]
+
+
+def frontier(net, pos: int) -> List[str]:
+    """Blob names produced before layer ``pos`` and read by a layer at or after it."""
+    lps = list(net.net_param.layer)
+    produced: Set[str] = set()
+    for lp in lps[:pos]:
+        produced.update(lp.top)
+    needed: List[str] = []
+    for lp in lps[pos:]:
+        for b in lp.bottom:
+            if b in produced and b not in needed:
+                needed.append(b)
+        for t in lp.top:
+            if t not in lp.bottom:
+                produced.discard(t)
+    return needed
+
+
+class SampleBatches:
+    """The sample in batches of the net's input size, run from the latest affordable checkpoint."""
+
+    def __init__(self, net, input_name: str, sample: np.ndarray, batch: int, mem_limit: int) -> None:
+        self.net = net
+        self.names = net.layer_names
+        self.n = sample.shape[0]
+        self.batch = batch
+        self.count = int(math.ceil(self.n / batch))
+        pad = self.count * batch - self.n
+        padded = np.concatenate([sample, sample[:pad]]) if pad else sample
+        self.mem_limit = mem_limit
+        self._pos = 1  # layer 0 is the Input layer
+        self._blobs: Dict[str, np.ndarray] = {input_name: padded}
+        self._fresh: Optional[Dict[str, np.ndarray]] = None
+
+    def valid(self, b: int) -> int:
+        """How many rows of batch ``b`` are real images (the last batch is padded)."""
+        return min(self.batch, self.n - b * self.batch)
+
+    def through(self, upto: int) -> Iterator[int]:
+        """For every batch, leave the net's blobs as after layers 0..``upto`` and yield how many
+        of its rows are real images. The blobs layers after ``upto`` read become the new
+        checkpoint when they fit (see :meth:`checkpointed`)."""
+        buf = self._start(upto + 1)
+        for b in range(self.count):
+            self._run(b, upto)
+            if buf is not None:
+                sl = slice(b * self.batch, (b + 1) * self.batch)
+                for n, arr in buf.items():
+                    arr[sl] = self.net.blobs[n].data
+            yield self.valid(b)
+        self._fresh = buf
+        if buf is not None:
+            self._blobs, self._pos = buf, upto + 1
+
+    def checkpointed(self, name: str) -> Optional[np.ndarray]:
+        """Blob ``name`` over the whole sample, when the last :meth:`through` checkpointed it
+        (a stage that changes a layer's output corrects it there instead of re-running)."""
+        return None if self._fresh is None else self._fresh.get(name)
+
+    def _run(self, b: int, upto: int) -> None:
+        sl = slice(b * self.batch, (b + 1) * self.batch)
+        for name, arr in self._blobs.items():
+            self.net.set_data(name, arr[sl])
+        if upto >= self._pos:
+            self.net.forward(start=self.names[self._pos], end=self.names[upto])
+
+    def _start(self, pos: int) -> Optional[Dict[str, np.ndarray]]:
+        """Buffers for a checkpoint at ``pos`` if it fits in memory; the old checkpoint lives
+        until the new one is complete, so each may take half the limit."""
+        if pos <= self._pos:
+            return None
+        names = frontier(self.net, pos)
+        size = sum(int(np.prod(self.net.blobs[n].data.shape[1:])) * 4 * self.count * self.batch for n in names)
+        if size > self.mem_limit // 2:
+            return None
+        return {n: np.empty((self.count * self.batch,) + tuple(self.net.blobs[n].data.shape[1:]), np.float32)
+                for n in names}
+
+
+@dataclass
+class InitContext:
+    """The state the stages share, in place of long argument lists."""
+    net: object
+    prepared: PreparedNet
+    sample: np.ndarray
+    opts: InitOptions
+    rng: np.random.RandomState
+    report: InitReport
+    layers: "OrderedDict[str, LayerReport]"
+    batches: Optional[SampleBatches]
+    progress: Optional[Progress] = None
+    positions: Dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, net, prepared: PreparedNet, sample: np.ndarray, opts: InitOptions,
+               progress: Optional[Progress]) -> "InitContext":
+        """Check the options against the net and set up the report and the batches."""
+        if opts.init not in INIT_TYPES:
+            raise PrototxtError(f"unknown init type '{opts.init}'; choose one of {', '.join(INIT_TYPES)}")
+        lps = list(net.net_param.layer)
+        unknown = sorted(set(opts.reinit) - {lp.name for lp in lps})
+        if unknown:
+            raise PrototxtError(f"--reinit names layer(s) {unknown} that the net does not have")
+        layers = OrderedDict((lp.name, LayerReport(lp.name, lp.type)) for lp in lps if lp.type in AFFINE_TYPES)
+        batches = SampleBatches(net, prepared.input_name, sample, opts.batch_size, opts.mem_limit)
+        return cls(net, prepared, sample, opts, np.random.RandomState(opts.seed), InitReport(), layers,
+                   batches, progress, {n: i for i, n in enumerate(net.layer_names)})
+
+    def index(self, lp) -> int:
+        """Layer ``lp``'s position in the net."""
+        return self.positions[lp.name]
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(stage, done, total)
+
+    def warn(self, message: str) -> None:
+        self.report.warnings.append(message)

@@ -1,0 +1,33 @@
+"""The initialization's options: one source for every default the CLIs and scripts show."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+INIT_TYPES = ("gaussian", "pca", "zca", "kmeans", "rand", "xavier", "msra", "orthogonal")
+DATA_DRIVEN = ("pca", "zca", "kmeans", "rand")
+
+
+@dataclass
+class InitOptions:
+    """What :func:`caffe_utils.magic.initialize` does.
+
+    ``init`` picks stage 1's weights; ``within``/``between`` switch stages 2 and 3; ``beta`` is
+    every output channel's mean after stage 2; ``iterations``, ``damping`` and ``tolerance``
+    bound stage 3's rounds, the fraction of the way each round moves and its stop; the change
+    rates are calibrated over ``rate_images`` images. ``mem_limit`` bytes bound the cached
+    activations and patches."""
+    init: str = "kmeans"
+    within: bool = True
+    between: bool = True
+    beta: float = 0.1
+    iterations: int = 10
+    damping: float = 0.5
+    tolerance: float = 0.01
+    rate_images: int = 64
+    zero_classifier: bool = False
+    reinit: Sequence[str] = ()
+    reinit_all: bool = False
+    batch_size: int = 16
+    mem_limit: int = 1 << 30
+    seed: int = 0

@@ -1,0 +1,104 @@
+"""Preparing the net: the net the initialization runs, with one image input and no sinks.
+
+Data layers (Data, ImageData, MemoryData, ...) become one Input of the images' shape; loss,
+accuracy, softmax and other sinks that nothing reads are dropped, so that the net's outputs are
+the blobs that stage 3's random top gradient is set on. The original data layer's transform
+parameters and source are kept for reading the sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from caffe_utils.errors import PrototxtError
+from caffe_utils.layout import AFFINE_TYPES
+from caffe_utils.magic.scale_rules import TERMINAL
+from caffe_utils.schema import caffe_pb2
+
+DATA_LAYERS = ("Data", "ImageData", "MemoryData", "HDF5Data", "WindowData", "DummyData", "Input")
+
+
+@dataclass
+class PreparedNet:
+    net_param: object          # the NetParameter to build the engine net from
+    input_name: str
+    input_shape: Tuple[int, int, int]  # C, H, W
+    transform_param: object    # TransformationParameter of the original data layer (or None)
+    data_source: Optional[str] = None  # source of the original data layer, if any
+    data_root: Optional[str] = None
+
+
+def _fix_shape(lp) -> Optional[Tuple[int, ...]]:
+    if lp.type == "Input" and len(lp.input_param.shape):
+        return tuple(lp.input_param.shape[0].dim)
+    if lp.type == "MemoryData":
+        p = lp.memory_data_param
+        return (p.batch_size, p.channels, p.height, p.width)
+    crop = lp.transform_param.crop_size
+    if lp.type == "ImageData":
+        p = lp.image_data_param
+        c = 3 if p.is_color else 1
+        if crop:
+            return (p.batch_size, c, crop, crop)
+        if p.new_height and p.new_width:
+            return (p.batch_size, c, p.new_height, p.new_width)
+    if lp.type in ("Data", "WindowData") and crop:
+        return (1, 3, crop, crop)
+    return None
+
+
+def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -> PreparedNet:
+    """The net the initialization runs: data layers become one Input, loss/softmax sinks go.
+
+    ``image_shape`` (C, H, W) is needed when the net's data layer does not tell its crop size.
+    """
+    pb2 = caffe_pb2()
+    lps = list(net_param.layer)
+    data = [lp for lp in lps if lp.type in DATA_LAYERS]
+    if not data:
+        raise PrototxtError("the net has no input: add an Input layer (or input/input_shape) for the images")
+    first = data[0]
+    if not len(first.top):
+        raise PrototxtError(f"data layer '{first.name}' has no top")
+    name = first.top[0]
+    shape = _fix_shape(first)
+    if shape is not None and len(shape) != 4:
+        raise PrototxtError(f"input '{name}' has shape {shape}; magic-init needs images (N, C, H, W)")
+    chw = tuple(shape[1:]) if shape is not None else image_shape
+    if chw is None:
+        raise PrototxtError(f"data layer '{first.name}' ({first.type}) does not tell its image size; "
+                            "give the net an Input layer or a transform_param crop_size")
+    if min(chw) <= 0:
+        raise PrototxtError(f"input '{name}' of layer '{first.name}' has channels, height, width {tuple(chw)}; "
+                            "all three must be positive")
+    source = root = None
+    if first.type == "ImageData":
+        source, root = first.image_data_param.source, first.image_data_param.root_folder or None
+    elif first.type == "Data":
+        source = first.data_param.source
+    out = pb2.NetParameter()
+    out.name = net_param.name
+    out.state.CopyFrom(net_param.state)
+    inp = out.layer.add(name=first.name, type="Input")
+    inp.top.append(name)
+    inp.input_param.shape.add().dim.extend([1, *chw])
+    other_inputs = [t for lp in data for t in lp.top if t != name]
+    kept = [lp for lp in lps if lp.type not in DATA_LAYERS]
+    # drop sinks (loss, accuracy, softmax, silence...) whose tops nothing needs, repeatedly
+    while True:
+        consumed = {b for lp in kept for b in lp.bottom}
+        drop = [lp for lp in kept if lp.type in TERMINAL and not (set(lp.top) & consumed)]
+        if not drop:
+            break
+        kept = [lp for lp in kept if lp not in drop]
+    needs = {b for lp in kept for b in lp.bottom}
+    missing = sorted(needs & set(other_inputs))
+    if missing:
+        raise PrototxtError(f"layers need input(s) {missing} besides the images '{name}'; "
+                            "magic-init feeds only images: remove those layers or use a deploy net")
+    for lp in kept:
+        out.layer.add().CopyFrom(lp)
+    if not any(lp.type in AFFINE_TYPES for lp in kept):
+        raise PrototxtError("the net has no Convolution, InnerProduct or Deconvolution layer to initialize")
+    tp = first.transform_param if first.HasField("transform_param") else None
+    return PreparedNet(out, name, tuple(int(d) for d in chw), tp, source, root)

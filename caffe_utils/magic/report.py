@@ -1,0 +1,94 @@
+"""What an initialization did: per affine layer and for the whole net (printed and saved as JSON)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+
+class Fallback(str, Enum):
+    """Why a layer got Gaussian weights instead of the data-driven ones asked for."""
+    NOT_CONVOLUTION = "data-driven init is for convolutions"
+    TOO_FEW_PATCHES = "too few patches"
+
+
+@dataclass
+class LayerReport:
+    """One affine layer: how its weights were made, its change rate before and after stage 3
+    (and the rate's coefficient of variation across its input columns), and its output's
+    activation statistics on the between-layer batch.
+
+    ``init`` is the weight initialization it got, None when it kept the caffemodel's weights;
+    ``fallback`` says why it got Gaussian weights instead of ``requested``; ``zeroed`` is set
+    by ``--zero-classifier``."""
+    name: str
+    type: str
+    init: Optional[str] = None
+    requested: Optional[str] = None
+    fallback: Optional[Fallback] = None
+    zeroed: bool = False
+    rate_before: float = float("nan")
+    rate_after: float = float("nan")
+    cv_before: float = float("nan")
+    cv_after: float = float("nan")
+    act_mean: float = float("nan")
+    act_std: float = float("nan")
+    channel_std_cv: float = float("nan")
+    dead_channels: int = 0
+
+    @property
+    def kept(self) -> bool:
+        """The layer kept the weights it was loaded with."""
+        return self.init is None
+
+    @property
+    def initialized(self) -> str:
+        """How the weights were made, in words (the report table's column)."""
+        text = "kept" if self.init is None else self.init
+        if self.fallback is Fallback.NOT_CONVOLUTION:
+            text += f" ({self.fallback.value})"
+        elif self.fallback is Fallback.TOO_FEW_PATCHES:
+            text += f" (too few patches for {self.requested})"
+        return text + (" (zeroed)" if self.zeroed else "")
+
+
+@dataclass
+class InitReport:
+    """The whole run: per-layer reports, stage 3's rounds and flatness (max/min change rate)
+    before and after, the layers stage 3 could not rescale exactly (``inexact_layers``), could
+    not rescale at all (``pinned_layers``: their output is the net's), or passed no scale
+    through because no scale rule knows their type (``unknown_scale_layers``), and how much the
+    net's outputs moved under stage 3."""
+    layers: List[LayerReport] = field(default_factory=list)
+    iterations: int = 0
+    converged: bool = False
+    flatness_before: float = float("nan")
+    flatness_after: float = float("nan")
+    #: the fixed batch's flatness after each between-layer round (the last one is flatness_after)
+    flatness_rounds: List[float] = field(default_factory=list)
+    inexact_layers: List[str] = field(default_factory=list)
+    pinned_layers: List[str] = field(default_factory=list)
+    unknown_scale_layers: List[str] = field(default_factory=list)
+    output_deviation: Optional[float] = None
+    function_preserved: Optional[bool] = None
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite figures become None, each layer says how it was initialized."""
+        out = _clean(asdict(self))
+        for layer, rep in zip(out["layers"], self.layers):
+            layer["initialized"] = rep.initialized
+        return out
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
