@@ -6,7 +6,7 @@ pycaffe already provides ``blobs``, ``params``, ``layers``, ``inputs``, ``output
 ``backward`` and ``reshape``; this class adds ``net_param``, ``layer_names``/``layer_types``,
 ``bottom_names``/``top_names`` for the layers of the prototxt (Caffe's own Split layers are hidden),
 ``clear_param_diffs``, ``copy_from`` with the project's clear errors, and ``save`` through
-:func:`caffe_utils.netio.write_caffemodel`.
+:func:`caffe_utils.caffemodel.write_caffemodel`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from caffe_utils import netio
+from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
@@ -266,9 +266,9 @@ class CaffeNet:
 
     def copy_from(self, weights: Union[str, Path]) -> None:
         targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items())
-        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+        for _ in caffemodel.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
             pass
 
     def save(self, path: Union[str, Path]) -> None:
-        netio.write_caffemodel(path, self.net_param,
+        caffemodel.write_caffemodel(path, self.net_param,
                                OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items()))

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from caffe_utils import netio
+from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
 from caffe_utils.errors import PrototxtError
 from caffe_utils.fillers import fill
@@ -345,10 +345,10 @@ class Net:
     def copy_from(self, weights: Union[str, Path]) -> None:
         """Load parameters from a caffemodel, matching layers by name (as ``Net.copy_from``)."""
         targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items())
-        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+        for _ in caffemodel.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
             pass
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the net's parameters as a caffemodel (atomically)."""
-        netio.write_caffemodel(path, self.net_param,
+        caffemodel.write_caffemodel(path, self.net_param,
                                OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items()))
