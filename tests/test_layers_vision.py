@@ -1,4 +1,5 @@
-"""Tests of the vision layers (caffe_utils/layers/vision.py) and im2col (caffe_utils/layers/im2col.py).
+"""Tests of the vision layers (caffe_utils/layers/vision.py), Pooling (layers/pooling.py), LRN
+(layers/normalization.py) and im2col (layers/im2col.py).
 
 Oracles: loop transcriptions in this file (direct 7-loop convolution and its backward, scatter
 loops for deconvolution, Caffe's pooling and LRN loops), Caffe's im2col/col2im loops
@@ -562,7 +563,7 @@ def test_pooling_floor_rounding(method):
 
 
 def test_pooling_output_sizes():
-    from caffe_utils.layers.vision import pooled_size
+    from caffe_utils.layers.pooling import pooled_size
     assert pooled_size(6, 2, 1, 2) == 4            # ceil((6+2-2)/2)+1 = 4; 3*2 = 6 < 7 keeps it
     assert pooled_size(5, 2, 1, 2) == 3            # ceil(5/2)+1 = 4, but 3*2 >= 5+1 -> 3
     assert pooled_size(8, 3, 0, 2) == 4            # ceil(5/2)+1
