@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers import im2col as i2c
 from caffe_utils.layers.base import LayerSetupError
+from caffe_utils.layers.vision import conv_geometry
 from caffe_utils.schema import caffe_pb2
 from tests.gradcheck import check_gradients
 from tests.reference import check_against_caffe
@@ -434,6 +435,38 @@ def test_convolution_gradients(cp):
 def test_convolution_invalid_params(cp, msg):
     with pytest.raises(LayerSetupError, match=msg):
         make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [(1, 4, 5, 5)])
+
+
+@pytest.mark.parametrize("cp, want", [
+    ("", ((0, 0), (0, 0), (1, 1), (1, 1))),                       # Caffe's defaults; kernel 0
+    ("kernel_size: 3 pad: 1 stride: 2 dilation: 2", ((3, 3), (1, 1), (2, 2), (2, 2))),
+    ("kernel_size: 2 kernel_size: 3 pad: 0 pad: 1 stride: 1 stride: 2", ((2, 3), (0, 1), (1, 2), (1, 1))),
+    ("kernel_h: 2 kernel_w: 3 pad_h: 1 stride_w: 2", ((2, 3), (1, 0), (0, 2), (1, 1))),
+    ("kernel_size: 5 kernel_h: 2 kernel_w: 3", ((2, 3), (0, 0), (1, 1), (1, 1))),  # h/w win; setup refuses it
+    ("kernel_size: 1 kernel_size: 2 kernel_size: 3 dilation: 2 dilation: 3 dilation: 4",
+     ((1, 2), (0, 0), (1, 1), (2, 3))),                          # the first two; setup refuses it
+])
+def test_conv_geometry(cp, want):
+    param = text_format.Parse(f"num_output: 1 {cp}", caffe_pb2().ConvolutionParameter())
+    assert conv_geometry(param) == want
+
+
+@pytest.mark.parametrize("cp, msg", [
+    ("kernel_size: 3 kernel_h: 3 kernel_w: 3", "Either kernel_size or kernel_h/w should be specified; not both."),
+    ("", "kernel_size must be specified once, or once per spatial dimension "
+         "(kernel_size specified 0 times; 2 spatial dims)."),
+    ("kernel_h: 0 kernel_w: 2", "Filter dimensions must be nonzero."),
+    ("kernel_size: 3 stride: 2 stride_h: 1", "Either stride or stride_h/w should be specified; not both."),
+    ("kernel_size: 3 stride_h: 2", "Stride dimensions must be nonzero."),
+    ("kernel_size: 3 pad: 1 pad: 1 pad: 1", "pad must be specified once, or once per spatial dimension "
+                                            "(pad specified 3 times; 2 spatial dims)."),
+    ("kernel_size: 3 pad: 1 pad_w: 1", "Either pad or pad_h/w should be specified; not both."),
+    ("kernel_size: 3 dilation: 0", "Dilation dimensions must be nonzero."),
+])
+def test_convolution_geometry_errors_are_caffes(cp, msg):
+    with pytest.raises(LayerSetupError) as info:
+        make_layer(f'name: "c" type: "Convolution" convolution_param {{ num_output: 2 {cp} }}', [(1, 2, 9, 9)])
+    assert str(info.value).endswith(msg)
 
 
 def test_convolution_rejects_nd_bottom():

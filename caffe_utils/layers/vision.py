@@ -52,6 +52,35 @@ def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
 # Convolution and Deconvolution
 # --------------------------------------------------------------------------------------------
 
+Pair = Tuple[int, int]
+
+
+def _has_hw(cp, hw_prefix: Optional[str]) -> bool:
+    """Whether ``<hw_prefix>_h`` or ``<hw_prefix>_w`` is set (dilation has no such fields: None)."""
+    return hw_prefix is not None and (cp.HasField(f"{hw_prefix}_h") or cp.HasField(f"{hw_prefix}_w"))
+
+
+def conv_geometry(cp) -> Tuple[Pair, Pair, Pair, Pair]:
+    """Caffe's 2-D geometry of a ConvolutionParameter: ``((kernel_h, kernel_w), (pad_h, pad_w),
+    (stride_h, stride_w), (dilation_h, dilation_w))``.
+
+    Each comes from ``<field>_h``/``<field>_w`` when either is set, else from the repeated field
+    (one value for both axes, or one per axis), else the default: kernel 0, pad 0, stride 1,
+    dilation 1. It does not validate (a field given both ways, more than two values, a zero
+    kernel): :class:`Convolution` refuses those when it is set up, with Caffe's messages.
+    """
+    def pick(values, hw_prefix: Optional[str], default: int) -> Pair:
+        if _has_hw(cp, hw_prefix):
+            return (int(getattr(cp, f"{hw_prefix}_h")), int(getattr(cp, f"{hw_prefix}_w")))
+        vals = [int(v) for v in values]
+        if not vals:
+            return (default, default)
+        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+    return (pick(cp.kernel_size, "kernel", 0), pick(cp.pad, "pad", 0), pick(cp.stride, "stride", 1),
+            pick(cp.dilation, None, 1))
+
+
 class _BaseConvolution(Layer):
     """Caffe's BaseConvolutionLayer: parameter parsing, weights, batched GEMM helpers."""
 
@@ -70,32 +99,15 @@ class _BaseConvolution(Layer):
                              f"(bottom shape {shape}, axis {cp.axis})")
         if cp.force_nd_im2col:
             raise self.error("force_nd_im2col is not supported (2-D im2col only)")
-        # kernel
-        if cp.HasField("kernel_h") or cp.HasField("kernel_w"):
-            if len(cp.kernel_size):
-                raise self.error("Either kernel_size or kernel_h/w should be specified; not both.")
-            kernel = (int(cp.kernel_h), int(cp.kernel_w))
-        else:
-            kernel = self._spatial(cp.kernel_size, "kernel_size", None)
+        kernel, pad, stride, dilation = conv_geometry(cp)
+        self._check_spatial(cp, cp.kernel_size, "kernel_size", "kernel", required=True)
         if min(kernel) <= 0:
             raise self.error("Filter dimensions must be nonzero.")
-        # stride
-        if cp.HasField("stride_h") or cp.HasField("stride_w"):
-            if len(cp.stride):
-                raise self.error("Either stride or stride_h/w should be specified; not both.")
-            stride = (int(cp.stride_h), int(cp.stride_w))
-        else:
-            stride = self._spatial(cp.stride, "stride", 1)
+        self._check_spatial(cp, cp.stride, "stride", "stride")
         if min(stride) <= 0:
             raise self.error("Stride dimensions must be nonzero.")
-        # pad
-        if cp.HasField("pad_h") or cp.HasField("pad_w"):
-            if len(cp.pad):
-                raise self.error("Either pad or pad_h/w should be specified; not both.")
-            pad = (int(cp.pad_h), int(cp.pad_w))
-        else:
-            pad = self._spatial(cp.pad, "pad", 0)
-        dilation = self._spatial(cp.dilation, "dilation", 1)
+        self._check_spatial(cp, cp.pad, "pad", "pad")
+        self._check_spatial(cp, cp.dilation, "dilation", None)
         if min(dilation) <= 0:
             raise self.error("Dilation dimensions must be nonzero.")
         self.kernel, self.stride, self.pad, self.dilation = kernel, stride, pad, dilation
@@ -118,16 +130,18 @@ class _BaseConvolution(Layer):
         if self.bias_term:
             self.blobs.append(Blob((self.num_output,)))
 
-    def _spatial(self, values, name: str, default: Optional[int]) -> Tuple[int, int]:
+    def _check_spatial(self, cp, values, name: str, hw_prefix: Optional[str], required: bool = False) -> None:
+        """Caffe's rules for one geometry field (the values themselves come from
+        :func:`conv_geometry`): ``<prefix>_h``/``_w`` or the repeated field, not both; the
+        repeated field once or once per spatial axis (or not at all, unless ``required``)."""
+        if _has_hw(cp, hw_prefix):
+            if len(values):
+                raise self.error(f"Either {name} or {hw_prefix}_h/w should be specified; not both.")
+            return
         n = len(values)
-        if n == 0 and default is not None:
-            return (default, default)
-        if n == 1:
-            return (int(values[0]), int(values[0]))
-        if n == 2:
-            return (int(values[0]), int(values[1]))
-        raise self.error(f"{name} must be specified once, or once per spatial dimension "
-                         f"({name} specified {n} times; 2 spatial dims).")
+        if n > 2 or (n == 0 and required):
+            raise self.error(f"{name} must be specified once, or once per spatial dimension "
+                             f"({name} specified {n} times; 2 spatial dims).")
 
     def _conv_args(self):
         return self.kernel, self.pad, self.stride, self.dilation
