@@ -3,7 +3,7 @@
 
 Oracles: loop transcriptions in this file (direct 7-loop convolution and its backward, scatter
 loops for deconvolution, Caffe's pooling and LRN loops), Caffe's im2col/col2im loops
-(``im2col_naive``/``col2im_naive``), finite-difference gradient checks, and the real pycaffe
+(``im2col_naive``/``col2im_naive`` in ``tests/oracles.py``), finite-difference gradient checks, and the real pycaffe
 (skipped when not importable, required in CI).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from caffe_utils.layers.base import LayerSetupError
 from caffe_utils.layers.vision import conv_geometry
 from caffe_utils.schema import caffe_pb2
 from tests.gradcheck import check_gradients
+from tests.oracles import col2im_naive, im2col_naive
 from tests.reference import check_against_caffe
 
 TEST = 1
@@ -282,10 +283,10 @@ def test_im2col_matches_caffe_loops(case):
     rng = np.random.RandomState(1)
     x = rng.standard_normal((C, H, W)).astype(F)
     col = i2c.im2col(x, k, p, s, d)
-    np.testing.assert_array_equal(col, i2c.im2col_naive(x, k, p, s, d))
+    np.testing.assert_array_equal(col, im2col_naive(x, k, p, s, d))
     c = rng.standard_normal(col.shape).astype(F)
     img = i2c.col2im(c, (C, H, W), k, p, s, d)
-    np.testing.assert_allclose(img, i2c.col2im_naive(c, (C, H, W), k, p, s, d), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(img, col2im_naive(c, (C, H, W), k, p, s, d), rtol=1e-5, atol=1e-5)
     # adjoint: <im2col(x), c> == <x, col2im(c)>
     lhs = float(np.sum(col.astype(np.float64) * c))
     rhs = float(np.sum(x.astype(np.float64) * img))
@@ -309,12 +310,12 @@ def test_im2col_batch_threaded(monkeypatch, n):
     x = rng.standard_normal((n, 3, 9, 8)).astype(F)
     col = i2c.im2col_batch(x, 3, 1, 2, 1)
     oh, ow = i2c.out_shape((9, 8), 3, 1, 2)
-    ref = np.stack([i2c.im2col_naive(x[i], 3, 1, 2, 1) for i in range(n)], axis=1)  # (rows, N, P)
+    ref = np.stack([im2col_naive(x[i], 3, 1, 2, 1) for i in range(n)], axis=1)  # (rows, N, P)
     np.testing.assert_array_equal(col, ref.reshape(col.shape))
     c = rng.standard_normal(col.shape).astype(F)
     img = i2c.col2im_batch(c, x.shape, 3, 1, 2, 1, out=np.empty(10_000, F))
     cc = c.reshape(-1, n, oh * ow)
-    ref_img = np.stack([i2c.col2im_naive(cc[:, i], (3, 9, 8), 3, 1, 2, 1) for i in range(n)])
+    ref_img = np.stack([col2im_naive(cc[:, i], (3, 9, 8), 3, 1, 2, 1) for i in range(n)])
     np.testing.assert_allclose(img, ref_img, rtol=1e-5, atol=1e-5)
 
 
