@@ -4,7 +4,8 @@ with the layer implementations of :mod:`caffe_utils.layers`, pycaffe-style.
 ``Net(prototxt, phase, weights)`` behaves like ``caffe.Net``: ``net.blobs`` (ordered name ->
 :class:`Blob` with ``data``/``diff``), ``net.params`` (ordered layer name -> list of blobs, only
 layers with parameters), ``net.layers``, ``net.inputs``/``net.outputs``,
-``forward(start=, end=)``, ``backward(start=, end=)``, ``reshape()``, ``save()``, ``copy_from()``.
+``forward(start=, end=)``, ``backward(start=, end=)``, ``reshape()``, ``save()``, ``copy_from()``:
+the :class:`~caffe_utils.engine.protocol.EngineNet` interface.
 
 Semantics that follow Caffe:
 
