@@ -26,52 +26,52 @@ def conv_out(size, k, p, s, d):
     return (abs(num) // s) * (1 if num >= 0 else -1) + 1
 
 
-def naive_conv(x, w, b, k, p, s, d, group):
-    """Direct 7-loop convolution (float64)."""
+def _conv_taps(x_shape, m_count, out_hw, k, p, s, d, group):
+    """The 7 loops of a direct convolution: ``(n, m, r, q, ci, i, j, yy, xx)`` for every output
+    ``(n, m, r, q)`` and kernel tap ``(c, i, j)`` that reads inside the input, as input channel
+    ``ci`` at ``(yy, xx)``; ``(n, m, r, q, -1, ...)`` comes first for each output (its bias)."""
     (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
-    N, C, H, W = x.shape
-    M = w.shape[0]
-    oh, ow = conv_out(H, kh, ph, sh, dh), conv_out(W, kw, pw, sw, dw)
-    cg, mg = C // group, M // group
-    y = np.zeros((N, M, oh, ow))
+    N, C, H, W = x_shape
+    oh, ow = out_hw
+    cg, mg = C // group, m_count // group
     for n in range(N):
-        for m in range(M):
+        for m in range(m_count):
             g = m // mg
             for r in range(oh):
                 for q in range(ow):
-                    acc = 0.0 if b is None else float(b[m])
+                    yield n, m, r, q, -1, 0, 0, 0, 0
                     for c in range(cg):
                         for i in range(kh):
                             for j in range(kw):
                                 yy, xx = r * sh - ph + i * dh, q * sw - pw + j * dw
                                 if 0 <= yy < H and 0 <= xx < W:
-                                    acc += float(w[m, c, i, j]) * float(x[n, g * cg + c, yy, xx])
-                    y[n, m, r, q] = acc
+                                    yield n, m, r, q, g * cg + c, i, j, yy, xx
+
+
+def naive_conv(x, w, b, k, p, s, d, group):
+    """Direct 7-loop convolution (float64)."""
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
+    N, C, H, W = x.shape
+    oh, ow = conv_out(H, kh, ph, sh, dh), conv_out(W, kw, pw, sw, dw)
+    y = np.zeros((N, w.shape[0], oh, ow))
+    for n, m, r, q, ci, i, j, yy, xx in _conv_taps(x.shape, w.shape[0], (oh, ow), k, p, s, d, group):
+        if ci < 0:
+            y[n, m, r, q] = 0.0 if b is None else float(b[m])
+        else:
+            y[n, m, r, q] += float(w[m, ci % (C // group), i, j]) * float(x[n, ci, yy, xx])
     return y
 
 
 def naive_conv_backward(x, w, dy, k, p, s, d, group):
     """Scatter loops: (dx, dw, db) of the 7-loop convolution."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
-    N, C, H, W = x.shape
-    M = w.shape[0]
-    oh, ow = dy.shape[2:]
-    cg, mg = C // group, M // group
+    cg = x.shape[1] // group
     dx = np.zeros(x.shape)
     dwt = np.zeros(w.shape)
-    for n in range(N):
-        for m in range(M):
-            g = m // mg
-            for r in range(oh):
-                for q in range(ow):
-                    gval = float(dy[n, m, r, q])
-                    for c in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                yy, xx = r * sh - ph + i * dh, q * sw - pw + j * dw
-                                if 0 <= yy < H and 0 <= xx < W:
-                                    dx[n, g * cg + c, yy, xx] += gval * float(w[m, c, i, j])
-                                    dwt[m, c, i, j] += gval * float(x[n, g * cg + c, yy, xx])
+    for n, m, r, q, ci, i, j, yy, xx in _conv_taps(x.shape, w.shape[0], dy.shape[2:], k, p, s, d, group):
+        if ci >= 0:
+            gval = float(dy[n, m, r, q])
+            dx[n, ci, yy, xx] += gval * float(w[m, ci % cg, i, j])
+            dwt[m, ci % cg, i, j] += gval * float(x[n, ci, yy, xx])
     return dx, dwt, dy.sum(axis=(0, 2, 3))
 
 
