@@ -262,7 +262,7 @@ def test_convolution_invalid_params(cp, msg):
     ("", ((0, 0), (0, 0), (1, 1), (1, 1))),                       # Caffe's defaults; kernel 0
     ("kernel_size: 3 pad: 1 stride: 2 dilation: 2", ((3, 3), (1, 1), (2, 2), (2, 2))),
     ("kernel_size: 2 kernel_size: 3 pad: 0 pad: 1 stride: 1 stride: 2", ((2, 3), (0, 1), (1, 2), (1, 1))),
-    ("kernel_h: 2 kernel_w: 3 pad_h: 1 stride_w: 2", ((2, 3), (1, 0), (0, 2), (1, 1))),
+    ("kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 0 stride_h: 1 stride_w: 2", ((2, 3), (1, 0), (1, 2), (1, 1))),
     ("kernel_size: 5 kernel_h: 2 kernel_w: 3", ((2, 3), (0, 0), (1, 1), (1, 1))),  # h/w win; setup refuses it
     ("kernel_size: 1 kernel_size: 2 kernel_size: 3 dilation: 2 dilation: 3 dilation: 4",
      ((1, 2), (0, 0), (1, 1), (2, 3))),                          # the first two; setup refuses it
@@ -278,7 +278,7 @@ def test_conv_geometry(cp, want):
          "(kernel_size specified 0 times; 2 spatial dims)."),
     ("kernel_h: 0 kernel_w: 2", "Filter dimensions must be nonzero."),
     ("kernel_size: 3 stride: 2 stride_h: 1", "Either stride or stride_h/w should be specified; not both."),
-    ("kernel_size: 3 stride_h: 2", "Stride dimensions must be nonzero."),
+    ("kernel_size: 3 stride_h: 0 stride_w: 2", "Stride dimensions must be nonzero."),
     ("kernel_size: 3 pad: 1 pad: 1 pad: 1", "pad must be specified once, or once per spatial dimension "
                                             "(pad specified 3 times; 2 spatial dims)."),
     ("kernel_size: 3 pad: 1 pad_w: 1", "Either pad or pad_h/w should be specified; not both."),
