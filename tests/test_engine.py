@@ -1,11 +1,14 @@
 """The numpy engine's Net and the engine interface (pycaffe vocabulary, selection, errors)."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 from caffe_utils import engine as eng
 from caffe_utils.engine.numpy_net import Net
+from caffe_utils.engine.protocol import EngineNet
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 from reference import check_against_caffe
 
@@ -149,6 +152,52 @@ def test_both_engines_share_the_interface(tmp_path, caffe):
     for name, blobs in nets[0].params.items():
         for a, b in zip(blobs, nets[1].params[name]):
             assert np.array_equal(a.data, b.data)
+
+
+def _protocol_call_problems(impl, proto) -> list:
+    """Ways in which a call that the Protocol method ``proto`` allows would fail on ``impl``."""
+    want = [p for p in inspect.signature(proto).parameters.values() if p.name != "self"]
+    have = inspect.signature(impl).parameters
+    positional = [p.name for p in have.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    problems = []
+    for k, p in enumerate(want):
+        q = have.get(p.name)
+        if q is None or q.kind != p.kind or positional[k:k + 1] != [p.name]:
+            problems.append(f"parameter {p.name!r}: {q} where the Protocol has {p}")
+        elif p.default is not p.empty and q.default != p.default:
+            problems.append(f"parameter {p.name!r} defaults to {q.default!r}, the Protocol's to {p.default!r}")
+    for q in have.values():
+        if q.name not in {p.name for p in want} and q.default is q.empty \
+                and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD):
+            problems.append(f"extra required parameter {q.name!r}")
+    return problems
+
+
+@pytest.mark.parametrize("engine", ["numpy", "caffe"])
+def test_engines_satisfy_the_protocol(tmp_path, request, engine):
+    """Both engines are EngineNets: every member there, methods callable as the Protocol says."""
+    if engine == "caffe":
+        request.getfixturevalue("caffe")
+    net = eng.open_net(_write(tmp_path, LEGAL), engine=engine)
+    assert isinstance(net, EngineNet)
+    assert not isinstance(object(), EngineNet)
+    assert isinstance(net.phase, int) and isinstance(net.input_diffs, bool)
+    assert set(EngineNet.__annotations__) == {"phase", "net_param", "input_diffs"}
+    members = {n: m for n, m in vars(EngineNet).items() if not n.startswith("_")}
+    assert {"forward", "backward", "reshape", "clear_param_diffs", "set_data", "copy_from", "save",
+            "blobs", "params", "inputs", "outputs", "layer_names", "layer_types"} <= set(members)
+    for name, member in members.items():
+        if isinstance(member, property):
+            assert not callable(getattr(net, name)), name
+        else:
+            assert _protocol_call_problems(getattr(net, name), member) == [], name
+
+
+def test_set_data_calls_the_engine(tmp_path):
+    net = Net(_write(tmp_path, LEGAL))
+    x = np.full(net.blobs["data"].shape, 2.5, np.float32)
+    eng.set_data(net, "data", x)
+    assert np.array_equal(net.blobs["data"].data, x)
 
 
 def test_input_reshape(tmp_path):

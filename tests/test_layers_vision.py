@@ -1,9 +1,10 @@
-"""Tests of the vision layers (caffe_utils/layers/vision.py) and im2col (caffe_utils/layers/im2col.py).
+"""Tests of the vision layers (caffe_utils/layers/vision.py), Pooling (layers/pooling.py), LRN
+(layers/normalization.py) and im2col (layers/im2col.py).
 
-Oracles: loop transcriptions in this file (direct 7-loop convolution and its backward, scatter
-loops for deconvolution, Caffe's pooling and LRN loops), Caffe's im2col/col2im loops
-(``im2col_naive``/``col2im_naive``), finite-difference gradient checks, and the real pycaffe
-(skipped when not importable, required in CI).
+Oracles: the loop transcriptions in ``tests/oracles.py`` (direct 7-loop convolution and its
+backward, scatter loops for deconvolution, Caffe's pooling, LRN and im2col/col2im loops),
+finite-difference gradient checks, and the real pycaffe (skipped when not importable, required
+in CI).
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from google.protobuf import text_format
 from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers import im2col as i2c
 from caffe_utils.layers.base import LayerSetupError
+from caffe_utils.layers.vision import conv_geometry
 from caffe_utils.schema import caffe_pb2
 from tests.gradcheck import check_gradients
+from tests.oracles import (col2im_naive, im2col_naive, naive_conv, naive_conv_backward, naive_deconv,
+                           naive_lrn_across, naive_lrn_within, naive_pool, naive_pool_backward)
 from tests.reference import check_against_caffe
 
 TEST = 1
@@ -78,187 +82,6 @@ def pool_floor_text() -> str:
     pytest.skip("schema has no pooling rounding option")
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-# ------------------------------------------------------------------------------------------
-# naive oracles
-# ------------------------------------------------------------------------------------------
-
-def conv_out(size, k, p, s, d):
-    ext = d * (k - 1) + 1
-    num = size + 2 * p - ext
-    return (abs(num) // s) * (1 if num >= 0 else -1) + 1
-
-
-def naive_conv(x, w, b, k, p, s, d, group):
-    """Direct 7-loop convolution (float64)."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
-    N, C, H, W = x.shape
-    M = w.shape[0]
-    oh, ow = conv_out(H, kh, ph, sh, dh), conv_out(W, kw, pw, sw, dw)
-    cg, mg = C // group, M // group
-    y = np.zeros((N, M, oh, ow))
-    for n in range(N):
-        for m in range(M):
-            g = m // mg
-            for r in range(oh):
-                for q in range(ow):
-                    acc = 0.0 if b is None else float(b[m])
-                    for c in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                yy, xx = r * sh - ph + i * dh, q * sw - pw + j * dw
-                                if 0 <= yy < H and 0 <= xx < W:
-                                    acc += float(w[m, c, i, j]) * float(x[n, g * cg + c, yy, xx])
-                    y[n, m, r, q] = acc
-    return y
-
-
-def naive_conv_backward(x, w, dy, k, p, s, d, group):
-    """Scatter loops: (dx, dw, db) of the 7-loop convolution."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
-    N, C, H, W = x.shape
-    M = w.shape[0]
-    oh, ow = dy.shape[2:]
-    cg, mg = C // group, M // group
-    dx = np.zeros(x.shape)
-    dwt = np.zeros(w.shape)
-    for n in range(N):
-        for m in range(M):
-            g = m // mg
-            for r in range(oh):
-                for q in range(ow):
-                    gval = float(dy[n, m, r, q])
-                    for c in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                yy, xx = r * sh - ph + i * dh, q * sw - pw + j * dw
-                                if 0 <= yy < H and 0 <= xx < W:
-                                    dx[n, g * cg + c, yy, xx] += gval * float(w[m, c, i, j])
-                                    dwt[m, c, i, j] += gval * float(x[n, g * cg + c, yy, xx])
-    return dx, dwt, dy.sum(axis=(0, 2, 3))
-
-
-def naive_deconv(x, w, b, k, p, s, d, group):
-    """Deconvolution by scattering every input value through the kernel (float64)."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (k, p, s, d))
-    N, C, H, W = x.shape
-    Mg = w.shape[1]
-    M = Mg * group
-    cg = C // group
-    OH = sh * (H - 1) + dh * (kh - 1) + 1 - 2 * ph
-    OW = sw * (W - 1) + dw * (kw - 1) + 1 - 2 * pw
-    y = np.zeros((N, M, OH, OW))
-    for n in range(N):
-        for c in range(C):
-            g = c // cg
-            for r in range(H):
-                for q in range(W):
-                    v = float(x[n, c, r, q])
-                    for m in range(Mg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                yy, xx = r * sh - ph + i * dh, q * sw - pw + j * dw
-                                if 0 <= yy < OH and 0 <= xx < OW:
-                                    y[n, g * Mg + m, yy, xx] += v * float(w[c, m, i, j])
-    if b is not None:
-        y += np.asarray(b, np.float64)[None, :, None, None]
-    return y
-
-
-def naive_pooled(size, k, p, s, ceil=True):
-    num = size + 2 * p - k
-    out = (int(np.ceil(num / s)) if ceil else int(np.floor(num / s))) + 1
-    if p and (out - 1) * s >= size + p:
-        out -= 1
-    return out
-
-
-def naive_pool(x, method, k, p, s, ceil=True):
-    """Transcription of Caffe's PoolingLayer::Forward_cpu loops; returns (top, mask)."""
-    (kh, kw), (ph, pw), (sh, sw) = map(_pair, (k, p, s))
-    N, C, H, W = x.shape
-    oh, ow = naive_pooled(H, kh, ph, sh, ceil), naive_pooled(W, kw, pw, sw, ceil)
-    y = np.zeros((N, C, oh, ow))
-    mask = -np.ones((N, C, oh, ow), np.int64)
-    for n in range(N):
-        for c in range(C):
-            for r in range(oh):
-                for q in range(ow):
-                    hs, ws = r * sh - ph, q * sw - pw
-                    if method == "MAX":
-                        he, we = min(hs + kh, H), min(ws + kw, W)
-                        hs, ws = max(hs, 0), max(ws, 0)
-                        best = -np.finfo(F).max
-                        for h in range(hs, he):
-                            for w in range(ws, we):
-                                if x[n, c, h, w] > best:
-                                    best = x[n, c, h, w]
-                                    mask[n, c, r, q] = h * W + w
-                        y[n, c, r, q] = best
-                    else:
-                        he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
-                        size = (he - hs) * (we - ws)
-                        hs, ws = max(hs, 0), max(ws, 0)
-                        he, we = min(he, H), min(we, W)
-                        y[n, c, r, q] = x[n, c, hs:he, ws:we].astype(np.float64).sum() / size
-    return y, mask
-
-
-def naive_pool_backward(x_shape, dy, method, k, p, s, mask=None):
-    (kh, kw), (ph, pw), (sh, sw) = map(_pair, (k, p, s))
-    N, C, H, W = x_shape
-    dx = np.zeros(x_shape)
-    for n in range(N):
-        for c in range(C):
-            for r in range(dy.shape[2]):
-                for q in range(dy.shape[3]):
-                    if method == "MAX":
-                        idx = mask[n, c, r, q]
-                        dx[n, c, idx // W, idx % W] += dy[n, c, r, q]
-                        continue
-                    hs, ws = r * sh - ph, q * sw - pw
-                    he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
-                    size = (he - hs) * (we - ws)
-                    hs, ws = max(hs, 0), max(ws, 0)
-                    he, we = min(he, H), min(we, W)
-                    dx[n, c, hs:he, ws:we] += dy[n, c, r, q] / size
-    return dx
-
-
-def naive_lrn_across(x, dy, size, alpha, beta, k):
-    x = x.astype(np.float64)
-    N, C, H, W = x.shape
-    p = (size - 1) // 2
-    scale = np.zeros(x.shape)
-    for c in range(C):
-        lo, hi = max(0, c - p), min(C, c + p + 1)
-        scale[:, c] = k + alpha / size * (x[:, lo:hi] ** 2).sum(axis=1)
-    y = x * scale ** -beta
-    dx = np.zeros(x.shape)
-    ratio = dy * y / scale
-    for c in range(C):
-        lo, hi = max(0, c - p), min(C, c + p + 1)
-        dx[:, c] = dy[:, c] * scale[:, c] ** -beta - 2 * alpha * beta / size * x[:, c] * ratio[:, lo:hi].sum(axis=1)
-    return y, dx
-
-
-def naive_lrn_within(x, size, alpha, beta):
-    """out = x * (1 + alpha * mean of x^2 over the size x size window, zero padded)^-beta."""
-    x = x.astype(np.float64)
-    N, C, H, W = x.shape
-    p = (size - 1) // 2
-    y = np.zeros(x.shape)
-    for h in range(H):
-        for w in range(W):
-            win = x[:, :, max(0, h - p):h + p + 1, max(0, w - p):w + p + 1]
-            s = (win ** 2).sum(axis=(2, 3)) / (size * size)
-            y[:, :, h, w] = x[:, :, h, w] * (1 + alpha * s) ** -beta
-    return y
-
-
 # ------------------------------------------------------------------------------------------
 # im2col
 # ------------------------------------------------------------------------------------------
@@ -280,10 +103,10 @@ def test_im2col_matches_caffe_loops(case):
     rng = np.random.RandomState(1)
     x = rng.standard_normal((C, H, W)).astype(F)
     col = i2c.im2col(x, k, p, s, d)
-    np.testing.assert_array_equal(col, i2c.im2col_naive(x, k, p, s, d))
+    np.testing.assert_array_equal(col, im2col_naive(x, k, p, s, d))
     c = rng.standard_normal(col.shape).astype(F)
     img = i2c.col2im(c, (C, H, W), k, p, s, d)
-    np.testing.assert_allclose(img, i2c.col2im_naive(c, (C, H, W), k, p, s, d), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(img, col2im_naive(c, (C, H, W), k, p, s, d), rtol=1e-5, atol=1e-5)
     # adjoint: <im2col(x), c> == <x, col2im(c)>
     lhs = float(np.sum(col.astype(np.float64) * c))
     rhs = float(np.sum(x.astype(np.float64) * img))
@@ -307,12 +130,12 @@ def test_im2col_batch_threaded(monkeypatch, n):
     x = rng.standard_normal((n, 3, 9, 8)).astype(F)
     col = i2c.im2col_batch(x, 3, 1, 2, 1)
     oh, ow = i2c.out_shape((9, 8), 3, 1, 2)
-    ref = np.stack([i2c.im2col_naive(x[i], 3, 1, 2, 1) for i in range(n)], axis=1)  # (rows, N, P)
+    ref = np.stack([im2col_naive(x[i], 3, 1, 2, 1) for i in range(n)], axis=1)  # (rows, N, P)
     np.testing.assert_array_equal(col, ref.reshape(col.shape))
     c = rng.standard_normal(col.shape).astype(F)
     img = i2c.col2im_batch(c, x.shape, 3, 1, 2, 1, out=np.empty(10_000, F))
     cc = c.reshape(-1, n, oh * ow)
-    ref_img = np.stack([i2c.col2im_naive(cc[:, i], (3, 9, 8), 3, 1, 2, 1) for i in range(n)])
+    ref_img = np.stack([col2im_naive(cc[:, i], (3, 9, 8), 3, 1, 2, 1) for i in range(n)])
     np.testing.assert_allclose(img, ref_img, rtol=1e-5, atol=1e-5)
 
 
@@ -433,6 +256,38 @@ def test_convolution_gradients(cp):
 def test_convolution_invalid_params(cp, msg):
     with pytest.raises(LayerSetupError, match=msg):
         make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [(1, 4, 5, 5)])
+
+
+@pytest.mark.parametrize("cp, want", [
+    ("", ((0, 0), (0, 0), (1, 1), (1, 1))),                       # Caffe's defaults; kernel 0
+    ("kernel_size: 3 pad: 1 stride: 2 dilation: 2", ((3, 3), (1, 1), (2, 2), (2, 2))),
+    ("kernel_size: 2 kernel_size: 3 pad: 0 pad: 1 stride: 1 stride: 2", ((2, 3), (0, 1), (1, 2), (1, 1))),
+    ("kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 0 stride_h: 1 stride_w: 2", ((2, 3), (1, 0), (1, 2), (1, 1))),
+    ("kernel_size: 5 kernel_h: 2 kernel_w: 3", ((2, 3), (0, 0), (1, 1), (1, 1))),  # h/w win; setup refuses it
+    ("kernel_size: 1 kernel_size: 2 kernel_size: 3 dilation: 2 dilation: 3 dilation: 4",
+     ((1, 2), (0, 0), (1, 1), (2, 3))),                          # the first two; setup refuses it
+])
+def test_conv_geometry(cp, want):
+    param = text_format.Parse(f"num_output: 1 {cp}", caffe_pb2().ConvolutionParameter())
+    assert conv_geometry(param) == want
+
+
+@pytest.mark.parametrize("cp, msg", [
+    ("kernel_size: 3 kernel_h: 3 kernel_w: 3", "Either kernel_size or kernel_h/w should be specified; not both."),
+    ("", "kernel_size must be specified once, or once per spatial dimension "
+         "(kernel_size specified 0 times; 2 spatial dims)."),
+    ("kernel_h: 0 kernel_w: 2", "Filter dimensions must be nonzero."),
+    ("kernel_size: 3 stride: 2 stride_h: 1", "Either stride or stride_h/w should be specified; not both."),
+    ("kernel_size: 3 stride_h: 0 stride_w: 2", "Stride dimensions must be nonzero."),
+    ("kernel_size: 3 pad: 1 pad: 1 pad: 1", "pad must be specified once, or once per spatial dimension "
+                                            "(pad specified 3 times; 2 spatial dims)."),
+    ("kernel_size: 3 pad: 1 pad_w: 1", "Either pad or pad_h/w should be specified; not both."),
+    ("kernel_size: 3 dilation: 0", "Dilation dimensions must be nonzero."),
+])
+def test_convolution_geometry_errors_are_caffes(cp, msg):
+    with pytest.raises(LayerSetupError) as info:
+        make_layer(f'name: "c" type: "Convolution" convolution_param {{ num_output: 2 {cp} }}', [(1, 2, 9, 9)])
+    assert str(info.value).endswith(msg)
 
 
 def test_convolution_rejects_nd_bottom():
@@ -562,7 +417,7 @@ def test_pooling_floor_rounding(method):
 
 
 def test_pooling_output_sizes():
-    from caffe_utils.layers.vision import pooled_size
+    from caffe_utils.layers.pooling import pooled_size
     assert pooled_size(6, 2, 1, 2) == 4            # ceil((6+2-2)/2)+1 = 4; 3*2 = 6 < 7 keeps it
     assert pooled_size(5, 2, 1, 2) == 3            # ceil(5/2)+1 = 4, but 3*2 >= 5+1 -> 3
     assert pooled_size(8, 3, 0, 2) == 4            # ceil(5/2)+1

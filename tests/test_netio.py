@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils import netio, wire
+from caffe_utils import caffemodel, netio, wire
 from caffe_utils.errors import OutputError, PrototxtError, ShapeMismatchError, WeightsError
 from caffe_utils.schema import caffe_pb2
 
@@ -122,7 +122,7 @@ def test_missing_and_directory_paths(tmp_path):
     with pytest.raises(PrototxtError, match="is a directory"):
         netio.read_net(tmp_path)
     with pytest.raises(WeightsError, match="does not exist"):
-        netio.read_caffemodel(tmp_path / "nope.caffemodel")
+        caffemodel.read_caffemodel(tmp_path / "nope.caffemodel")
 
 
 def _params(rng):
@@ -138,8 +138,8 @@ def test_caffemodel_write_read_bit_identical(tmp_path):
     net = netio.read_net(p)
     params = _params(np.random.RandomState(0))
     out = tmp_path / "w.caffemodel"
-    netio.write_caffemodel(out, net, params)
-    back = netio.read_caffemodel(out)
+    caffemodel.write_caffemodel(out, net, params)
+    back = caffemodel.read_caffemodel(out)
     assert list(back) == [l.name for l in net.layer]
     for name, arrays in params.items():
         assert back[name].type == {"conv1": "Convolution", "fc": "InnerProduct"}[name]
@@ -170,13 +170,13 @@ def test_write_is_atomic_and_leaves_no_temp_file(tmp_path):
     bad = dict(params)
     bad["fc"] = [params["fc"][0], Interrupted()]
     with pytest.raises(KeyboardInterrupt):
-        netio.write_caffemodel(out, net, bad)
+        caffemodel.write_caffemodel(out, net, bad)
     assert out.read_bytes() == b"old contents"
     assert [f.name for f in tmp_path.iterdir()] and not list(tmp_path.glob("*.part"))
     with pytest.raises(OutputError, match="does not exist"):
-        netio.write_caffemodel(tmp_path / "missing" / "w.caffemodel", net, params)
+        caffemodel.write_caffemodel(tmp_path / "missing" / "w.caffemodel", net, params)
     with pytest.raises(OutputError, match="is a directory"):
-        netio.write_caffemodel(tmp_path, net, params)
+        caffemodel.write_caffemodel(tmp_path, net, params)
 
 
 def _v1_caffemodel(params) -> bytes:
@@ -199,11 +199,11 @@ def test_v1_caffemodel_with_legacy_shapes(tmp_path):
     params = _params(np.random.RandomState(1))
     f = tmp_path / "v1.caffemodel"
     f.write_bytes(_v1_caffemodel(params))
-    w = netio.read_caffemodel(f)
+    w = caffemodel.read_caffemodel(f)
     assert list(w) == ["data", "conv1", "fc"]
     assert w["fc"].type == "InnerProduct" and w["fc"].blobs[0].shape == (1, 1, 5, 256)
     assert w["fc"].legacy_shape == [True, True]
-    matched = netio.match_weights({"conv1": [(4, 3, 3, 3), (4,)], "fc": [(5, 256), (5,)]}, w)
+    matched = caffemodel.match_weights({"conv1": [(4, 3, 3, 3), (4,)], "fc": [(5, 256), (5,)]}, w)
     for name, arrays in params.items():
         for a, b in zip(arrays, matched[name]):
             assert np.array_equal(a, b) and a.shape == b.shape
@@ -213,11 +213,11 @@ def test_shape_mismatch_names_layer_and_shapes(tmp_path):
     params = _params(np.random.RandomState(2))
     f = tmp_path / "v1.caffemodel"
     f.write_bytes(_v1_caffemodel(params))
-    w = netio.read_caffemodel(f)
+    w = caffemodel.read_caffemodel(f)
     with pytest.raises(ShapeMismatchError, match=r"'fc' blob 0 .*\(1, 1, 5, 256\).*\(6, 256\)"):
-        netio.match_weights({"fc": [(6, 256), (6,)]}, w)
+        caffemodel.match_weights({"fc": [(6, 256), (6,)]}, w)
     with pytest.raises(ShapeMismatchError, match="'fc' has 2 blobs"):
-        netio.match_weights({"fc": [(5, 256)]}, w)
+        caffemodel.match_weights({"fc": [(5, 256)]}, w)
 
 
 def test_training_weights_have_extra_layers(tmp_path):
@@ -230,9 +230,9 @@ def test_training_weights_have_extra_layers(tmp_path):
                                  'layer { name: "fc" type: "InnerProduct" }'
                                  'layer { name: "loss" type: "SoftmaxWithLoss" }')
     f = tmp_path / "train.caffemodel"
-    netio.write_caffemodel(f, train, params)
-    matched = netio.match_weights({"conv1": [(4, 3, 3, 3), (4,)], "fc": [(5, 256), (5,)],
-                                   "other": [(1,)]}, netio.read_caffemodel(f))
+    caffemodel.write_caffemodel(f, train, params)
+    matched = caffemodel.match_weights({"conv1": [(4, 3, 3, 3), (4,)], "fc": [(5, 256), (5,)],
+                                   "other": [(1,)]}, caffemodel.read_caffemodel(f))
     assert list(matched) == ["conv1", "fc"]
 
 
@@ -245,25 +245,25 @@ def test_bad_caffemodels(tmp_path, content, match):
     f = tmp_path / "bad.caffemodel"
     f.write_bytes(content)
     with pytest.raises(WeightsError, match=match):
-        netio.read_caffemodel(f)
+        caffemodel.read_caffemodel(f)
 
 
 def test_truncated_caffemodel(tmp_path):
     p = tmp_path / "net.prototxt"
     p.write_text(NET)
     f = tmp_path / "w.caffemodel"
-    netio.write_caffemodel(f, netio.read_net(p), _params(np.random.RandomState(4)))
+    caffemodel.write_caffemodel(f, netio.read_net(p), _params(np.random.RandomState(4)))
     data = f.read_bytes()
     (tmp_path / "t.caffemodel").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="truncated"):
-        netio.read_caffemodel(tmp_path / "t.caffemodel")
+        caffemodel.read_caffemodel(tmp_path / "t.caffemodel")
 
 
 def test_mean_round_trip(tmp_path):
     mean = np.random.RandomState(5).uniform(0, 255, (3, 7, 9)).astype(np.float32)
     f = tmp_path / "mean.binaryproto"
-    netio.write_mean(f, mean)
-    back = netio.read_mean(f)
+    caffemodel.write_mean(f, mean)
+    back = caffemodel.read_mean(f)
     assert back.shape == (3, 7, 9) and np.array_equal(back, mean)
     bp = caffe_pb2().BlobProto.FromString(f.read_bytes())
     assert (bp.num, bp.channels, bp.height, bp.width) == (1, 3, 7, 9)
@@ -275,3 +275,11 @@ def test_wire_varint_round_trip():
         assert wire.read_varint(memoryview(enc), 0, len(enc)) == (v, len(enc))
     with pytest.raises(wire.WireFormatError):
         wire.read_varint(memoryview(b"\x80\x80"), 0, 2)
+
+
+def test_netio_keeps_the_caffemodel_names():
+    """Weights and mean files moved to caffe_utils.caffemodel; netio still offers them."""
+    for name in ("CaffemodelFile", "LayerWeights", "copy_caffemodel_into", "match_weights",
+                 "parse_caffemodel_bytes", "read_caffemodel", "read_mean", "write_caffemodel", "write_mean"):
+        assert name in netio.__all__
+        assert getattr(netio, name) is getattr(caffemodel, name)

@@ -8,7 +8,10 @@ knowing which engine runs it:
   NetParameter); ``layer_names``, ``layer_types``, ``bottom_names``, ``top_names`` for the layers
   of the prototxt;
 * ``forward(start=, end=)``, ``backward(start=, end=)`` (pycaffe's order: backward from ``start``
-  down to ``end``), ``reshape()``, ``clear_param_diffs()``, ``copy_from(path)``, ``save(path)``.
+  down to ``end``), ``reshape()``, ``clear_param_diffs()``, ``set_data(name, data)``,
+  ``copy_from(path)``, ``save(path)``; ``phase`` and ``input_diffs``.
+
+:class:`~caffe_utils.engine.protocol.EngineNet` spells this interface out as a Protocol.
 
 Engine names: ``auto`` (pycaffe when importable, else numpy), ``numpy``, ``caffe``. A GPU id goes
 to pycaffe; asking the numpy engine for a GPU is an error.
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from caffe_utils import netio
+from caffe_utils.engine.protocol import EngineNet
 from caffe_utils.errors import EngineError
 from caffe_utils.schema import pycaffe_importable
 
@@ -34,13 +38,10 @@ def physical_memory() -> int:
         return 0
 
 
-def set_data(net, name: str, data) -> None:
-    """Set blob ``name``'s data on either engine (on pycaffe also Caffe's Split copies of it, so
-    that ``forward(start=...)`` sees it)."""
-    if hasattr(net, "set_data"):
-        net.set_data(name, data)
-    else:
-        net.blobs[name].data[...] = data
+def set_data(net: EngineNet, name: str, data) -> None:
+    """Set blob ``name``'s data: ``net.set_data(name, data)``, which both engines have (kept for
+    callers not yet switched to calling the method)."""
+    net.set_data(name, data)
 
 
 def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
@@ -60,7 +61,7 @@ def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
 def open_net(net: Union[str, Path, object], weights: Optional[Union[str, Path]] = None,
              phase: Union[int, str] = netio.TEST, engine: str = "auto", gpu: Optional[int] = None, *,
              level: int = 0, stages: Sequence[str] = (),
-             input_shapes: Optional[Mapping[str, Sequence[int]]] = None, seed: int = 0):
+             input_shapes: Optional[Mapping[str, Sequence[int]]] = None, seed: int = 0) -> EngineNet:
     """Build ``net`` (prototxt path or NetParameter) on the selected engine."""
     which = resolve_engine(engine, gpu)
     kwargs = dict(level=level, stages=stages, input_shapes=input_shapes, seed=seed)

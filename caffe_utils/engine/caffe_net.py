@@ -5,8 +5,10 @@ to a temporary prototxt with ``force_backward: true``), so both engines see one 
 pycaffe already provides ``blobs``, ``params``, ``layers``, ``inputs``, ``outputs``, ``forward``,
 ``backward`` and ``reshape``; this class adds ``net_param``, ``layer_names``/``layer_types``,
 ``bottom_names``/``top_names`` for the layers of the prototxt (Caffe's own Split layers are hidden),
-``clear_param_diffs``, ``copy_from`` with the project's clear errors, and ``save`` through
-:func:`caffe_utils.netio.write_caffemodel`.
+``clear_param_diffs``, ``set_data`` (which also fills Caffe's Split copies of a blob),
+``input_diffs``, ``copy_from`` with the project's clear errors, and ``save`` through
+:func:`caffe_utils.caffemodel.write_caffemodel`: the
+:class:`~caffe_utils.engine.protocol.EngineNet` interface.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from caffe_utils import netio
+from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
@@ -196,6 +198,11 @@ class CaffeNet:
                 self._split_tops.setdefault(src, []).extend(self._net.top_names[lname])
         self.bottom_names = OrderedDict((lp.name, list(lp.bottom)) for lp in self.net_param.layer)
         self.top_names = OrderedDict((lp.name, list(lp.top)) for lp in self.net_param.layer)
+        #: the engine interface's switch for the input blobs' diffs. pycaffe fixes at build time
+        #: which blobs get a backward pass (an input blob only with ``force_backward``), and this
+        #: adapter builds with ``force_backward: true``, so backward always computes them here;
+        #: False only tells that the caller does not read them (the numpy engine then skips them)
+        self.input_diffs = True
         if weights is not None:
             self.copy_from(weights)
 
@@ -266,9 +273,9 @@ class CaffeNet:
 
     def copy_from(self, weights: Union[str, Path]) -> None:
         targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items())
-        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+        for _ in caffemodel.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
             pass
 
     def save(self, path: Union[str, Path]) -> None:
-        netio.write_caffemodel(path, self.net_param,
+        caffemodel.write_caffemodel(path, self.net_param,
                                OrderedDict((n, [b.data for b in bl]) for n, bl in self._net.params.items()))

@@ -4,7 +4,8 @@ with the layer implementations of :mod:`caffe_utils.layers`, pycaffe-style.
 ``Net(prototxt, phase, weights)`` behaves like ``caffe.Net``: ``net.blobs`` (ordered name ->
 :class:`Blob` with ``data``/``diff``), ``net.params`` (ordered layer name -> list of blobs, only
 layers with parameters), ``net.layers``, ``net.inputs``/``net.outputs``,
-``forward(start=, end=)``, ``backward(start=, end=)``, ``reshape()``, ``save()``, ``copy_from()``.
+``forward(start=, end=)``, ``backward(start=, end=)``, ``reshape()``, ``save()``, ``copy_from()``:
+the :class:`~caffe_utils.engine.protocol.EngineNet` interface.
 
 Semantics that follow Caffe:
 
@@ -27,12 +28,13 @@ blob over Caffe's 2^31-1 elements, is refused while building, naming the layer.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from caffe_utils import netio
+from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
 from caffe_utils.errors import PrototxtError
 from caffe_utils.fillers import fill
@@ -70,6 +72,84 @@ class _TopView:
     @property
     def count(self) -> int:
         return int(self.data.size)
+
+
+def _create_layer(i: int, lp, phase: int, names_seen: Set[str]) -> Layer:
+    """The layer for LayerParameter ``lp`` (the ``i``-th), after Caffe's checks of its name and
+    of its numbers of bottoms and tops."""
+    if not lp.name:
+        raise PrototxtError(f"layer {i} (type '{lp.type}') has no name; give every layer a unique name")
+    if lp.name in names_seen:
+        raise PrototxtError(f"two layers are named '{lp.name}'; layer names must be unique")
+    names_seen.add(lp.name)
+    layer = create_layer(lp, phase)
+    if layer.num_bottom is not None and len(lp.bottom) != layer.num_bottom:
+        raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_bottom} bottom(s), "
+                            f"has {len(lp.bottom)}")
+    if layer.num_top is not None and len(lp.top) != layer.num_top:
+        raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_top} top(s), "
+                            f"has {len(lp.top)}")
+    return layer
+
+
+@dataclass
+class _Wiring:
+    """What building a net keeps between layers: the blob each name holds now, which layers
+    read each blob (by id), the layer names seen, shared parameters and the bytes used."""
+    current: Dict[str, Blob] = field(default_factory=dict)
+    readers: Dict[int, List[int]] = field(default_factory=dict)
+    names_seen: Set[str] = field(default_factory=set)
+    shared: Dict[str, Tuple[str, Blob]] = field(default_factory=dict)
+    used: int = 0
+
+    def bottoms(self, i: int, lp) -> List[Blob]:
+        """The bottom blobs of layer ``i``, each recorded as read by it."""
+        bottoms: List[Blob] = []
+        for b in lp.bottom:
+            if b not in self.current:
+                raise PrototxtError(f"layer '{lp.name}' uses bottom '{b}' before any layer produces it; "
+                                    "reorder the prototxt so producers come first, or fix the name")
+            blob = self.current[b]
+            bottoms.append(blob)
+            self.readers.setdefault(id(blob), []).append(i)
+        return bottoms
+
+    def tops(self, i: int, lp) -> Tuple[List[Blob], List[bool]]:
+        """The top blobs of layer ``i`` and whether each is computed in place (the bottom's blob).
+        An in-place top that an earlier layer still reads becomes a new blob (Caffe's implicit
+        Split case): that reader's backward needs the old contents."""
+        tops: List[Blob] = []
+        inplace: List[bool] = []
+        for t in lp.top:
+            if t in lp.bottom:
+                blob = self.current[t]
+                others = [r for r in self.readers.get(id(blob), []) if r != i]
+                if others:
+                    blob = Blob(blob.shape)  # earlier readers still need the old contents
+                    inplace.append(False)
+                else:
+                    inplace.append(True)
+            else:
+                if t in self.current:
+                    raise PrototxtError(f"top '{t}' of layer '{lp.name}' is produced by more than one layer; "
+                                        "rename one of them (only in-place layers may reuse a name)")
+                blob = Blob()
+                inplace.append(False)
+            self.current[t] = blob
+            self.readers[id(blob)] = []
+            tops.append(blob)
+        return tops, inplace
+
+
+def _never_consumed(net_param) -> List[str]:
+    """Caffe's net outputs: blobs produced and not read by any later layer, in order."""
+    available: "OrderedDict[str, None]" = OrderedDict()
+    for lp in net_param.layer:
+        for b in lp.bottom:
+            available.pop(b, None)
+        for t in lp.top:
+            available[t] = None
+    return list(available)
 
 
 class Net:
@@ -110,90 +190,53 @@ class Net:
     def _build(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
         if not len(self.net_param.layer):
             raise PrototxtError("the net has no layers (after applying the phase's include/exclude rules)")
-        current: Dict[str, Blob] = {}
-        readers: Dict[int, List[int]] = {}
-        names_seen = set()
-        shared: Dict[str, Tuple[str, Blob]] = {}
-        used = 0
+        wiring = _Wiring()
         for i, lp in enumerate(self.net_param.layer):
-            if not lp.name:
-                raise PrototxtError(f"layer {i} (type '{lp.type}') has no name; give every layer a unique name")
-            if lp.name in names_seen:
-                raise PrototxtError(f"two layers are named '{lp.name}'; layer names must be unique")
-            names_seen.add(lp.name)
-            layer = create_layer(lp, self.phase)
-            if layer.num_bottom is not None and len(lp.bottom) != layer.num_bottom:
-                raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_bottom} bottom(s), "
-                                    f"has {len(lp.bottom)}")
-            if layer.num_top is not None and len(lp.top) != layer.num_top:
-                raise PrototxtError(f"layer '{lp.name}' ({lp.type}) needs {layer.num_top} top(s), "
-                                    f"has {len(lp.top)}")
-            bottoms: List[Blob] = []
-            for b in lp.bottom:
-                if b not in current:
-                    raise PrototxtError(f"layer '{lp.name}' uses bottom '{b}' before any layer produces it; "
-                                        "reorder the prototxt so producers come first, or fix the name")
-                blob = current[b]
-                bottoms.append(blob)
-                readers.setdefault(id(blob), []).append(i)
-            tops: List[Blob] = []
-            inplace: List[bool] = []
-            for t in lp.top:
-                if t in lp.bottom:
-                    blob = current[t]
-                    others = [r for r in readers.get(id(blob), []) if r != i]
-                    if others:
-                        blob = Blob(blob.shape)  # earlier readers still need the old contents
-                        inplace.append(False)
-                    else:
-                        inplace.append(True)
-                else:
-                    if t in current:
-                        raise PrototxtError(f"top '{t}' of layer '{lp.name}' is produced by more than one layer; "
-                                            "rename one of them (only in-place layers may reuse a name)")
-                    blob = Blob()
-                    inplace.append(False)
-                current[t] = blob
-                readers[id(blob)] = []
-                tops.append(blob)
-                self.blobs[t] = blob
-            if isinstance(layer, FedDataLayer):
-                layer.given_shapes = [tuple(input_shapes[t]) if t in input_shapes else None for t in lp.top]
-            if lp.type == "Input":
-                self.inputs.extend(lp.top)
-            try:
-                layer.setup(bottoms, tops)
-                if lp.type == "Input":
-                    for t, blob in zip(lp.top, tops):
-                        if t in input_shapes:
-                            blob.reshape(input_shapes[t])
-                layer.reshape(bottoms, tops)
-            except BlobShapeError as exc:
-                raise layer.error(f"{exc}; make the input or the layer's output smaller") from exc
-            used = self._check_memory(layer, tops, inplace, used)
-            if isinstance(layer, FedDataLayer):
-                self.inputs.extend(t for t in lp.top if t not in self.inputs)
-            self._fill_params(layer)
-            self._share_params(layer, lp, shared)
-            self.layers.append(layer)
-            self._layer_names.append(lp.name)
-            self._bottoms.append(bottoms)
-            self._tops.append(tops)
-            self.bottom_names[lp.name] = list(lp.bottom)
-            self.top_names[lp.name] = list(lp.top)
-            self._inplace.append(inplace)
-            self._loss_weights.append(self._layer_loss_weights(layer, lp))
-            if layer.blobs:
-                self.params[lp.name] = layer.blobs
-        available: "OrderedDict[str, None]" = OrderedDict()
-        for lp in self.net_param.layer:  # Caffe: blobs produced and never consumed afterwards
-            for b in lp.bottom:
-                available.pop(b, None)
-            for t in lp.top:
-                available[t] = None
-        self.outputs = list(available)
+            self._add_layer(i, lp, input_shapes, wiring)
+        self.outputs = _never_consumed(self.net_param)
         self._index = {n: i for i, n in enumerate(self._layer_names)}
         self._set_loss_diffs()
+
+    def _add_layer(self, i: int, lp, input_shapes: Mapping[str, Sequence[int]], wiring: "_Wiring") -> None:
+        """Create layer ``i``, connect it to the blobs built so far, set it up and record it."""
+        layer = _create_layer(i, lp, self.phase, wiring.names_seen)
+        bottoms = wiring.bottoms(i, lp)
+        tops, inplace = wiring.tops(i, lp)
+        for t, blob in zip(lp.top, tops):
+            self.blobs[t] = blob
+        self._setup_layer(layer, lp, bottoms, tops, input_shapes)
+        wiring.used = self._check_memory(layer, tops, inplace, wiring.used)
+        if isinstance(layer, FedDataLayer):
+            self.inputs.extend(t for t in lp.top if t not in self.inputs)
+        self._fill_params(layer)
+        self._share_params(layer, lp, wiring.shared)
+        self.layers.append(layer)
+        self._layer_names.append(lp.name)
+        self._bottoms.append(bottoms)
+        self._tops.append(tops)
+        self.bottom_names[lp.name] = list(lp.bottom)
+        self.top_names[lp.name] = list(lp.top)
+        self._inplace.append(inplace)
+        self._loss_weights.append(self._layer_loss_weights(layer, lp))
+        if layer.blobs:
+            self.params[lp.name] = layer.blobs
+
+    def _setup_layer(self, layer: Layer, lp, bottoms: List[Blob], tops: List[Blob],
+                     input_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Caffe's ``SetUp`` of one layer, with the caller's input shapes for data and Input layers."""
+        if isinstance(layer, FedDataLayer):
+            layer.given_shapes = [tuple(input_shapes[t]) if t in input_shapes else None for t in lp.top]
+        if lp.type == "Input":
+            self.inputs.extend(lp.top)
+        try:
+            layer.setup(bottoms, tops)
+            if lp.type == "Input":
+                for t, blob in zip(lp.top, tops):
+                    if t in input_shapes:
+                        blob.reshape(input_shapes[t])
+            layer.reshape(bottoms, tops)
+        except BlobShapeError as exc:
+            raise layer.error(f"{exc}; make the input or the layer's output smaller") from exc
 
     def _check_memory(self, layer: Layer, tops: List[Blob], inplace: List[bool], used: int) -> int:
         """``used`` plus the bytes of ``layer``'s new tops and parameters; a clean error naming the
@@ -345,10 +388,10 @@ class Net:
     def copy_from(self, weights: Union[str, Path]) -> None:
         """Load parameters from a caffemodel, matching layers by name (as ``Net.copy_from``)."""
         targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items())
-        for _ in netio.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
+        for _ in caffemodel.copy_caffemodel_into(weights, targets):  # streams from the file into the blobs
             pass
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the net's parameters as a caffemodel (atomically)."""
-        netio.write_caffemodel(path, self.net_param,
+        caffemodel.write_caffemodel(path, self.net_param,
                                OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items()))

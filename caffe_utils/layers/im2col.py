@@ -11,8 +11,9 @@ Functions:
   :func:`im2col` is also the public way to extract a layer input's patches;
 * :func:`im2col_batch` / :func:`col2im_batch`: a batch ``(N, C, H, W)`` at once, columns laid
   out ``(C*kh*kw, N*outH*outW)`` (image-major within a row) so that a convolution of the whole
-  batch is one matrix product per group;
-* :func:`im2col_naive` / :func:`col2im_naive`: direct loop transcriptions, the test oracles.
+  batch is one matrix product per group.
+
+The tests check them against direct loop transcriptions of Caffe's code (``tests/oracles.py``).
 
 The vectorised versions loop over the ``kh*kw`` kernel offsets and copy (add) one strided
 slice of the padded batch per offset. ``col2im`` adds the offsets in Caffe's order (kernel row,
@@ -219,43 +220,3 @@ def col2im(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: IntPair 
     """Caffe's ``col2im_cpu``: image (C, H, W) for ``shape`` from columns (C*kh*kw, outH*outW)."""
     C, H, W = shape
     return col2im_batch(col, (1, C, H, W), kernel, pad, stride, dilation)[0]
-
-
-def im2col_naive(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPair = 1,
-                 dilation: IntPair = 1) -> np.ndarray:
-    """Loop transcription of Caffe's ``im2col_cpu`` (test oracle; slow)."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
-    C, H, W = x.shape
-    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
-    col = np.zeros((C * kh * kw, oh * ow), x.dtype)
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                row = (c * kh + i) * kw + j
-                for r in range(oh):
-                    y = r * sh - ph + i * dh
-                    for s in range(ow):
-                        xx = s * sw - pw + j * dw
-                        if 0 <= y < H and 0 <= xx < W:
-                            col[row, r * ow + s] = x[c, y, xx]
-    return col
-
-
-def col2im_naive(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: IntPair = 0,
-                 stride: IntPair = 1, dilation: IntPair = 1) -> np.ndarray:
-    """Loop transcription of Caffe's ``col2im_cpu`` (test oracle; slow)."""
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = map(_pair, (kernel, pad, stride, dilation))
-    C, H, W = shape
-    oh, ow = conv_out_size(H, kh, ph, sh, dh), conv_out_size(W, kw, pw, sw, dw)
-    img = np.zeros((C, H, W), col.dtype)
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                row = (c * kh + i) * kw + j
-                for r in range(oh):
-                    y = r * sh - ph + i * dh
-                    for s in range(ow):
-                        xx = s * sw - pw + j * dw
-                        if 0 <= y < H and 0 <= xx < W:
-                            img[c, y, xx] += col[row, r * ow + s]
-    return img

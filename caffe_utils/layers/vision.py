@@ -1,4 +1,4 @@
-"""Vision layers of the numpy engine: Convolution, Deconvolution, InnerProduct, Pooling, LRN.
+"""Vision layers of the numpy engine: Convolution, Deconvolution, InnerProduct.
 
 Each follows Caffe's CPU implementation (BVLC ``*_layer.cpp``): parameter rules, shapes,
 rounding, padding conventions and what backward computes. Convolutions run on many images at
@@ -7,11 +7,13 @@ once: :func:`~caffe_utils.layers.im2col.im2col_batch` builds one column matrix
 elements) and each group is one float32 matrix product; large temporaries live in reusable
 scratch buffers (so the layers are not thread-safe). Backward adds into bottom and parameter
 diffs, as the engine's protocol requires (Caffe overwrites bottom diffs; the net zeroes them).
+:func:`conv_geometry` reads a ConvolutionParameter's 2-D kernel, pad, stride and dilation the
+way Caffe does, for this module and for the initialization.
+
+Pooling is in :mod:`.pooling`, LRN in :mod:`.normalization`.
 
 Limits (each raises a clear error): convolutions are 2-D with ``axis: 1`` only (no N-d, no
-``force_nd_im2col``); STOCHASTIC pooling is not implemented (Caffe's CPU build has none either).
-Pooling reads ``round_mode`` (BVLC) or ``ceil_mode`` (forks such as the one pycaffe may come
-from), whichever the schema in use has.
+``force_nd_im2col``).
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, scratch
-
-FLT_MAX = float(np.finfo(np.float32).max)
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
 COL_BUDGET = 1 << 25
@@ -52,6 +52,35 @@ def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
 # Convolution and Deconvolution
 # --------------------------------------------------------------------------------------------
 
+Pair = Tuple[int, int]
+
+
+def _has_hw(cp, hw_prefix: Optional[str]) -> bool:
+    """Whether ``<hw_prefix>_h`` or ``<hw_prefix>_w`` is set (dilation has no such fields: None)."""
+    return hw_prefix is not None and (cp.HasField(f"{hw_prefix}_h") or cp.HasField(f"{hw_prefix}_w"))
+
+
+def conv_geometry(cp) -> Tuple[Pair, Pair, Pair, Pair]:
+    """Caffe's 2-D geometry of a ConvolutionParameter: ``((kernel_h, kernel_w), (pad_h, pad_w),
+    (stride_h, stride_w), (dilation_h, dilation_w))``.
+
+    Each comes from ``<field>_h``/``<field>_w`` when either is set, else from the repeated field
+    (one value for both axes, or one per axis), else the default: kernel 0, pad 0, stride 1,
+    dilation 1. It does not validate (a field given both ways, more than two values, a zero
+    kernel): :class:`Convolution` refuses those when it is set up, with Caffe's messages.
+    """
+    def pick(values, hw_prefix: Optional[str], default: int) -> Pair:
+        if _has_hw(cp, hw_prefix):
+            return (int(getattr(cp, f"{hw_prefix}_h")), int(getattr(cp, f"{hw_prefix}_w")))
+        vals = [int(v) for v in values]
+        if not vals:
+            return (default, default)
+        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+    return (pick(cp.kernel_size, "kernel", 0), pick(cp.pad, "pad", 0), pick(cp.stride, "stride", 1),
+            pick(cp.dilation, None, 1))
+
+
 class _BaseConvolution(Layer):
     """Caffe's BaseConvolutionLayer: parameter parsing, weights, batched GEMM helpers."""
 
@@ -70,32 +99,15 @@ class _BaseConvolution(Layer):
                              f"(bottom shape {shape}, axis {cp.axis})")
         if cp.force_nd_im2col:
             raise self.error("force_nd_im2col is not supported (2-D im2col only)")
-        # kernel
-        if cp.HasField("kernel_h") or cp.HasField("kernel_w"):
-            if len(cp.kernel_size):
-                raise self.error("Either kernel_size or kernel_h/w should be specified; not both.")
-            kernel = (int(cp.kernel_h), int(cp.kernel_w))
-        else:
-            kernel = self._spatial(cp.kernel_size, "kernel_size", None)
+        kernel, pad, stride, dilation = conv_geometry(cp)
+        self._check_spatial(cp, cp.kernel_size, "kernel_size", "kernel", required=True)
         if min(kernel) <= 0:
             raise self.error("Filter dimensions must be nonzero.")
-        # stride
-        if cp.HasField("stride_h") or cp.HasField("stride_w"):
-            if len(cp.stride):
-                raise self.error("Either stride or stride_h/w should be specified; not both.")
-            stride = (int(cp.stride_h), int(cp.stride_w))
-        else:
-            stride = self._spatial(cp.stride, "stride", 1)
+        self._check_spatial(cp, cp.stride, "stride", "stride")
         if min(stride) <= 0:
             raise self.error("Stride dimensions must be nonzero.")
-        # pad
-        if cp.HasField("pad_h") or cp.HasField("pad_w"):
-            if len(cp.pad):
-                raise self.error("Either pad or pad_h/w should be specified; not both.")
-            pad = (int(cp.pad_h), int(cp.pad_w))
-        else:
-            pad = self._spatial(cp.pad, "pad", 0)
-        dilation = self._spatial(cp.dilation, "dilation", 1)
+        self._check_spatial(cp, cp.pad, "pad", "pad")
+        self._check_spatial(cp, cp.dilation, "dilation", None)
         if min(dilation) <= 0:
             raise self.error("Dilation dimensions must be nonzero.")
         self.kernel, self.stride, self.pad, self.dilation = kernel, stride, pad, dilation
@@ -118,16 +130,18 @@ class _BaseConvolution(Layer):
         if self.bias_term:
             self.blobs.append(Blob((self.num_output,)))
 
-    def _spatial(self, values, name: str, default: Optional[int]) -> Tuple[int, int]:
+    def _check_spatial(self, cp, values, name: str, hw_prefix: Optional[str], required: bool = False) -> None:
+        """Caffe's rules for one geometry field (the values themselves come from
+        :func:`conv_geometry`): ``<prefix>_h``/``_w`` or the repeated field, not both; the
+        repeated field once or once per spatial axis (or not at all, unless ``required``)."""
+        if _has_hw(cp, hw_prefix):
+            if len(values):
+                raise self.error(f"Either {name} or {hw_prefix}_h/w should be specified; not both.")
+            return
         n = len(values)
-        if n == 0 and default is not None:
-            return (default, default)
-        if n == 1:
-            return (int(values[0]), int(values[0]))
-        if n == 2:
-            return (int(values[0]), int(values[1]))
-        raise self.error(f"{name} must be specified once, or once per spatial dimension "
-                         f"({name} specified {n} times; 2 spatial dims).")
+        if n > 2 or (n == 0 and required):
+            raise self.error(f"{name} must be specified once, or once per spatial dimension "
+                             f"({name} specified {n} times; 2 spatial dims).")
 
     def _conv_args(self):
         return self.kernel, self.pad, self.stride, self.dilation
@@ -342,377 +356,3 @@ class InnerProduct(Layer):
         if propagate_down[0]:
             w = self.blobs[0].data
             gemm_accumulate(bottom[0].diff.reshape(-1, self.K), dy, w.T if self.transpose else w)
-
-
-# --------------------------------------------------------------------------------------------
-# Pooling
-# --------------------------------------------------------------------------------------------
-
-def pooled_size(size: int, kernel: int, pad: int, stride: int, ceil_mode: bool = True) -> int:
-    """Caffe's pooled output size, including the rule that with padding the last window
-    must start inside the image (padding included on the left only)."""
-    num = size + 2 * pad - kernel
-    q = -((-num) // stride) if ceil_mode else num // stride
-    out = q + 1
-    if pad and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-def _window_slices(k: int, stride: int, out: int):
-    return [slice(i, i + stride * (out - 1) + 1, stride) for i in range(k)]
-
-
-def _pad_plane(x: np.ndarray, pad: Tuple[int, int], need: Tuple[int, int], value: float) -> np.ndarray:
-    """``x`` (N, C, H, W) padded by ``pad`` before and up to ``need`` rows/cols in all."""
-    (ph, pw), (nh, nw) = pad, need
-    N, C, H, W = x.shape
-    Hp, Wp = max(nh, ph + H), max(nw, pw + W)
-    if ph == 0 and pw == 0 and Hp == H and Wp == W:
-        return x
-    out = np.full((N, C, Hp, Wp), value, x.dtype)
-    out[:, :, ph:ph + H, pw:pw + W] = x
-    return out
-
-
-def ave_divisor(size: int, kernel: int, pad: int, stride: int, out: int) -> np.ndarray:
-    """Caffe's per-window AVE divisor along one axis: window clipped to [-pad, size+pad)."""
-    start = np.arange(out) * stride - pad
-    end = np.minimum(start + kernel, size + pad)
-    return (end - start).astype(np.int64)
-
-
-def ave_pool_forward(x: np.ndarray, kernel, pad, stride, out) -> np.ndarray:
-    """Caffe AVE pooling of (N, C, H, W): window sums (h then w order) / Caffe's pool_size."""
-    (kh, kw), (ph, pw), (sh, sw), (oh, ow) = kernel, pad, stride, out
-    N, C, H, W = x.shape
-    xp = _pad_plane(x, (ph, pw), ((oh - 1) * sh + kh, (ow - 1) * sw + kw), 0.0)
-    rows, cols = _window_slices(kh, sh, oh), _window_slices(kw, sw, ow)
-    acc = np.zeros((N, C, oh, ow), DTYPE)
-    for rs in rows:
-        for cs in cols:
-            acc += xp[:, :, rs, cs]
-    div = (ave_divisor(H, kh, ph, sh, oh)[:, None] * ave_divisor(W, kw, pw, sw, ow)[None, :])
-    acc /= div.astype(DTYPE)
-    return acc
-
-
-def ave_pool_backward(dy: np.ndarray, in_shape, kernel, pad, stride) -> np.ndarray:
-    """Gradient of :func:`ave_pool_forward` w.r.t. its input (a new array)."""
-    (kh, kw), (ph, pw), (sh, sw) = kernel, pad, stride
-    N, C, H, W = in_shape
-    oh, ow = dy.shape[2:]
-    div = (ave_divisor(H, kh, ph, sh, oh)[:, None] * ave_divisor(W, kw, pw, sw, ow)[None, :])
-    t = dy / div.astype(DTYPE)
-    Hp, Wp = max((oh - 1) * sh + kh, ph + H), max((ow - 1) * sw + kw, pw + W)
-    gp = np.zeros((N, C, Hp, Wp), DTYPE)
-    for rs in _window_slices(kh, sh, oh):
-        for cs in _window_slices(kw, sw, ow):
-            gp[:, :, rs, cs] += t
-    return gp[:, :, ph:ph + H, pw:pw + W]
-
-
-@register
-class Pooling(Layer):
-    type = "Pooling"
-    num_bottom = 1
-
-    def setup(self, bottom: List[Blob], top: List[Blob]) -> None:
-        pp = self.param.pooling_param
-        method = pp.DESCRIPTOR.fields_by_name["pool"].enum_type.values_by_number[pp.pool].name
-        if method == "STOCHASTIC":
-            raise self.error("STOCHASTIC pooling is not supported by the numpy engine")
-        if method not in ("MAX", "AVE"):
-            raise self.error(f"unknown pooling method {method}")
-        self.method = method
-        if not 1 <= len(top) <= (2 if method == "MAX" else 1):
-            raise self.error(f"{method} pooling takes 1 top{' (or 2 with the mask)' if method == 'MAX' else ''}, "
-                             f"got {len(top)}")
-        self.global_pooling = bool(pp.global_pooling)
-        if self.global_pooling:
-            if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
-                raise self.error("With Global_pooling: true Filter size cannot specified")
-        else:
-            has_hw = pp.HasField("kernel_h") and pp.HasField("kernel_w")
-            if pp.HasField("kernel_size") == has_hw:
-                raise self.error("Filter size is kernel_size OR kernel_h and kernel_w; not both")
-        if not ((not pp.HasField("pad") and pp.HasField("pad_h") and pp.HasField("pad_w"))
-                or (not pp.HasField("pad_h") and not pp.HasField("pad_w"))):
-            raise self.error("pad is pad OR pad_h and pad_w are required.")
-        if not ((not pp.HasField("stride") and pp.HasField("stride_h") and pp.HasField("stride_w"))
-                or (not pp.HasField("stride_h") and not pp.HasField("stride_w"))):
-            raise self.error("Stride is stride OR stride_h and stride_w are required.")
-        if self.global_pooling:
-            kernel = tuple(bottom[0].shape[2:4]) if len(bottom[0].shape) == 4 else (1, 1)
-        elif pp.HasField("kernel_size"):
-            kernel = (int(pp.kernel_size),) * 2
-        else:
-            kernel = (int(pp.kernel_h), int(pp.kernel_w))
-        if min(kernel) <= 0:
-            raise self.error("Filter dimensions cannot be zero.")
-        pad = (int(pp.pad_h), int(pp.pad_w)) if pp.HasField("pad_h") else (int(pp.pad),) * 2
-        stride = ((int(pp.stride_h), int(pp.stride_w)) if pp.HasField("stride_h")
-                  else (int(pp.stride),) * 2)
-        if min(stride) <= 0:
-            raise self.error("stride must be positive")
-        if self.global_pooling and (pad != (0, 0) or stride != (1, 1)):
-            raise self.error("With Global_pooling: true; only pad = 0 and stride = 1")
-        if (pad[0] or pad[1]) and (pad[0] >= kernel[0] or pad[1] >= kernel[1]):
-            raise self.error(f"pad {pad} must be smaller than the kernel {kernel}")
-        self.kernel, self.pad, self.stride = kernel, pad, stride
-        self.ceil_mode = self._ceil_mode(pp)
-        self._code: Optional[np.ndarray] = None
-
-    @staticmethod
-    def _ceil_mode(pp) -> bool:
-        fields = pp.DESCRIPTOR.fields_by_name
-        if "round_mode" in fields:
-            return fields["round_mode"].enum_type.values_by_number[pp.round_mode].name == "CEIL"
-        if "ceil_mode" in fields:
-            return bool(pp.ceil_mode)
-        return True
-
-    def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
-        shape = bottom[0].shape
-        if len(shape) != 4:
-            raise self.error(f"Input must have 4 axes, corresponding to (num, channels, height, width); "
-                             f"got {shape}")
-        if self.global_pooling:
-            self.kernel = (int(shape[2]), int(shape[3]))
-        oh = pooled_size(shape[2], self.kernel[0], self.pad[0], self.stride[0], self.ceil_mode)
-        ow = pooled_size(shape[3], self.kernel[1], self.pad[1], self.stride[1], self.ceil_mode)
-        if oh <= 0 or ow <= 0:
-            raise self.error(f"output would be {oh}x{ow} for a {shape[2]}x{shape[3]} input")
-        self.out = (oh, ow)
-        for t in top:
-            t.reshape((shape[0], shape[1], oh, ow))
-
-    def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
-        x = bottom[0].data
-        if self.method == "AVE":
-            top[0].data[...] = ave_pool_forward(x, self.kernel, self.pad, self.stride, self.out)
-            return
-        best, code = self._max_forward(x)
-        top[0].data[...] = best
-        self._code = code
-        if len(top) > 1:
-            top[1].data[...] = self._flat_index(code, x.shape[3])
-
-    def _is_global(self, shape) -> bool:
-        return (self.out == (1, 1) and self.pad == (0, 0)
-                and self.kernel == (int(shape[2]), int(shape[3])))
-
-    def _max_forward(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Caffe MAX pooling: values and, per output, the window offset ``i*kw + j`` of the
-        first maximum in h-then-w scan order (Caffe's strict ``>`` from -FLT_MAX; -1 if none)."""
-        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = self.kernel, self.pad, self.stride, self.out
-        N, C, H, W = x.shape
-        K = kh * kw
-        ctype = np.int8 if K <= 127 else (np.int16 if K <= 32767 else np.int32)
-        if self._is_global(x.shape):
-            flat = x.reshape(N, C, H * W)
-            code = flat.argmax(axis=2)
-            best = np.take_along_axis(flat, code[..., None], axis=2)[..., 0]
-            none = ~(best > -FLT_MAX)
-            code[none] = -1
-            best = np.where(none, DTYPE(-FLT_MAX), best)
-            return best.reshape(N, C, 1, 1).astype(DTYPE), code.reshape(N, C, 1, 1).astype(ctype)
-        xp = _pad_plane(x, (ph, pw), ((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf)
-        best = np.full((N, C, oh, ow), -FLT_MAX, DTYPE)
-        code = np.full((N, C, oh, ow), -1, ctype)
-        gt = np.empty((N, C, oh, ow), bool)
-        tmp = np.empty((N, C, oh, ow), ctype)
-        gt_int = gt.view(np.int8)
-        for i, rs in enumerate(_window_slices(kh, sh, oh)):
-            for j, cs in enumerate(_window_slices(kw, sw, ow)):
-                v = xp[:, :, rs, cs]
-                np.greater(v, best, out=gt)
-                np.maximum(best, v, out=best)
-                # offsets only grow, so "set code to kk where v > best" is a maximum
-                np.multiply(gt_int, ctype(i * kw + j), out=tmp, casting="unsafe")
-                np.maximum(code, tmp, out=code)
-        return best, code
-
-    def _flat_index(self, code: np.ndarray, width: int) -> np.ndarray:
-        """Caffe's mask: index ``h*W + w`` of the maximum in its channel plane (-1 if none)."""
-        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = self.kernel, self.pad, self.stride, self.out
-        c = code.astype(np.int64)
-        r = np.arange(oh)[:, None] * sh - ph + c // kw
-        q = np.arange(ow)[None, :] * sw - pw + c % kw
-        return np.where(c < 0, -1, r * width + q)
-
-    def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
-        if not propagate_down[0]:
-            return
-        dy = top[0].diff
-        shape = bottom[0].diff.shape
-        if self.method == "AVE":
-            bottom[0].diff += ave_pool_backward(dy, shape, self.kernel, self.pad, self.stride)
-            return
-        N, C, H, W = shape
-        if len(top) > 1:   # as Caffe: route through the mask top
-            idx = top[1].data.astype(np.int64)
-            valid = idx >= 0
-            plane = H * W
-            offs = (np.arange(N * C, dtype=np.int64) * plane).reshape(N, C, 1, 1)
-            g = np.bincount((idx + offs)[valid], weights=dy[valid], minlength=N * C * plane)
-            bottom[0].diff += g.reshape(shape).astype(DTYPE)
-            return
-        code = getattr(self, "_code", None)
-        if code is None:
-            raise self.error("backward called before forward")
-        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = self.kernel, self.pad, self.stride, self.out
-        if self._is_global(shape):
-            c = code.reshape(N, C).astype(np.int64)
-            g = np.zeros((N, C, H * W), DTYPE)
-            ok = c >= 0
-            n_idx, c_idx = np.nonzero(ok)
-            g[n_idx, c_idx, c[ok]] = dy.reshape(N, C)[ok]
-            bottom[0].diff += g.reshape(shape)
-            return
-        Hp, Wp = max((oh - 1) * sh + kh, ph + H), max((ow - 1) * sw + kw, pw + W)
-        gp = np.zeros((N, C, Hp, Wp), DTYPE)
-        eq = np.empty(code.shape, bool)
-        tmp = np.empty(code.shape, DTYPE)
-        for i, rs in enumerate(_window_slices(kh, sh, oh)):
-            for j, cs in enumerate(_window_slices(kw, sw, ow)):
-                np.equal(code, i * kw + j, out=eq)
-                np.multiply(dy, eq, out=tmp)
-                gp[:, :, rs, cs] += tmp
-        bottom[0].diff += gp[:, :, ph:ph + H, pw:pw + W]
-
-
-# --------------------------------------------------------------------------------------------
-# LRN
-# --------------------------------------------------------------------------------------------
-
-@register
-class LRN(Layer):
-    type = "LRN"
-    num_bottom = 1
-    num_top = 1
-
-    def setup(self, bottom: List[Blob], top: List[Blob]) -> None:
-        lp = self.param.lrn_param
-        self.size = int(lp.local_size)
-        if self.size % 2 != 1:
-            raise self.error("LRN only supports odd values for local_size")
-        self.pre_pad = (self.size - 1) // 2
-        self.alpha = float(lp.alpha)
-        self.beta = float(lp.beta)
-        self.k = float(lp.k)
-        region = lp.DESCRIPTOR.fields_by_name["norm_region"].enum_type.values_by_number[lp.norm_region].name
-        if region not in ("ACROSS_CHANNELS", "WITHIN_CHANNEL"):
-            raise self.error(f"unknown norm_region {region}")
-        self.within = region == "WITHIN_CHANNEL"
-        self._cache: Optional[tuple] = None
-
-    def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
-        shape = bottom[0].shape
-        if len(shape) != 4:
-            raise self.error(f"Input must have 4 axes, corresponding to (num, channels, height, width); "
-                             f"got {shape}")
-        top[0].reshape(shape)
-
-    # ---- ACROSS_CHANNELS: scale_c = k + alpha/size * sum_{|c'-c|<=pre_pad} x_c'^2
-    def _channel_window_sum(self, a: np.ndarray, first: np.ndarray, tail_first: bool = False) -> np.ndarray:
-        """Caffe's running window sum over channels: out[:, 0] = first + sum a[:, 0..pre_pad],
-        then out[:, c] = out[:, c-1] + a[:, c+pre_pad] - a[:, c-pre_pad-1] (zero outside;
-        the forward pass adds the head first, the backward pass subtracts the tail first)."""
-        C = a.shape[1]
-        p = self.pre_pad
-        out = np.empty_like(a)
-        cur = first.copy()
-        for c in range(min(p + 1, C)):
-            cur += a[:, c]
-        out[:, 0] = cur
-        for c in range(1, C):
-            head, tail = c + p, c - p - 1
-            if tail_first and tail >= 0:
-                cur -= a[:, tail]
-            if head < C:
-                cur += a[:, head]
-            if not tail_first and tail >= 0:
-                cur -= a[:, tail]
-            out[:, c] = cur
-        return out
-
-    def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
-        x = bottom[0].data
-        if self.within:
-            self._within_forward(x, top[0])
-            return
-        N, C, H, W = x.shape
-        sq = x * x
-        sq *= DTYPE(self.alpha / self.size)
-        scale = self._channel_window_sum(sq, np.full((N, H, W), self.k, DTYPE))
-        top[0].data[...] = np.power(scale, DTYPE(-self.beta)) * x
-        self._cache = (scale,)
-
-    def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
-        if not propagate_down[0]:
-            return
-        if self._cache is None:
-            raise self.error("backward called before forward")
-        if self.within:
-            self._within_backward(top[0], bottom[0])
-            return
-        (scale,) = self._cache
-        x = bottom[0].data
-        dy, y = top[0].diff, top[0].data
-        N, C, H, W = x.shape
-        ratio = dy * y / scale
-        accum = self._channel_window_sum(ratio, np.zeros((N, H, W), DTYPE), tail_first=True)
-        g = dy * np.power(scale, DTYPE(-self.beta))
-        g -= DTYPE(2.0 * self.alpha * self.beta / self.size) * x * accum
-        bottom[0].diff += g
-
-    # ---- WITHIN_CHANNEL: Caffe composes split, power(2), AVE pool(size, pad pre_pad),
-    # power(shift 1, scale alpha, power -beta) and an eltwise product; k is not used.
-    def _pool_args(self):
-        s, p = self.size, self.pre_pad
-        return (s, s), (p, p), (1, 1)
-
-    def _within_forward(self, x: np.ndarray, top: Blob) -> None:
-        N, C, H, W = x.shape
-        kernel, pad, stride = self._pool_args()
-        out = (pooled_size(H, kernel[0], pad[0], 1), pooled_size(W, kernel[1], pad[1], 1))
-        pooled = ave_pool_forward(x * x, kernel, pad, stride, out)
-        base = pooled * DTYPE(self.alpha) + DTYPE(1.0)
-        power = np.power(base, DTYPE(-self.beta))
-        top.data[...] = x * power
-        self._cache = (pooled, base, power)
-
-    def _within_backward(self, top: Blob, bottom: Blob) -> None:
-        pooled, base, power = self._cache
-        x = bottom.data
-        dy = top.diff
-        diff_scale = DTYPE(-self.beta * self.alpha)
-        d_power = dy * x                        # product layer, w.r.t. the power output
-        if diff_scale == 0:
-            d_pooled = np.zeros_like(pooled)
-        elif -self.beta == 1.0:
-            d_pooled = d_power * diff_scale
-        else:                                   # Caffe: diff_scale * y / (shift + scale * x)
-            d_pooled = (power / base) * diff_scale * d_power
-        d_sq = ave_pool_backward(d_pooled, x.shape, *self._pool_args())
-        g = dy * power                          # product layer, w.r.t. the input
-        g += DTYPE(2.0) * x * d_sq              # square layer
-        bottom.diff += g
-
-
-def conv_geometry(cp) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
-    """Caffe's 2-D kernel, pad, stride, dilation from a ConvolutionParameter."""
-    def pick(rep, h_field, w_field, default):
-        if cp.HasField(h_field) or cp.HasField(w_field):
-            return (getattr(cp, h_field), getattr(cp, w_field))
-        vals = list(rep)
-        if not vals:
-            return (default, default)
-        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
-    kernel = pick(cp.kernel_size, "kernel_h", "kernel_w", 0)
-    pad = pick(cp.pad, "pad_h", "pad_w", 0)
-    stride = pick(cp.stride, "stride_h", "stride_w", 1)
-    dil = list(cp.dilation)
-    dilation = (1, 1) if not dil else ((dil[0], dil[0]) if len(dil) == 1 else (dil[0], dil[1]))
-    return kernel, pad, stride, dilation
