@@ -193,10 +193,10 @@ def test_engines_satisfy_the_protocol(tmp_path, request, engine):
             assert _protocol_call_problems(getattr(net, name), member) == [], name
 
 
-def test_set_data_calls_the_engine(tmp_path):
+def test_set_data_sets_the_blob(tmp_path):
     net = Net(_write(tmp_path, LEGAL))
     x = np.full(net.blobs["data"].shape, 2.5, np.float32)
-    eng.set_data(net, "data", x)
+    net.set_data("data", x)
     assert np.array_equal(net.blobs["data"].data, x)
 
 

@@ -38,12 +38,6 @@ def physical_memory() -> int:
         return 0
 
 
-def set_data(net: EngineNet, name: str, data) -> None:
-    """Set blob ``name``'s data: ``net.set_data(name, data)``, which both engines have (kept for
-    callers not yet switched to calling the method)."""
-    net.set_data(name, data)
-
-
 def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
     """The concrete engine (``numpy`` or ``caffe``) that ``engine`` and ``gpu`` select."""
     if engine not in ENGINES:
