@@ -19,7 +19,7 @@ import numpy as np
 
 from caffe_utils import magic, netio
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def training_net(model: str, batch: int, n_classes: Optional[int], label_dim: Optional[int],
