@@ -25,7 +25,7 @@ TARGET_S = 15.0
 
 
 def main() -> int:
-    from caffe_utils.datasets import skimage_photos
+    from scripts.support.datasets import skimage_photos
     from caffe_utils.pipeline import RunConfig, run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from caffe_utils.datasets import held_out_split
+    from scripts.support.datasets import held_out_split
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import MeasureConfig, RunConfig, measure_models, run
 

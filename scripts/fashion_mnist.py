@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils.datasets import fashion_mnist
+    from scripts.support.datasets import fashion_mnist
     from caffe_utils.engine.caffe_net import import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import write_json_atomic

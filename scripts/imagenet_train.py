@@ -51,11 +51,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="2 iterations, batch 4, 8 init images")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils import images, training
+    from caffe_utils import images
     from caffe_utils.engine.caffe_net import import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
     from caffe_utils.pipeline import append_tsv_row
+    from scripts.support import training
 
     iterations, batch = (2, 4) if args.reduced else (args.iterations, args.batch)
     n_init = 8 if args.reduced else args.init_images

@@ -110,11 +110,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="2 iterations, 2 crops, 16 init images")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from caffe_utils import images, training
+    from caffe_utils import images
     from caffe_utils.engine.caffe_net import import_caffe
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
     from caffe_utils.pipeline import append_tsv_row
+    from scripts.support import training
 
     iterations = 2 if args.reduced else args.iterations
     crops = 2 if args.reduced else args.crops

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+
+# scripts.support (the dataset fetchers and training helpers) is not installed: find it in this
+# checkout. Appended, not prepended, so an installed caffe_utils is still the one under test.
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 
 @pytest.fixture
@@ -17,13 +25,13 @@ def caffe():
 
 @pytest.fixture(scope="session")
 def nsfw_model():
-    from caffe_utils.datasets import open_nsfw
+    from scripts.support.datasets import open_nsfw
     return open_nsfw()
 
 
 @pytest.fixture(scope="session")
 def mtcnn_models():
-    from caffe_utils.datasets import mtcnn
+    from scripts.support.datasets import mtcnn
     return mtcnn()
 
 
@@ -39,7 +47,7 @@ def small(tmp_path):
 @pytest.fixture(scope="session")
 def photos():
     """The folder of photos that scikit-image installs."""
-    from caffe_utils.datasets import skimage_photos
+    from scripts.support.datasets import skimage_photos
     found = skimage_photos()
     assert len(found) >= 5
     return str(found[0].parent)

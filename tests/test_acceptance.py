@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from caffe_utils import images, magic, netio
-from caffe_utils.datasets import skimage_photos
 from caffe_utils.pipeline import RunConfig, run
+from scripts.support.datasets import skimage_photos
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow]
 

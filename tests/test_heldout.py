@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from caffe_utils import images, magic, measure, netio
-from caffe_utils.datasets import held_out_split, opencv_doc_photos, skimage_photos
 from caffe_utils.engine.caffe_net import CaffeNet
 from caffe_utils.pipeline import RunConfig, run
+from scripts.support.datasets import held_out_split, opencv_doc_photos, skimage_photos
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow, pytest.mark.acceptance]
 

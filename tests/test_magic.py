@@ -6,10 +6,10 @@ import pytest
 
 from caffe_utils import images, magic, netio
 from caffe_utils.magic import between, weights
-from caffe_utils.datasets import skimage_photos
 from caffe_utils.engine.numpy_net import Net
 from caffe_utils.pipeline import RunConfig, run
 from nets import SMALL
+from scripts.support.datasets import skimage_photos
 
 
 

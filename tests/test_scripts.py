@@ -52,7 +52,7 @@ def _tiny_voc(root: Path, n_trainval=8, n_test=4):
     """A VOC2007 folder layout built from real photos, with made-up class annotations."""
     from PIL import Image
 
-    from caffe_utils.datasets import opencv_doc_photos
+    from scripts.support.datasets import opencv_doc_photos
     voc = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (voc / sub).mkdir(parents=True)
@@ -116,7 +116,7 @@ def _tiny_lmdb(path: Path, photos, size=256):
 
 
 def test_imagenet_train_reduced(caffe, tmp_path):
-    from caffe_utils.datasets import opencv_doc_photos
+    from scripts.support.datasets import opencv_doc_photos
     mod = _script("imagenet_train")
     photos = [p for p in opencv_doc_photos() if p.suffix.lower() == ".jpg"][:12]
     _tiny_lmdb(tmp_path / "train_lmdb", photos[:8])

@@ -5,7 +5,9 @@
   pretrained 1000-way classifier is not loaded into it) and a loss added;
 * :func:`caffe_fillers`: Caffe's hand-tuned fillers of models/<net>/train_val.prototxt;
 * :func:`load_matching`: pretrained weights for the layers whose names and shapes match;
-* :func:`solver_text`: an SGD solver definition.
+* :func:`solver_text`: an SGD solver definition;
+* :class:`LmdbStream`: Caffe ``Datum`` records of an LMDB, one at a time, as Caffe's Data layer;
+* :func:`initial_caffemodel`: the starting weights (pretrained, Caffe's fillers or magic-init).
 
 Data is fed from Python (decoded by :mod:`caffe_utils.images`), so the scripts need neither
 Caffe's LMDB/LevelDB backends nor its OpenCV support.
@@ -19,7 +21,7 @@ import numpy as np
 
 from caffe_utils import magic, netio
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def training_net(model: str, batch: int, n_classes: Optional[int], label_dim: Optional[int],

