@@ -12,7 +12,6 @@ from nets import SMALL
 from scripts.support.datasets import skimage_photos
 
 
-
 def _sample(prototxt, n, seed=0):
     prepared = magic.prepare_net(netio.read_net(prototxt))
     c, h, w = prepared.input_shape
