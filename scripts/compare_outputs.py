@@ -88,8 +88,9 @@ def default_jobs(root: Path = ROOT) -> Dict[str, Job]:
 def _datasets():
     """The project's dataset helpers, wherever this checkout keeps them (they may move out of
     the package into scripts/support)."""
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(1, str(ROOT / "scripts"))
+    for folder in (str(ROOT), str(ROOT / "scripts")):
+        if folder not in sys.path:
+            sys.path.append(folder)
     for name in ("caffe_utils.datasets", "support.datasets", "scripts.support.datasets"):
         try:
             return __import__(name, fromlist=["skimage_photos"])
@@ -102,9 +103,12 @@ def photo_files(which: str) -> List[Path]:
     """The photos both trees read, as a fixed sorted list: those that scikit-image installs,
     plus (``all``) Debian's opencv-doc ones, fetched into the cache on first use."""
     ds = _datasets()
-    photos = list(ds.skimage_photos())
-    if which == "all":
-        photos += ds.opencv_doc_photos()
+    try:
+        photos = list(ds.skimage_photos())
+        if which == "all":
+            photos += ds.opencv_doc_photos()
+    except (OSError, getattr(ds, "DataError", OSError)) as exc:
+        raise CompareError(f"cannot list the photos ({which}): {exc}") from exc
     if not photos:
         raise CompareError("no photos found (is scikit-image installed?)")
     return sorted(Path(p).resolve() for p in photos)
@@ -187,7 +191,8 @@ def _blob_difference(where: str, a, b) -> Optional[str]:
 def describe_differences(a: Path, b: Path) -> List[str]:
     """Which layers and blobs of two caffemodels differ (read with the working tree's netio): a
     diagnostic for a byte mismatch, not the verdict itself."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     try:
         from caffe_utils.netio import read_caffemodel
         left, right = read_caffemodel(a), read_caffemodel(b)

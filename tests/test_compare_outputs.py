@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -29,6 +30,7 @@ co = _script()
 # a change that alters the outputs.
 SEED_SHIFT = '''import runpy, sys
 from pathlib import Path
+from typing import Optional
 i = sys.argv.index("--seed")
 sys.argv[i + 1] = str(int(sys.argv[i + 1]) + 1)
 runpy.run_path(str(Path(__file__).with_name("real_magic_init.py")), run_name="__main__")
@@ -47,7 +49,8 @@ def setup(tmp_path):
     return co.Job("tiny-kmeans", net, ("-t", "kmeans", "--iterations", "2")), inputs, out
 
 
-def _copy_tree(dest: Path, magic_init: str = None) -> Path:
+def _copy_tree(dest: Path, magic_init: Optional[str] = None) -> Path:
+    """A second tree: a copy of caffe_utils, and magic_init.py (or the given stand-in for it)."""
     shutil.copytree(ROOT / "caffe_utils", dest / "caffe_utils", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "magic_init.py", dest / "real_magic_init.py")
     (dest / "magic_init.py").write_text(magic_init or (ROOT / "magic_init.py").read_text())
