@@ -86,17 +86,11 @@ def default_jobs(root: Path = ROOT) -> Dict[str, Job]:
 
 
 def _datasets():
-    """The project's dataset helpers, wherever this checkout keeps them (they may move out of
-    the package into scripts/support)."""
-    for folder in (str(ROOT), str(ROOT / "scripts")):
-        if folder not in sys.path:
-            sys.path.append(folder)
-    for name in ("caffe_utils.datasets", "support.datasets", "scripts.support.datasets"):
-        try:
-            return __import__(name, fromlist=["skimage_photos"])
-        except ImportError:
-            continue
-    raise CompareError("cannot find the dataset helpers (caffe_utils/datasets.py or scripts/support/datasets.py)")
+    """The project's dataset helpers (scripts/support, not installed with the tool)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from scripts.support import datasets
+    return datasets
 
 
 def photo_files(which: str) -> List[Path]:
