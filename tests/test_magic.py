@@ -237,3 +237,16 @@ def test_between_stage_uses_a_smaller_batch_under_a_small_mem_limit(small):
         rep = magic.initialize(net, prepared, sample, opts)
         assert net.blobs["data"].data.shape[0] == (8 if mem is None else 3)
         assert rep.flatness_after < 1.2, mem
+
+
+def test_fewer_images_than_a_batch(small):
+    """A sample smaller than the batch fills the batch by repeating its images (the last batch
+    of any sample is filled up that way)."""
+    sample = _sample(small, 3)
+    prepared = magic.prepare_net(netio.read_net(str(small)))
+    net = Net(small)
+    net.blobs["data"].reshape(8, *prepared.input_shape)
+    net.reshape()
+    rep = magic.initialize(net, prepared, sample, magic.InitOptions(init="kmeans", batch_size=8, iterations=2))
+    assert all(l.init is not None for l in rep.layers)
+    assert np.isfinite(rep.flatness_after)

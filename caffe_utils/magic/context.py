@@ -52,7 +52,8 @@ class SampleBatches:
         self.batch = batch
         self.count = int(math.ceil(self.n / batch))
         pad = self.count * batch - self.n
-        padded = np.concatenate([sample, sample[:pad]]) if pad else sample
+        # the last batch is filled up by repeating images (fewer images than a batch included)
+        padded = np.concatenate([sample, np.resize(sample, (pad,) + sample.shape[1:])]) if pad else sample
         self.mem_limit = mem_limit
         self._pos = 1  # layer 0 is the Input layer
         self._blobs: Dict[str, np.ndarray] = {input_name: padded}
