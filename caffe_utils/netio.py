@@ -25,7 +25,7 @@ from caffe_utils.caffemodel import (CaffemodelFile, LayerWeights, _layer_without
                                     read_mean, shape_compatible, write_caffemodel, write_mean)
 from caffe_utils.errors import PrototxtError
 from caffe_utils.protofiles import V1_TYPE_NAMES, PathLike, read_file
-from caffe_utils.schema import pb2_of, schemas, unknown_field_error
+from caffe_utils.schema import caffe_pb2, pb2_of, schemas, unknown_field_error  # noqa: F401 (caffe_pb2: re-export)
 
 __all__ = [
     # prototxt (defined here)
