@@ -6,7 +6,10 @@
   arrays and a small read window, not the file as well).
 * :func:`match_weights` checks a weights file against a net (by layer name, shapes as Caffe's
   ``Blob::ShapeEquals`` allows, legacy 4-D shapes included).
-* :func:`write_caffemodel` writes a weights file that Caffe's ``Net.copy_from`` loads, atomically.
+* Blobs are read from packed ``data``, ``double_data`` or OpenCV's ``raw_data`` (FP16, FP32 or
+  FP64, ``raw_data_type``), all into float32; a file may mix them (mixed FP16/FP32 models).
+* :func:`write_caffemodel` (in :mod:`caffe_utils.caffemodel_writer`) writes a weights file that
+  Caffe's ``Net.copy_from`` loads, atomically; float32 by default, FP16 on request.
 * :func:`read_mean` / :func:`write_mean` read and write a ``.binaryproto`` mean.
 
 Limits: N-d blobs are kept as they are; a single file must stay under protobuf's 2 GiB message
@@ -24,10 +27,11 @@ from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from caffe_utils import wire
-from caffe_utils.errors import OutputError, ShapeMismatchError, WeightsError
-from caffe_utils.outputs import atomic_file
+from caffe_utils.errors import ShapeMismatchError, WeightsError
 from caffe_utils.protofiles import V1_TYPE_NAMES, PathLike, read_file
 from caffe_utils.schema import caffe_pb2
+# the writer lives in its own module; importable from here as before
+from caffe_utils.caffemodel_writer import BLOB_DTYPES, _layer_without_blobs, write_caffemodel  # noqa: F401
 
 
 @dataclass
@@ -47,19 +51,30 @@ class BlobRecord:
     ``loose`` the values of its non-packed ones (of either). The values are the packed floats in
     order followed by the loose values or, when there are neither, the packed doubles. (Caffe's
     ``Blob::FromProto`` prefers ``double_data`` when a blob has both; writers never give both.)
+    ``raw`` are the spans of OpenCV's (NVIDIA Caffe's) ``raw_data`` field, values of type
+    ``raw_type`` (:data:`wire.RAW_FLOAT16` for FP16 models); when present they are the values.
     """
     shape: Tuple[int, ...]
     legacy: bool
     floats: List[Tuple[int, int]] = field(default_factory=list)
     doubles: List[Tuple[int, int]] = field(default_factory=list)
     loose: List[float] = field(default_factory=list)
+    raw: List[Tuple[int, int]] = field(default_factory=list)
+    raw_type: int = wire.RAW_FLOAT
+
+    @property
+    def uses_raw(self) -> bool:
+        return bool(self.raw)
 
     @property
     def uses_floats(self) -> bool:
-        return bool(self.floats or self.loose)
+        return not self.raw and bool(self.floats or self.loose)
 
     @property
     def count(self) -> int:
+        if self.raw:
+            size = np.dtype(wire.RAW_DTYPES[self.raw_type]).itemsize
+            return sum((b - a) // size for a, b in self.raw)
         if self.uses_floats:
             return sum((b - a) // 4 for a, b in self.floats) + len(self.loose)
         return sum((b - a) // 8 for a, b in self.doubles)
@@ -89,6 +104,7 @@ def _scan_blob(buf: Buffer, span: Tuple[int, int]) -> BlobRecord:
     dims: Optional[List[int]] = None
     legacy = [0, 0, 0, 0]
     legacy_set = False
+    raw_type: Optional[int] = None
     rec = BlobRecord((), False)
     for f, wt, v in wire.iter_fields(buf, *span):
         if f == 7 and wt == wire.LEN:
@@ -113,6 +129,12 @@ def _scan_blob(buf: Buffer, span: Tuple[int, int]) -> BlobRecord:
             rec.doubles.append(v)
         elif f == 8 and wt == wire.I64:
             rec.loose.append(wire.fixed64_to_double(v))
+        elif f == 10 and wt == wire.VARINT:
+            raw_type = v
+        elif f == 12 and wt == wire.LEN:
+            rec.raw.append(v)
+    if rec.raw:
+        rec.raw_type = _check_raw(rec.raw, raw_type)
     count = rec.count
     if dims is not None:
         rec.shape, rec.legacy = tuple(dims), False
@@ -128,9 +150,25 @@ def _scan_blob(buf: Buffer, span: Tuple[int, int]) -> BlobRecord:
     return rec
 
 
+def _check_raw(spans: List[Tuple[int, int]], raw_type: Optional[int]) -> int:
+    """``raw_type`` when ``raw_data`` of that type at ``spans`` can be read into float32."""
+    if raw_type is None:
+        raise wire.WireFormatError("blob has raw_data but no raw_data_type")
+    if raw_type not in wire.RAW_DTYPES:
+        name = {3: "INT", 4: "UINT"}.get(raw_type, str(raw_type))
+        raise wire.WireFormatError(f"blob's raw_data is of type {name}; only FLOAT16, FLOAT and DOUBLE "
+                                   "weights can be read")
+    size = np.dtype(wire.RAW_DTYPES[raw_type]).itemsize
+    if any((b - a) % size for a, b in spans):
+        raise wire.WireFormatError(f"raw_data with a length that is not a multiple of {size}")
+    return raw_type
+
+
 def _blob_values(buf: memoryview, rec: BlobRecord) -> np.ndarray:
     """The values of ``rec`` from the in-memory ``buf`` (a view of it when it is one packed field)."""
-    if rec.uses_floats:
+    if rec.uses_raw:
+        data = np.concatenate([wire.raw_array(buf, s, rec.raw_type) for s in rec.raw]).astype(np.float32)
+    elif rec.uses_floats:
         chunks = [wire.float_array(buf, s) for s in rec.floats]
         if rec.loose:
             chunks.append(np.asarray(rec.loose, dtype=np.float32))
@@ -287,25 +325,34 @@ class CaffemodelFile:
         direct = (out.dtype == np.dtype("<f4") and out.flags.c_contiguous and out.flags.writeable)
         flat = out.reshape(-1) if direct else np.empty(out.size, np.float32)
         try:
-            pos = 0
             if rec.uses_floats:
+                pos = 0
                 for a, b in rec.floats:
                     n = (b - a) // 4
                     self._readinto(a, memoryview(flat[pos:pos + n]).cast("B"))
                     pos += n
                 flat[pos:] = rec.loose
+            elif rec.uses_raw:
+                self._convert_into(rec.raw, wire.RAW_DTYPES[rec.raw_type], flat)
             else:
-                scratch = np.empty(min(rec.count, _READ_CHUNK // 8), "<f8")
-                for a, b in rec.doubles:
-                    for s in range(a, b, scratch.nbytes):
-                        n = min(scratch.size, (b - s) // 8)
-                        self._readinto(s, memoryview(scratch[:n]).cast("B"))
-                        flat[pos:pos + n] = scratch[:n]
-                        pos += n
+                self._convert_into(rec.doubles, "<f8", flat)
         except OSError as exc:
             raise WeightsError(f"cannot read weights file '{self.source}': {exc.strerror}") from exc
         if not direct:
             out[...] = flat.reshape(out.shape)
+
+    def _convert_into(self, spans: List[Tuple[int, int]], dtype: str, flat: np.ndarray) -> None:
+        """Fill ``flat`` (float32) with the values of type ``dtype`` at the file's ``spans``,
+        through a scratch buffer of at most :data:`_READ_CHUNK` bytes (FP16 and double blobs)."""
+        itemsize = np.dtype(dtype).itemsize
+        scratch = np.empty(max(1, min(flat.size, _READ_CHUNK // itemsize)), dtype)
+        pos = 0
+        for a, b in spans:
+            for s in range(a, b, scratch.nbytes):
+                n = min(scratch.size, (b - s) // itemsize)
+                self._readinto(s, memoryview(scratch[:n]).cast("B"))
+                flat[pos:pos + n] = scratch[:n]
+                pos += n
 
     def read(self, rec: BlobRecord) -> np.ndarray:
         """The values of ``rec`` as a new float32 array of the blob's shape in the file."""
@@ -398,53 +445,6 @@ def copy_caffemodel_into(path: PathLike, params: Mapping[str, Sequence[np.ndarra
             for b, arr in zip(rec.blobs, arrays):
                 cf.read_into(b, arr)
             yield name
-
-
-def _layer_without_blobs(layer) -> bytes:
-    if not len(layer.blobs):
-        return layer.SerializeToString()
-    stripped = layer.__class__()
-    stripped.CopyFrom(layer)
-    stripped.ClearField("blobs")
-    return stripped.SerializeToString()
-
-
-def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]], atomic: bool = True) -> None:
-    """Write a caffemodel: every layer of ``net`` (a NetParameter) with its blobs from ``params``.
-
-    The file is what Caffe's ``Net::ToProto`` writes (full layer definitions plus blobs), so
-    ``caffe.Net(prototxt, path, phase)`` and ``Net.copy_from`` load it. Each blob's floats are
-    written from the array's own buffer (no copy for C-contiguous float32 arrays). With
-    ``atomic`` it is written to a temporary file next to ``path`` and renamed, so an interrupted
-    run never leaves a partial file; ``atomic=False`` is for a path from
-    :meth:`~caffe_utils.outputs.OutputSet.stage`, which is already such a temporary file.
-    """
-    dest = Path(path)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if dest.is_dir():
-        raise OutputError(f"output '{dest}' is a directory; give a file name such as {dest}/init.caffemodel")
-    if not parent.is_dir():
-        raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
-    known = {l.name for l in net.layer}
-    missing = [n for n in params if n not in known]
-    if missing:
-        raise ValueError(f"parameters given for layers not in the net: {missing}")
-    with atomic_file(dest, "wb", atomic=atomic, fix="free space or choose a writable -o path") as fh:
-        if net.name:
-            name = net.name.encode("utf-8")
-            fh.write(wire.len_prefix(1, len(name)) + name)
-        for layer in net.layer:
-            head = _layer_without_blobs(layer)
-            arrays = [wire.blob_array(a) for a in params.get(layer.name, ())]
-            headers = [wire.blob_header(a.shape, a.nbytes) for a in arrays]
-            sizes = [len(h) + a.nbytes for h, a in zip(headers, arrays)]
-            body_len = len(head) + sum(len(wire.len_prefix(7, n)) + n for n in sizes)
-            fh.write(wire.len_prefix(100, body_len))
-            fh.write(head)
-            for h, a, n in zip(headers, arrays, sizes):
-                fh.write(wire.len_prefix(7, n) + h)
-                fh.write(memoryview(a.reshape(-1)).cast("B"))
-
 
 
 # ----------------------------------------------------------------------------- mean file

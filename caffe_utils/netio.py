@@ -14,8 +14,9 @@ Limits: V0 nets (pre-2014 ``layer {}`` inside ``layers {}``) are refused with a 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from google.protobuf import text_format
 
@@ -24,7 +25,7 @@ from caffe_utils.caffemodel import (CaffemodelFile, LayerWeights, _layer_without
                                     read_mean, shape_compatible, write_caffemodel, write_mean)
 from caffe_utils.errors import PrototxtError
 from caffe_utils.protofiles import V1_TYPE_NAMES, PathLike, read_file
-from caffe_utils.schema import caffe_pb2
+from caffe_utils.schema import caffe_pb2, pb2_of, schemas, unknown_field_error  # noqa: F401 (caffe_pb2: re-export)
 
 __all__ = [
     # prototxt (defined here)
@@ -53,15 +54,44 @@ def _read_text(path: PathLike, what: str, error: type) -> str:
                     "pass a .prototxt, not a .caffemodel") from exc
 
 
-def parse_net_text(text: str, source: str = "<string>"):
-    """Parse prototxt text into a raw (not yet upgraded) NetParameter."""
-    net = caffe_pb2().NetParameter()
+_NO_FIELD = re.compile(r'Message type "(?:[\w.]*\.)?(\w+)" has no field named "([^"]+)"')
+
+
+def _parse_with(pb2, text: str):
+    """``(net, None)`` parsed with schema ``pb2``, or ``(None, the ParseError)``."""
+    net = pb2.NetParameter()
     try:
         text_format.Merge(text, net)
     except text_format.ParseError as exc:
-        msg = str(exc).strip()
-        raise PrototxtError(f"{source}:{msg} -- fix the prototxt syntax at that line and column") from exc
-    return net
+        return None, exc
+    return net, None
+
+
+def _parse_error(source: str, exc: text_format.ParseError) -> PrototxtError:
+    """The one-line error for ``exc``: a field no schema has gets its own message."""
+    msg = str(exc).strip()
+    m = _NO_FIELD.search(msg)
+    if m:
+        line = exc.GetLine() if exc.GetLine() is not None else 0
+        col = exc.GetColumn() if exc.GetColumn() is not None else 0
+        return unknown_field_error(source, line, col, m.group(1), m.group(2))
+    return PrototxtError(f"{source}:{msg} -- fix the prototxt syntax at that line and column")
+
+
+def parse_net_text(text: str, source: str = "<string>"):
+    """Parse prototxt text into a raw (not yet upgraded) NetParameter.
+
+    Each schema of :func:`~caffe_utils.schema.schemas` is tried in turn (pycaffe's first when it is
+    importable), so a net with fork fields that pycaffe's schema lacks is read with the project's;
+    the result is a message of the schema that read it. The error reported is the last schema's,
+    the project's, which knows the most fields."""
+    err: Optional[text_format.ParseError] = None
+    for pb2 in schemas():
+        net, err = _parse_with(pb2, text)
+        if net is not None:
+            return net
+    assert err is not None
+    raise _parse_error(source, err) from err
 
 
 def read_net_text(path: PathLike):
@@ -71,7 +101,7 @@ def read_net_text(path: PathLike):
 
 def upgrade_net(net) -> bool:
     """Upgrade ``net`` in place the way Caffe's ``UpgradeNetAsNeeded`` does. True if changed."""
-    pb2 = caffe_pb2()
+    pb2 = pb2_of(net)
     changed = False
     if len(net.layers):
         if len(net.layer):
@@ -192,7 +222,7 @@ def _state_meets_rule(state, rule) -> bool:
 
 def filter_net(net, phase: int = TEST, level: int = 0, stages: Sequence[str] = ()):
     """Return a copy of ``net`` with only the layers that Caffe's ``FilterNet`` keeps."""
-    pb2 = caffe_pb2()
+    pb2 = pb2_of(net)
     state = pb2.NetState()
     state.CopyFrom(net.state)
     state.phase = phase
@@ -228,7 +258,7 @@ def read_net(path_or_net, phase: Union[int, str] = TEST, level: int = 0, stages:
     if isinstance(path_or_net, (str, os.PathLike)):
         net = read_net_text(path_or_net)
     else:
-        net = caffe_pb2().NetParameter()
+        net = type(path_or_net)()
         net.CopyFrom(path_or_net)
     upgrade_net(net)
     return filter_net(net, phase, level, stages)

@@ -14,7 +14,7 @@ Every bounds problem raises :class:`WireFormatError`, never IndexError.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Iterator, Tuple, Union, overload
+from typing import BinaryIO, Iterator, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -122,12 +122,22 @@ def len_prefix(field: int, length: int) -> bytes:
     return encode_key(field, LEN) + encode_varint(length)
 
 
-def blob_header(shape: Tuple[int, ...], nbytes: int) -> bytes:
-    """The bytes of a Caffe BlobProto that precede its ``nbytes`` of packed little-endian floats:
-    ``shape`` (field 7), then the key and length of ``data`` (field 5)."""
+#: BlobProto.raw_data_type values (NVIDIA Caffe's enum Type, as OpenCV reads it)
+RAW_DOUBLE, RAW_FLOAT, RAW_FLOAT16 = 0, 1, 2
+RAW_DTYPES = {RAW_DOUBLE: "<f8", RAW_FLOAT: "<f4", RAW_FLOAT16: "<f2"}
+
+
+def blob_header(shape: Tuple[int, ...], nbytes: int, raw_type: Optional[int] = None) -> bytes:
+    """The bytes of a Caffe BlobProto that precede its ``nbytes`` of little-endian values:
+    ``shape`` (field 7), then the key and length of packed float ``data`` (field 5) or, with
+    ``raw_type`` (e.g. :data:`RAW_FLOAT16`), ``raw_data_type`` (10) and the key and length of
+    ``raw_data`` (12), OpenCV's storage for FP16 blobs."""
     dims = b"".join(encode_varint(int(d)) for d in shape)
     shape_msg = (len_prefix(1, len(dims)) + dims) if dims else b""
-    return len_prefix(7, len(shape_msg)) + shape_msg + len_prefix(5, nbytes)
+    head = len_prefix(7, len(shape_msg)) + shape_msg
+    if raw_type is None:
+        return head + len_prefix(5, nbytes)
+    return head + encode_key(10, VARINT) + encode_varint(raw_type) + len_prefix(12, nbytes)
 
 
 def blob_array(array: np.ndarray) -> np.ndarray:
@@ -152,6 +162,15 @@ def float_array(buf: memoryview, span: Tuple[int, int]) -> np.ndarray:
     if n % 4:
         raise WireFormatError("packed float field with a length that is not a multiple of 4")
     return np.frombuffer(buf, dtype="<f4", count=n // 4, offset=span[0])
+
+
+def raw_array(buf: memoryview, span: Tuple[int, int], raw_type: int) -> np.ndarray:
+    """The ``raw_data`` bytes at ``span`` as a numpy view of ``raw_type``'s little-endian values."""
+    dtype = np.dtype(RAW_DTYPES[raw_type])
+    n = span[1] - span[0]
+    if n % dtype.itemsize:
+        raise WireFormatError(f"raw_data of {n} bytes is not a whole number of {dtype.itemsize}-byte values")
+    return np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize, offset=span[0])
 
 
 def double_array(buf: memoryview, span: Tuple[int, int]) -> np.ndarray:

@@ -11,11 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parent.parent / "caffe_utils" / "proto"
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "caffe_utils" / "proto"
 
 
 def main() -> int:
-    args = [f"--proto_path={PROTO_DIR}", f"--python_out={PROTO_DIR}", str(PROTO_DIR / "caffe.proto")]
+    # The proto path is the repository root, so the file registers as
+    # "caffe_utils/proto/caffe.proto", not "caffe.proto": pycaffe's caffe_pb2 registers that
+    # name, and both must be loadable in one process (caffe_utils/schema.py).
+    args = [f"--proto_path={ROOT}", f"--python_out={ROOT}", str(PROTO_DIR / "caffe.proto")]
     protoc = shutil.which("protoc")
     if protoc:
         cmd = [protoc, *args]

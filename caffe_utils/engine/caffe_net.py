@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -147,6 +148,28 @@ def probe_net(caffe, param, phase: int) -> None:
                         "fix that layer in the prototxt")
 
 
+def _in_caffe_schema(net):
+    """``net`` as a message of pycaffe's own schema, which ``caffe.Net`` reads.
+
+    A net read with the project's schema (it has fork fields that pycaffe's schema lacks) is
+    re-read from its text with pycaffe's; a field pycaffe's schema still lacks is an
+    :class:`EngineError` naming it and the way out (the numpy engine reads every fork field)."""
+    from google.protobuf import text_format
+    from caffe_utils.schema import caffe_pb2, is_builtin
+    pb2 = caffe_pb2()
+    if not is_builtin(net) or net.DESCRIPTOR.file is pb2.DESCRIPTOR:
+        return net
+    out = pb2.NetParameter()
+    try:
+        text_format.Merge(netio.net_to_text(net), out)
+    except text_format.ParseError as exc:
+        m = re.search(r'has no field named "([^"]+)"', str(exc))
+        what = f'field "{m.group(1)}"' if m else f"part ({str(exc).strip()})"
+        raise EngineError(f"the net uses a {what} that this pycaffe's Caffe schema does not have; "
+                          "use --engine numpy, or a Caffe build that has it") from exc
+    return out
+
+
 class CaffeNet:
     """``caffe.Net`` behind the engine interface (see module docstring)."""
 
@@ -160,7 +183,7 @@ class CaffeNet:
         if isinstance(phase, str):
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
-        self.net_param = netio.read_net(net, phase, level, stages)
+        self.net_param = _in_caffe_schema(netio.read_net(net, phase, level, stages))
         param = type(self.net_param)()
         param.CopyFrom(self.net_param)
         param.force_backward = True
@@ -176,7 +199,7 @@ class CaffeNet:
             if known is not None and lp.type not in known:
                 raise UnsupportedLayerError(
                     f"layer '{lp.name}' has type '{lp.type}', which this Caffe does not know (known: "
-                    f"{', '.join(sorted(known))}); fix the type or use a Caffe build that has it")
+                    f"{', '.join(sorted(known))}); fix the type, use --engine numpy, or use a Caffe build that has it")
         if seed is not None:
             caffe.set_random_seed(int(seed))
         fd, tmp = tempfile.mkstemp(suffix=".prototxt")

@@ -9,7 +9,7 @@ are also the pieces of LRN's WITHIN_CHANNEL mode. Backward adds into bottom diff
 
 Limits (each raises a clear error): STOCHASTIC pooling is not implemented (Caffe's CPU build has
 none either). Pooling reads ``round_mode`` (BVLC) or ``ceil_mode`` (forks such as the one pycaffe
-may come from), whichever the schema in use has.
+may come from), whichever the net sets.
 """
 from __future__ import annotations
 
@@ -139,8 +139,10 @@ class Pooling(Layer):
 
     @staticmethod
     def _ceil_mode(pp) -> bool:
+        """Ceil rounding unless the net sets BVLC's ``round_mode: FLOOR`` or a fork's
+        ``ceil_mode: false`` (the project's schema has both; the one set counts)."""
         fields = pp.DESCRIPTOR.fields_by_name
-        if "round_mode" in fields:
+        if "round_mode" in fields and pp.HasField("round_mode"):
             return fields["round_mode"].enum_type.values_by_number[pp.round_mode].name == "CEIL"
         if "ceil_mode" in fields:
             return bool(pp.ceil_mode)

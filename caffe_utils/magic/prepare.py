@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 from caffe_utils.errors import PrototxtError
 from caffe_utils.layout import AFFINE_TYPES
 from caffe_utils.magic.scale_rules import TERMINAL
-from caffe_utils.schema import caffe_pb2
+from caffe_utils.schema import pb2_of
 
 DATA_LAYERS = ("Data", "ImageData", "MemoryData", "HDF5Data", "WindowData", "DummyData", "Input")
 
@@ -52,7 +52,7 @@ def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -
 
     ``image_shape`` (C, H, W) is needed when the net's data layer does not tell its crop size.
     """
-    pb2 = caffe_pb2()
+    pb2 = pb2_of(net_param)
     lps = list(net_param.layer)
     data = [lp for lp in lps if lp.type in DATA_LAYERS]
     if not data:
