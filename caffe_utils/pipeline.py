@@ -16,7 +16,7 @@ import numpy as np
 from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine import open_net, resolve_engine
 from caffe_utils.errors import DataError, OutputError
-from caffe_utils.outputs import OutputSet, atomic_file
+from caffe_utils.outputs import OutputSet, atomic_file, direct_file
 
 MIN_IMAGES = 2
 
@@ -166,18 +166,18 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
             progress("writing", 0, 1)
         netio.write_caffemodel(outs.stage(cfg.output), net_param, params, atomic=False)
         if cfg.report:
-            write_json_atomic(outs.stage(cfg.report), {
+            write_json(outs.stage(cfg.report), {
                 "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
                 "options": {k: getattr(cfg, k) for k in ("init", "within", "between", "beta", "iterations",
                                                          "damping", "seed")},
-                **report.to_dict()}, atomic=False)
+                **report.to_dict()})
         if cfg.plot:
-            from caffe_utils.plots import plot_rates
-            plot_rates([("before", {l.name: l.rate_before for l in report.layers},
-                         {l.name: l.cv_before for l in report.layers}),
-                        ("after", {l.name: l.rate_after for l in report.layers},
-                         {l.name: l.cv_after for l in report.layers})], outs.stage(cfg.plot),
-                       title=Path(cfg.prototxt).name, atomic=False)
+            from caffe_utils.plots import PLOT_FIX, draw_rates
+            with direct_file(outs.stage(cfg.plot), "wb", fix=PLOT_FIX) as fh:
+                draw_rates([("before", {l.name: l.rate_before for l in report.layers},
+                             {l.name: l.cv_before for l in report.layers}),
+                            ("after", {l.name: l.rate_after for l in report.layers},
+                             {l.name: l.cv_after for l in report.layers})], fh, title=Path(cfg.prototxt).name)
         outs.commit()
         if progress:
             progress("writing", 1, 1)
@@ -321,11 +321,17 @@ def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
         fh.write(old + "\t".join(row) + "\n")
 
 
-def write_json_atomic(path: str, obj, atomic: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file; OutputError when that fails.
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` itself (a path from :meth:`OutputSet.stage`, which
+    renames it into place); OutputError when that fails."""
+    with direct_file(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
 
-    ``atomic=False`` writes ``path`` directly (a path from :meth:`OutputSet.stage`)."""
-    with atomic_file(path, "w", atomic=atomic) as fh:
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file next to it, so that ``path``
+    appears complete or not at all; OutputError when that fails."""
+    with atomic_file(path, "w") as fh:
         json.dump(obj, fh, indent=2)
 
 
