@@ -61,6 +61,18 @@ def test_shared_options_build_the_sample_spec():
     assert (got["batch_size"], got["seed"], got["engine"]) == (3, 9, "numpy")
 
 
+def test_gpu_is_checked_against_the_engine_auto_selects(small, tmp_path, monkeypatch):
+    """Without pycaffe, auto is the numpy engine: --gpu is the same bad option (exit 2) as with
+    --engine numpy, since resolve_engine decides both."""
+    from caffe_utils import engine
+    monkeypatch.setattr(engine, "pycaffe_importable", lambda: False)
+    res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "o.caffemodel"), "--gpu", "0"])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "'--gpu'" in lines[0] and "numpy engine runs on the CPU" in lines[0], lines
+    assert not (tmp_path / "o.caffemodel").exists()
+
+
 def test_run_writes_model_and_table(small, photos, tmp_path):
     out = tmp_path / "init.caffemodel"
     res = CliRunner().invoke(cli, [str(small), "-o", str(out), "-d", photos, "-n", "8", "--batch-size", "4",
