@@ -14,11 +14,10 @@ from typing import Optional
 
 import click
 
-from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive, seed_range,
-                                  signal_name, signals_as_interrupts)
-from caffe_utils.magic import INIT_TYPES
-from caffe_utils.engine import ENGINES
-from caffe_utils.pipeline import MIN_IMAGES, RunConfig
+from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive,
+                                  sample_options, signal_name, signals_as_interrupts)
+from caffe_utils.magic import INIT_TYPES, InitOptions
+from caffe_utils.pipeline import RunConfig
 
 PROG = "magic_init.py"
 
@@ -52,61 +51,44 @@ class _Progress:
               help="Where to write the initialized caffemodel.")
 @click.option("-w", "--weights", type=click.Path(exists=True, dir_okay=False),
               help="Start from these weights; layers that have weights keep them.")
-@click.option("-d", "--data", help="Images: a glob, a folder, a Caffe image list or an LMDB "
-              "[default: the source of the net's data layer].")
-@click.option("--root", type=click.Path(exists=True, file_okay=False), help="Root folder for image-list paths.")
-@click.option("-n", "--images", default=RunConfig.images, show_default=True, type=int, callback=positive,
-              help="Number of sample images; with fewer usable ones (at least "
-                   f"{MIN_IMAGES}) they are reused with other random crops and a warning.")
-@click.option("--batch-size", default=RunConfig.batch_size, show_default=True, type=int, callback=positive)
-@click.option("--mean", default=None, help="Mean to subtract: 'B,G,R' values or a .binaryproto "
-              "[default: the data layer's, else 104,117,123].")
-@click.option("--scale", default=None, type=float, help="Multiply inputs by this after mean subtraction "
-              "[default: the data layer's, else 1].")
-@click.option("--resize", default=None, type=int, callback=positive,
-              help="Resize images to this square size before cropping [default: 256 or the crop size].")
-@click.option("-t", "--init", "init", default=RunConfig.init, show_default=True, type=click.Choice(INIT_TYPES),
+@sample_options
+@click.option("-t", "--init", "init", default=InitOptions.init, show_default=True, type=click.Choice(INIT_TYPES),
               help="Weight initialization (pca/zca/kmeans/rand for convolutions; others use gaussian).")
 @click.option("--no-within", is_flag=True, help="Skip the within-layer normalization.")
 @click.option("--no-between", is_flag=True, help="Skip the between-layer scale adjustment.")
-@click.option("--beta", default=RunConfig.beta, show_default=True, type=float, help="Mean of every output channel.")
-@click.option("--iterations", default=RunConfig.iterations, show_default=True, type=int, callback=non_negative,
+@click.option("--beta", default=InitOptions.beta, show_default=True, type=float, help="Mean of every output channel.")
+@click.option("--iterations", default=InitOptions.iterations, show_default=True, type=int, callback=non_negative,
               help="Between-layer iterations (stops early when every rate is within 1%).")
-@click.option("--damping", default=RunConfig.damping, show_default=True, type=float, callback=damping_range,
+@click.option("--damping", default=InitOptions.damping, show_default=True, type=float, callback=damping_range,
               help="Between-layer damping alpha: each round moves every layer's log change rate this "
                    "fraction of the way to the common target (1 = one full step).")
 @click.option("--zero-classifier", is_flag=True, help="Set the last affine layer to zero (paper 4.5).")
 @click.option("--reinit", multiple=True, metavar="LAYER", help="Re-initialize this layer even if it has weights.")
 @click.option("--reinit-all", is_flag=True, help="Re-initialize every layer.")
-@click.option("--engine", default=RunConfig.engine, show_default=True, type=click.Choice(ENGINES),
-              help="auto: pycaffe when importable, else the built-in numpy engine.")
-@click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only).")
-@click.option("--seed", default=RunConfig.seed, show_default=True, type=int, callback=seed_range,
-              help="Random seed: same seed, inputs and engine give a bit-identical output.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--mem-limit", default=RunConfig.mem_limit_mb, show_default=True, type=int, callback=positive,
+@click.option("--mem-limit", default=InitOptions.mem_limit >> 20, show_default=True, type=int, callback=positive,
               help="MB of cached activations and patches.")
 @click.option("--force", is_flag=True, help="Allow the output to replace the input weights.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw the change rates and their variation before and after into this PNG (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
-def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, resize, init, no_within,
-        no_between, beta, iterations, damping, zero_classifier, reinit, reinit_all, engine, gpu, seed,
-        report_path, mem_limit, force, plot_path, quiet):
+def cli(prototxt, output, weights, sample, batch_size, engine, gpu, seed, init, no_within, no_between, beta,
+        iterations, damping, zero_classifier, reinit, reinit_all, report_path, mem_limit, force, plot_path, quiet):
     """Initialize the Caffe net PROTOTXT from sample images and write OUTPUT."""
+    options = InitOptions(init=init, within=not no_within, between=not no_between, beta=beta, iterations=iterations,
+                          damping=damping, zero_classifier=zero_classifier, reinit=tuple(reinit),
+                          reinit_all=reinit_all, batch_size=batch_size, mem_limit=mem_limit << 20, seed=seed)
+    _run(RunConfig(prototxt=prototxt, output=output, weights=weights, sample=sample, options=options, engine=engine,
+                   gpu=gpu, report=report_path, force=force, plot=plot_path), quiet)
+
+
+def _run(cfg: RunConfig, quiet: bool) -> None:
+    """Run ``cfg`` with progress on stderr and the table on stdout; user errors, running out of
+    memory and interrupts become one line on stderr."""
     from caffe_utils.errors import MagicInitError
     from caffe_utils.outputs import OutputSet
-    from caffe_utils.pipeline import RunConfig, format_report, run
+    from caffe_utils.pipeline import format_report, run
 
-    if gpu is not None and engine == "numpy":
-        raise click.BadParameter("the numpy engine runs on the CPU; drop --gpu or use --engine caffe",
-                                 param_hint="'--gpu'")
-    cfg = RunConfig(prototxt=prototxt, output=output, weights=weights, data=data, root=root, images=images,
-                    batch_size=batch_size, mean=mean, scale=scale, resize=resize, init=init,
-                    within=not no_within, between=not no_between, beta=beta, iterations=iterations,
-                    damping=damping, zero_classifier=zero_classifier, reinit=reinit, reinit_all=reinit_all,
-                    engine=engine, gpu=gpu, seed=seed, report=report_path, mem_limit_mb=mem_limit, force=force,
-                    plot=plot_path)
     outputs = OutputSet()
     try:
         with signals_as_interrupts():
@@ -118,12 +100,12 @@ def cli(prototxt, output, weights, data, root, images, batch_size, mean, scale, 
         raise click.ClickException("out of memory; lower --batch-size, -n/--images or --mem-limit, or use a "
                                    "machine with more memory") from None
     except KeyboardInterrupt as exc:
-        what = f"{output} was written before it" if outputs.committed else "no output written"
+        what = f"{cfg.output} was written before it" if outputs.committed else "no output written"
         click.echo(f"{PROG}: interrupted ({signal_name(exc)}); {what}", err=True)
         sys.exit(exit_status(exc))
     if not quiet:
         click.echo(format_report(result))
-    click.echo(f"wrote {output}", err=True)
+    click.echo(f"wrote {cfg.output}", err=True)
 
 
 def main() -> None:

@@ -6,17 +6,26 @@
 * :func:`signals_as_interrupts`: SIGTERM and SIGHUP arrive as :class:`Interrupted`, a
   ``KeyboardInterrupt``, so that every stage cleans up on the way out exactly as for Ctrl-C.
 * Option validators (click callbacks) that raise ``click.BadParameter``.
+* :func:`sample_options`: the image, batch, seed and engine options that both commands share,
+  built from :class:`~caffe_utils.pipeline.SampleSpec` and :class:`~caffe_utils.magic.InitOptions`.
 
 No algorithm code lives here.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import click
+
+from caffe_utils.engine import ENGINES, resolve_engine
+from caffe_utils.errors import EngineError
+from caffe_utils.magic import InitOptions
+from caffe_utils.pipeline import RunConfig, SampleSpec
 
 
 def positive(ctx, param, value):
@@ -41,6 +50,61 @@ def damping_range(ctx, param, value):
     if not 0 < value < 1:
         raise click.BadParameter(f"must be between 0 and 1 (exclusive), got {value}")
     return value
+
+
+def check_gpu(engine: str, gpu: Optional[int]) -> None:
+    """Refuse ``--gpu`` for an engine that runs on the CPU as a bad option (exit 2), before any
+    work. The rule is :func:`resolve_engine`'s, which library callers meet as an EngineError."""
+    if gpu is None:
+        return
+    try:
+        concrete = resolve_engine(engine)
+    except EngineError:
+        return  # e.g. --engine caffe without pycaffe: the run reports that itself
+    try:
+        resolve_engine(concrete, gpu)
+    except EngineError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--gpu'") from None
+
+
+def _sample_option(*decls: str, **kwargs) -> Callable:
+    """A click option for the :class:`SampleSpec` field that the last of ``decls`` names."""
+    spec = {f.name: f for f in dataclasses.fields(SampleSpec)}[decls[-1].lstrip("-")]
+    return click.option(*decls, default=spec.default, show_default=True, help=spec.metadata["help"], **kwargs)
+
+
+_SHARED_OPTIONS = (
+    _sample_option("-d", "--data"),
+    _sample_option("--root", type=click.Path(exists=True, file_okay=False)),
+    _sample_option("-n", "--images", type=int, callback=positive),
+    click.option("--batch-size", default=InitOptions.batch_size, show_default=True, type=int, callback=positive,
+                 help="Images per forward and backward pass."),
+    _sample_option("--mean"),
+    _sample_option("--scale", type=float),
+    _sample_option("--resize", type=int, callback=positive),
+    click.option("--engine", default=RunConfig.engine, show_default=True, type=click.Choice(ENGINES),
+                 help="auto: pycaffe when importable, else the built-in numpy engine."),
+    click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only)."),
+    click.option("--seed", default=InitOptions.seed, show_default=True, type=int, callback=seed_range,
+                 help="Random seed: the same seed, inputs and engine give bit-identical results."),
+)
+
+
+def sample_options(command: Callable) -> Callable:
+    """Add the options both commands share: -d/--data, --root, -n/--images, --mean, --scale and
+    --resize reach ``command`` as one ``sample`` (a :class:`SampleSpec`), --batch-size, --seed,
+    --engine and --gpu as themselves; --gpu is checked against the engine (:func:`check_gpu`)."""
+    names = [f.name for f in dataclasses.fields(SampleSpec)]
+
+    @functools.wraps(command)
+    def with_sample(**kwargs):
+        sample = SampleSpec(**{name: kwargs.pop(name) for name in names})
+        check_gpu(kwargs["engine"], kwargs["gpu"])
+        return command(sample=sample, **kwargs)
+
+    for option in reversed(_SHARED_OPTIONS):
+        with_sample = option(with_sample)
+    return with_sample
 
 
 class Interrupted(KeyboardInterrupt):

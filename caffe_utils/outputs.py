@@ -1,5 +1,5 @@
 """Output files that appear completely or not at all: one file (:func:`atomic_file`) or several
-together (:class:`OutputSet`).
+together (:class:`OutputSet`, whose staged paths are written with :func:`direct_file`).
 
 A run writes up to three files (the caffemodel, the JSON report, the plot). Each is first written
 to a hidden temporary file next to its destination; only when all are complete does
@@ -45,43 +45,58 @@ def temp_file_next_to(dest: "os.PathLike[str] | str", suffix: str = ".part") -> 
     return fd, tmp
 
 
+def _write_failure(target: Path, exc: OSError, fix: str) -> OutputError:
+    return OutputError(f"cannot write '{target}' ({exc.strerror or exc}); {fix}", reason=exc.strerror or str(exc))
+
+
+@contextlib.contextmanager
+def direct_file(path: "os.PathLike[str] | str", mode: str = "wb",
+                fix: str = "free some space or choose another path") -> Iterator[IO]:
+    """Open ``path`` itself for writing, flushed to disk when the block ends normally.
+
+    For a path that :meth:`OutputSet.stage` returned: the set already writes to a temporary file
+    and does the renaming and the cleanup. An OSError (disk full, no permission) becomes an
+    :class:`OutputError` naming ``path`` and ending with ``fix``.
+    """
+    target = Path(path)
+    try:
+        fh = open(target, mode)
+    except OSError as exc:
+        raise _write_failure(target, exc, fix) from exc
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise _write_failure(target, exc, fix) from exc
+
+
 @contextlib.contextmanager
 def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool = True,
                 fix: str = "free some space or choose another path") -> Iterator[IO]:
     """Open a file object for writing ``dest`` completely or not at all.
 
-    With ``atomic`` the data go to a hidden temporary file next to ``dest``, which is flushed to
-    disk and renamed onto ``dest`` when the block ends normally and removed when it ends with any
-    exception (Ctrl-C included). ``atomic=False`` writes ``dest`` itself: for a path that
-    :meth:`OutputSet.stage` returned, whose set already does the renaming and the cleanup.
-    An OSError (disk full, no permission) becomes an :class:`OutputError` naming ``dest`` and
-    ending with ``fix``.
+    The data go to a hidden temporary file next to ``dest``, which is flushed to disk and renamed
+    onto ``dest`` when the block ends normally and removed when it ends with any exception
+    (Ctrl-C included). An OSError (disk full, no permission) becomes an :class:`OutputError`
+    naming ``dest`` and ending with ``fix``.
+
+    ``atomic=False`` is :func:`direct_file`; it remains only for
+    :func:`caffe_utils.netio.write_caffemodel`'s ``atomic`` parameter. New code calls
+    :func:`direct_file` for a staged path.
     """
     target = Path(dest)
-
-    def failure(exc: OSError) -> OutputError:
-        return OutputError(f"cannot write '{target}' ({exc.strerror or exc}); {fix}",
-                           reason=exc.strerror or str(exc))
-
     if not atomic:
-        try:
-            fh = open(target, mode)
-        except OSError as exc:
-            raise failure(exc) from exc
-        try:
-            with fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            raise failure(exc) from exc
+        with direct_file(target, mode, fix) as fh:
+            yield fh
         return
     hold = _SignalHold()  # a signal between creating the file and the try below would orphan it
     try:
         try:
             fd, tmp = temp_file_next_to(target)
         except OSError as exc:
-            raise failure(exc) from exc
+            raise _write_failure(target, exc, fix) from exc
         try:
             with os.fdopen(fd, mode) as fh:
                 hold.release()
@@ -93,7 +108,7 @@ def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool =
             with _SignalHold():
                 _unlink_quietly(tmp)
             if isinstance(exc, OSError):
-                raise failure(exc) from exc
+                raise _write_failure(target, exc, fix) from exc
             raise
     finally:
         hold.release()
@@ -113,7 +128,8 @@ class OutputSet:
     removes every temporary file::
 
         with OutputSet() as outs:
-            write_caffemodel(outs.stage("init.caffemodel"), ...)
+            with direct_file(outs.stage("init.json"), "w") as fh:
+                json.dump(report, fh)
             outs.commit()
     """
 

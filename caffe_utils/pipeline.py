@@ -16,39 +16,44 @@ import numpy as np
 from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine import open_net, resolve_engine
 from caffe_utils.errors import DataError, OutputError
-from caffe_utils.outputs import OutputSet, atomic_file
+from caffe_utils.outputs import OutputSet, atomic_file, direct_file
 
 MIN_IMAGES = 2
 
 
 @dataclass
+class SampleSpec:
+    """Which images the net sees and how they are preprocessed, as Caffe's data layer would feed
+    them; ``None`` takes the net's data layer's setting. :class:`RunConfig` and
+    :class:`MeasureConfig` share it, and the CLIs' image options, defaults and help come from
+    its fields (``metadata["help"]``)."""
+    data: Optional[str] = field(default=None, metadata={"help": (
+        "Images: a glob, a folder, a Caffe image list or an LMDB [default: the source of the net's data layer].")})
+    root: Optional[str] = field(default=None, metadata={"help": "Root folder for image-list paths."})
+    images: int = field(default=160, metadata={"help": (
+        f"Number of sample images; with fewer usable ones (at least {MIN_IMAGES}) they are reused with other "
+        "random crops and a warning.")})
+    mean: Optional[str] = field(default=None, metadata={"help": (
+        "Mean to subtract: 'B,G,R' values or a .binaryproto [default: the data layer's, else 104,117,123].")})
+    scale: Optional[float] = field(default=None, metadata={"help": (
+        "Multiply inputs by this after mean subtraction [default: the data layer's, else 1].")})
+    resize: Optional[int] = field(default=None, metadata={"help": (
+        "Resize images to this square size before cropping [default: 256 or the crop size].")})
+
+
+@dataclass
 class RunConfig:
-    """One ``magic_init.py`` run. The algorithm's defaults are :class:`magic.InitOptions`'s; the
-    CLI shows these (one source for every default)."""
+    """One ``magic_init.py`` run. The algorithm's settings, batch size, seed and memory limit
+    included, are ``options``: :class:`magic.InitOptions` holds every default, and the CLI shows
+    those (one source for every default)."""
     prototxt: str
     output: str
     weights: Optional[str] = None
-    data: Optional[str] = None
-    root: Optional[str] = None
-    images: int = 160
-    batch_size: int = magic.InitOptions.batch_size
-    mean: Optional[str] = None
-    scale: Optional[float] = None
-    resize: Optional[int] = None
-    init: str = magic.InitOptions.init
-    within: bool = True
-    between: bool = True
-    beta: float = magic.InitOptions.beta
-    iterations: int = magic.InitOptions.iterations
-    damping: float = magic.InitOptions.damping
-    zero_classifier: bool = False
-    reinit: Sequence[str] = ()
-    reinit_all: bool = False
+    sample: SampleSpec = field(default_factory=SampleSpec)
+    options: magic.InitOptions = field(default_factory=magic.InitOptions)
     engine: str = "auto"
     gpu: Optional[int] = None
-    seed: int = magic.InitOptions.seed
     report: Optional[str] = None
-    mem_limit_mb: int = magic.InitOptions.mem_limit >> 20
     force: bool = False
     plot: Optional[str] = None
 
@@ -109,16 +114,18 @@ def _check_output(cfg: RunConfig) -> None:
                           "(or --force to replace it)")
 
 
-def _mean_for(cfg: RunConfig, prepared: magic.PreparedNet, base: Path) -> Tuple[Sequence[float], Optional[np.ndarray]]:
+def _mean_for(mean: Optional[str], prepared: magic.PreparedNet,
+              base: Path) -> Tuple[Sequence[float], Optional[np.ndarray]]:
+    """The ``--mean`` to subtract (values or an image), else the data layer's, else ImageNet's."""
     tp = prepared.transform_param
-    if cfg.mean is not None:
-        spec = cfg.mean.strip()
+    if mean is not None:
+        spec = mean.strip()
         if spec.endswith(".binaryproto") or Path(spec).is_file():
             return (), netio.read_mean(spec)
         try:
             return tuple(float(v) for v in spec.split(",") if v.strip()), None
         except ValueError as exc:
-            raise DataError(f"--mean '{cfg.mean}' is neither comma-separated numbers nor a .binaryproto file") from exc
+            raise DataError(f"--mean '{mean}' is neither comma-separated numbers nor a .binaryproto file") from exc
     if tp is not None and tp.mean_file:
         mf = Path(tp.mean_file)
         if not mf.is_absolute() and not mf.exists():
@@ -145,18 +152,13 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
             warn(msg)
 
     _check_output(cfg)
+    opts = cfg.options
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = magic.prepare_net(net_param)
-    c, h, w = prepared.input_shape
-    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
-                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
+    net = _open_prepared(prepared, engine, cfg.gpu, opts.batch_size, opts.seed)
     loaded = load_weights(net, cfg.weights) if cfg.weights else set()
-    sample = load_images(cfg, prepared, note, progress)
-    opts = magic.InitOptions(init=cfg.init, within=cfg.within, between=cfg.between, beta=cfg.beta,
-                             iterations=cfg.iterations, damping=cfg.damping, zero_classifier=cfg.zero_classifier,
-                             reinit=tuple(cfg.reinit), reinit_all=cfg.reinit_all, batch_size=cfg.batch_size,
-                             mem_limit=int(cfg.mem_limit_mb) << 20, seed=cfg.seed)
+    sample = load_images(cfg.prototxt, cfg.sample, opts.seed, prepared, note, progress)
     report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
     for msg in report.warnings:
         note(msg)
@@ -166,18 +168,18 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
             progress("writing", 0, 1)
         netio.write_caffemodel(outs.stage(cfg.output), net_param, params, atomic=False)
         if cfg.report:
-            write_json_atomic(outs.stage(cfg.report), {
+            write_json(outs.stage(cfg.report), {
                 "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
-                "options": {k: getattr(cfg, k) for k in ("init", "within", "between", "beta", "iterations",
-                                                         "damping", "seed")},
-                **report.to_dict()}, atomic=False)
+                "options": {k: getattr(opts, k) for k in ("init", "within", "between", "beta", "iterations",
+                                                          "damping", "seed")},
+                **report.to_dict()})
         if cfg.plot:
-            from caffe_utils.plots import plot_rates
-            plot_rates([("before", {l.name: l.rate_before for l in report.layers},
-                         {l.name: l.cv_before for l in report.layers}),
-                        ("after", {l.name: l.rate_after for l in report.layers},
-                         {l.name: l.cv_after for l in report.layers})], outs.stage(cfg.plot),
-                       title=Path(cfg.prototxt).name, atomic=False)
+            from caffe_utils.plots import PLOT_FIX, draw_rates
+            with direct_file(outs.stage(cfg.plot), "wb", fix=PLOT_FIX) as fh:
+                draw_rates([("before", {l.name: l.rate_before for l in report.layers},
+                             {l.name: l.cv_before for l in report.layers}),
+                            ("after", {l.name: l.rate_after for l in report.layers},
+                             {l.name: l.cv_after for l in report.layers})], fh, title=Path(cfg.prototxt).name)
         outs.commit()
         if progress:
             progress("writing", 1, 1)
@@ -186,19 +188,16 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
 
 @dataclass
 class MeasureConfig:
-    """What :func:`measure_models` measures: ``prototxt`` with each of ``weights`` in turn."""
+    """What :func:`measure_models` measures: ``prototxt`` with each of ``weights`` in turn, on
+    ``sample``, in batches of ``batch_size``; ``seed`` draws the crops and the top gradients.
+    The defaults are those of a :class:`RunConfig`."""
     prototxt: str
     weights: Sequence[str]
-    data: Optional[str] = None
-    root: Optional[str] = None
-    images: int = RunConfig.images
-    batch_size: int = RunConfig.batch_size
-    mean: Optional[str] = None
-    scale: Optional[float] = None
-    resize: Optional[int] = None
+    sample: SampleSpec = field(default_factory=SampleSpec)
+    batch_size: int = magic.InitOptions.batch_size
+    seed: int = magic.InitOptions.seed
     engine: str = RunConfig.engine
     gpu: Optional[int] = None
-    seed: int = RunConfig.seed
 
 
 @dataclass
@@ -221,10 +220,8 @@ def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, in
     same images and the same random top gradients; returns (stats per model, images, engine)."""
     engine = resolve_engine(cfg.engine, cfg.gpu)
     prepared = magic.prepare_net(netio.read_net(cfg.prototxt, netio.TEST))
-    c, h, w = prepared.input_shape
-    net = open_net(prepared.net_param, None, netio.TEST, engine, cfg.gpu,
-                   input_shapes={prepared.input_name: (cfg.batch_size, c, h, w)}, seed=cfg.seed)
-    sample = load_images(cfg, prepared, warn or (lambda m: None), progress)
+    net = _open_prepared(prepared, engine, cfg.gpu, cfg.batch_size, cfg.seed)
+    sample = load_images(cfg.prototxt, cfg.sample, cfg.seed, prepared, warn or (lambda m: None), progress)
     out = []
     for i, path in enumerate(cfg.weights):
         if progress:
@@ -256,34 +253,43 @@ def format_measurement(models: Sequence[ModelStats]) -> str:
     return "\n\n".join(blocks)
 
 
-def load_images(cfg, prepared: magic.PreparedNet, note: Callable[[str], None],
-                progress: Optional[Callable[[str, int, int], None]] = None) -> images.Sample:
-    """The sample of ``cfg.images`` preprocessed images from ``cfg.data`` (or the net's own data
-    layer), as Caffe's data layer would feed them to ``prepared``'s input."""
+def _open_prepared(prepared: magic.PreparedNet, engine: str, gpu: Optional[int], batch_size: int, seed: int):
+    """The engine net of ``prepared`` with its image input ``batch_size`` deep."""
     c, h, w = prepared.input_shape
-    source = cfg.data or prepared.data_source
-    base = Path(cfg.prototxt).parent
+    return open_net(prepared.net_param, None, netio.TEST, engine, gpu,
+                    input_shapes={prepared.input_name: (batch_size, c, h, w)}, seed=seed)
+
+
+def load_images(prototxt: str, spec: SampleSpec, seed: int, prepared: magic.PreparedNet,
+                note: Callable[[str], None],
+                progress: Optional[Callable[[str, int, int], None]] = None) -> images.Sample:
+    """The sample of ``spec.images`` preprocessed images from ``spec.data`` (or the data layer of
+    the net ``prototxt``), as Caffe's data layer would feed them to ``prepared``'s input; ``seed``
+    draws the images and their crops."""
+    c, h, w = prepared.input_shape
+    source = spec.data or prepared.data_source
+    base = Path(prototxt).parent
     if not source:
         raise DataError("no images: give --data (a folder, a glob such as 'images/*.jpg', an image list or an "
                         "LMDB); the net has no data layer with a source")
-    if not cfg.data and not Path(source).exists() and (base / source).exists():
+    if not spec.data and not Path(source).exists() and (base / source).exists():
         source = str(base / source)
     tp = prepared.transform_param
-    mean_values, mean_image = _mean_for(cfg, prepared, base)
-    scale = cfg.scale if cfg.scale is not None else (tp.scale if tp is not None else 1.0)
-    transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=cfg.resize, mean_values=mean_values,
+    mean_values, mean_image = _mean_for(spec.mean, prepared, base)
+    scale = spec.scale if spec.scale is not None else (tp.scale if tp is not None else 1.0)
+    transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=spec.resize, mean_values=mean_values,
                                  mean_image=mean_image, scale=scale, mirror=bool(tp.mirror) if tp is not None else False)
-    records = images.list_source(source, cfg.root or prepared.data_root)
-    rng = np.random.RandomState(cfg.seed)
+    records = images.list_source(source, spec.root or prepared.data_root)
+    rng = np.random.RandomState(seed)
     if progress:
         progress("loading images", 0, 1)
-    sample = images.load_sample(records, cfg.images, transform, rng, min_images=MIN_IMAGES)
+    sample = images.load_sample(records, spec.images, transform, rng, min_images=MIN_IMAGES)
     if progress:
         progress("loading images", 1, 1)
     if sample.skipped:
         note(f"skipped {len(sample.skipped)} unreadable image(s) (e.g. {sample.skipped[0]})")
     if sample.reused:
-        note(f"only {sample.used} usable image(s) for -n {cfg.images}; reusing them with different random crops")
+        note(f"only {sample.used} usable image(s) for -n {spec.images}; reusing them with different random crops")
     return sample
 
 
@@ -321,11 +327,17 @@ def append_tsv_row(path, header: Sequence[str], row: Sequence[str]) -> None:
         fh.write(old + "\t".join(row) + "\n")
 
 
-def write_json_atomic(path: str, obj, atomic: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file; OutputError when that fails.
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` itself (a path from :meth:`OutputSet.stage`, which
+    renames it into place); OutputError when that fails."""
+    with direct_file(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
 
-    ``atomic=False`` writes ``path`` directly (a path from :meth:`OutputSet.stage`)."""
-    with atomic_file(path, "w", atomic=atomic) as fh:
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file next to it, so that ``path``
+    appears complete or not at all; OutputError when that fails."""
+    with atomic_file(path, "w") as fh:
         json.dump(obj, fh, indent=2)
 
 

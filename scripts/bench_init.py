@@ -26,17 +26,18 @@ TARGET_S = 15.0
 
 def main() -> int:
     from scripts.support.datasets import skimage_photos
-    from caffe_utils.pipeline import RunConfig, run
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.pipeline import RunConfig, SampleSpec, run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default=str(ROOT / "models" / "caffenet" / "deploy.prototxt"))
-    ap.add_argument("--images", type=int, default=160)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--images", type=int, default=SampleSpec.images)
+    ap.add_argument("--batch-size", type=int, default=InitOptions.batch_size)
     ap.add_argument("--engine", default="numpy", choices=["numpy", "caffe", "auto"])
-    ap.add_argument("--init", default="kmeans")
+    ap.add_argument("--init", default=InitOptions.init)
     ap.add_argument("--data", default=None)
-    ap.add_argument("--iterations", type=int, default=RunConfig.iterations, help="between-layer rounds")
-    ap.add_argument("--damping", type=float, default=RunConfig.damping, help="between-layer damping alpha")
+    ap.add_argument("--iterations", type=int, default=InitOptions.iterations, help="between-layer rounds")
+    ap.add_argument("--damping", type=float, default=InitOptions.damping, help="between-layer damping alpha")
     args = ap.parse_args()
     data = args.data or str(skimage_photos()[0].parent)
     stages = {}
@@ -48,9 +49,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = run(RunConfig(prototxt=args.net, output=str(Path(tmp) / "out.caffemodel"), data=data,
-                            images=args.images, batch_size=args.batch_size, engine=args.engine, init=args.init,
-                            iterations=args.iterations, damping=args.damping),
+        options = InitOptions(init=args.init, iterations=args.iterations, damping=args.damping,
+                              batch_size=args.batch_size)
+        res = run(RunConfig(prototxt=args.net, output=str(Path(tmp) / "out.caffemodel"),
+                            sample=SampleSpec(data=data, images=args.images), options=options, engine=args.engine),
                   progress=progress)
         total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

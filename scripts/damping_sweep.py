@@ -27,15 +27,16 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     from scripts.support.datasets import held_out_split
     from caffe_utils.errors import MagicInitError
-    from caffe_utils.pipeline import MeasureConfig, RunConfig, measure_models, run
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.pipeline import MeasureConfig, RunConfig, SampleSpec, measure_models, run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default=str(ROOT / "models" / "caffenet" / "deploy.prototxt"))
     ap.add_argument("--damping", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    ap.add_argument("--images", type=int, default=160, help="initialization and held-out crops each")
-    ap.add_argument("--iterations", type=int, default=RunConfig.iterations)
+    ap.add_argument("--images", type=int, default=SampleSpec.images, help="initialization and held-out crops each")
+    ap.add_argument("--iterations", type=int, default=InitOptions.iterations)
     ap.add_argument("--engine", default="auto", choices=["auto", "numpy", "caffe"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=InitOptions.seed)
     ap.add_argument("--reduced", action="store_true", help="16 images, 2 rounds: a quick end-to-end check")
     args = ap.parse_args(argv)
     n = 16 if args.reduced else args.images
@@ -47,14 +48,16 @@ def main(argv=None) -> int:
             for alpha in args.damping:
                 out = Path(tmp) / f"damping_{alpha}.caffemodel"
                 t0 = time.perf_counter()
-                res = run(RunConfig(prototxt=args.net, output=str(out), data=str(lists["init"]), images=n,
-                                    engine=args.engine, seed=args.seed, iterations=rounds, damping=alpha))
+                res = run(RunConfig(prototxt=args.net, output=str(out),
+                                    sample=SampleSpec(data=str(lists["init"]), images=n),
+                                    options=InitOptions(seed=args.seed, iterations=rounds, damping=alpha),
+                                    engine=args.engine))
                 results.append((alpha, res.report, time.perf_counter() - t0, out))
                 init_engine = res.engine
                 print(f"initialized with damping {alpha} ({results[-1][2]:.1f} s)", file=sys.stderr)
             stats, used, engine = measure_models(MeasureConfig(
-                prototxt=args.net, weights=[str(r[3]) for r in results], data=str(lists["held_out"]),
-                images=n, engine=args.engine, seed=args.seed + 1))
+                prototxt=args.net, weights=[str(r[3]) for r in results],
+                sample=SampleSpec(data=str(lists["held_out"]), images=n), engine=args.engine, seed=args.seed + 1))
     except MagicInitError as exc:
         print(f"damping_sweep: {exc}", file=sys.stderr)
         return 1

@@ -29,15 +29,15 @@ def main(argv=None) -> int:
     from scripts.support.datasets import held_out_split
     from caffe_utils.engine.numpy_net import Net
     from caffe_utils.errors import MagicInitError
-    from caffe_utils.pipeline import (MeasureConfig, RunConfig, format_measurement, measure_models, run,
+    from caffe_utils.pipeline import (MeasureConfig, RunConfig, SampleSpec, format_measurement, measure_models, run,
                                       write_json_atomic)
     from caffe_utils.plots import plot_rates
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "figure1_caffenet.png"))
-    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--images", type=int, default=SampleSpec.images)
     ap.add_argument("--engine", default="auto", choices=["auto", "numpy", "caffe"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=magic.InitOptions.seed)
     ap.add_argument("--reduced", action="store_true", help="16 images, 2 rounds: a quick end-to-end check")
     args = ap.parse_args(argv)
     n = 16 if args.reduced else args.images
@@ -62,13 +62,14 @@ def main(argv=None) -> int:
                     "ours (k-means)": dict(init="kmeans")}
             for label, kw in runs.items():
                 out = tmp / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".caffemodel")
-                run(RunConfig(prototxt=str(deploy), output=str(out), data=str(lists["init"]), images=n,
-                              engine=args.engine, seed=args.seed, iterations=rounds, **kw))
+                run(RunConfig(prototxt=str(deploy), output=str(out),
+                              sample=SampleSpec(data=str(lists["init"]), images=n),
+                              options=magic.InitOptions(seed=args.seed, iterations=rounds, **kw), engine=args.engine))
                 models[label] = out
                 print(f"initialized: {label} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             stats, used, engine = measure_models(MeasureConfig(
-                prototxt=str(deploy), weights=[str(p) for p in models.values()], data=str(lists["held_out"]),
-                images=n, engine=args.engine, seed=args.seed + 1))
+                prototxt=str(deploy), weights=[str(p) for p in models.values()],
+                sample=SampleSpec(data=str(lists["held_out"]), images=n), engine=args.engine, seed=args.seed + 1))
         for m, label in zip(stats, models):
             m.weights = label
         print(format_measurement(stats))

@@ -18,8 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from caffe_utils.clitools import OneLineCommand, non_negative, positive, seed_range  # noqa: E402
-from caffe_utils.engine import ENGINES  # noqa: E402  (after the sys.path line above)
+from caffe_utils.clitools import OneLineCommand, sample_options  # noqa: E402  (after the sys.path line above)
 from caffe_utils.pipeline import MeasureConfig  # noqa: E402
 
 
@@ -27,34 +26,18 @@ from caffe_utils.pipeline import MeasureConfig  # noqa: E402
 @click.argument("prototxt", type=click.Path(exists=True, dir_okay=False))
 @click.option("-w", "--weights", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="A caffemodel to measure (repeat to compare several).")
-@click.option("-d", "--data", default=None, help="Images: glob, folder, image list or LMDB "
-              "[default: the net's own data layer source].")
-@click.option("--root", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Folder that image-list paths are relative to.")
-@click.option("-n", "--images", default=MeasureConfig.images, show_default=True, type=int, callback=positive)
-@click.option("--batch-size", default=MeasureConfig.batch_size, show_default=True, type=int, callback=positive)
-@click.option("--mean", default=None, help="Mean values 'B,G,R' or a .binaryproto [default: 104,117,123].")
-@click.option("--scale", default=None, type=float, help="Input scale [default: the net's transform_param or 1].")
-@click.option("--resize", default=None, type=int, callback=positive, help="Resize before cropping.")
-@click.option("--engine", default=MeasureConfig.engine, show_default=True, type=click.Choice(ENGINES))
-@click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only).")
-@click.option("--seed", default=MeasureConfig.seed, show_default=True, type=int, callback=seed_range, help="Seeds the crops and the top gradients.")
+@sample_options
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw Figure 1 (a) and (b) for every caffemodel into this PNG (needs matplotlib).")
-def cli(prototxt, weights, data, root, images, batch_size, mean, scale, resize, engine, gpu, seed, json_path,
-        plot_path):
+def cli(prototxt, weights, sample, batch_size, engine, gpu, seed, json_path, plot_path):
     """Print per-layer change rates and activation statistics of PROTOTXT with each caffemodel."""
     from caffe_utils.errors import MagicInitError
     from caffe_utils.pipeline import format_measurement, measure_models, write_json_atomic
     from caffe_utils.plots import plot_rates
 
-    if gpu is not None and engine == "numpy":
-        raise click.BadParameter("the numpy engine runs on the CPU; drop --gpu or use --engine caffe",
-                                 param_hint="'--gpu'")
-    cfg = MeasureConfig(prototxt=prototxt, weights=list(weights), data=data, root=root, images=images,
-                        batch_size=batch_size, mean=mean, scale=scale, resize=resize, engine=engine, gpu=gpu,
-                        seed=seed)
+    cfg = MeasureConfig(prototxt=prototxt, weights=list(weights), sample=sample, batch_size=batch_size, seed=seed,
+                        engine=engine, gpu=gpu)
     try:
         models, used, engine_used = measure_models(cfg, warn=lambda m: click.echo(f"warning: {m}", err=True))
         click.echo(format_measurement(models))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from caffe_utils import images, magic, netio
-from caffe_utils.pipeline import RunConfig, run
+from caffe_utils.pipeline import RunConfig, SampleSpec, run
 from scripts.support.datasets import skimage_photos
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow]
@@ -14,9 +14,9 @@ pytestmark = [pytest.mark.pycaffe, pytest.mark.slow]
 def test_rescaling_open_nsfw_keeps_probabilities(caffe, nsfw_model, tmp_path):
     photos = skimage_photos()
     out = tmp_path / "nsfw_rescaled.caffemodel"
-    res = run(RunConfig(prototxt=str(nsfw_model["prototxt"]), output=str(out),
-                        weights=str(nsfw_model["caffemodel"]), data=str(photos[0].parent), images=8,
-                        batch_size=8, engine="numpy"))
+    res = run(RunConfig(prototxt=str(nsfw_model["prototxt"]), output=str(out), weights=str(nsfw_model["caffemodel"]),
+                        sample=SampleSpec(data=str(photos[0].parent), images=8),
+                        options=magic.InitOptions(batch_size=8), engine="numpy"))
     rep = res.report
     assert all(l.initialized == "kept" for l in rep.layers)
     assert rep.function_preserved
@@ -46,8 +46,8 @@ def test_numpy_and_caffe_engines_give_the_same_model(caffe, tmp_path, init):
     outs = {}
     for engine in ("numpy", "caffe"):
         out = tmp_path / f"{engine}.caffemodel"
-        run(RunConfig(prototxt=str(proto), output=str(out), data=photos, images=16, batch_size=8, init=init,
-                      engine=engine, seed=3))
+        run(RunConfig(prototxt=str(proto), output=str(out), sample=SampleSpec(data=photos, images=16),
+                      options=magic.InitOptions(batch_size=8, init=init, seed=3), engine=engine))
         outs[engine] = netio.read_caffemodel(out)
         net = caffe.Net(str(proto), str(out), caffe.TEST)  # loads in real Caffe
         assert set(net.params) == {"conv1", "conv2", "fc1", "fc2"}
@@ -67,8 +67,9 @@ def test_numpy_and_caffe_engines_agree_on_caffenet(caffe, tmp_path):
     outs = {}
     for engine in ("numpy", "caffe"):
         out = tmp_path / f"{engine}.caffemodel"
-        run(RunConfig(prototxt="models/caffenet/deploy.prototxt", output=str(out), data=photos, images=64,
-                      init="gaussian", engine=engine, seed=3))
+        run(RunConfig(prototxt="models/caffenet/deploy.prototxt", output=str(out),
+                      sample=SampleSpec(data=photos, images=64), options=magic.InitOptions(init="gaussian", seed=3),
+                      engine=engine))
         outs[engine] = netio.read_caffemodel(out)
     names = [n for n, lw in outs["caffe"].items() if lw.blobs]
     assert names == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]

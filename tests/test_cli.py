@@ -1,8 +1,12 @@
 """The click command line, through CliRunner."""
 from __future__ import annotations
 
+import click
 from click.testing import CliRunner
 
+from caffe_utils import magic
+from caffe_utils.clitools import sample_options
+from caffe_utils.pipeline import RunConfig, SampleSpec
 from magic_init import cli
 
 
@@ -22,7 +26,6 @@ def test_cli_defaults_are_the_algorithms(small, photos, tmp_path):
     import json
     import re
 
-    from caffe_utils import magic
     report = tmp_path / "r.json"
     res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "d.caffemodel"), "-d", photos, "-n", "8",
                                    "--engine", "numpy", "-q", "--report", str(report)])
@@ -33,9 +36,41 @@ def test_cli_defaults_are_the_algorithms(small, photos, tmp_path):
     shown = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
     for option, value in (("--beta", ref.beta), ("--iterations", ref.iterations), ("--damping", ref.damping),
                           ("--batch-size", ref.batch_size), ("--init", ref.init), ("--seed", ref.seed),
-                          ("--mem-limit", ref.mem_limit >> 20)):
+                          ("--mem-limit", ref.mem_limit >> 20), ("--images", SampleSpec.images)):
         m = re.search(re.escape(option) + r"\b.*?\[default: ([^\]]+)\]", shown)
         assert m and m.group(1) == str(value), (option, m and m.group(1))
+
+
+def test_shared_options_build_the_sample_spec():
+    """Both commands' image options reach the command as one SampleSpec: its defaults when not
+    given, the given values otherwise; --batch-size, --seed, --engine and --gpu stay separate."""
+    got = {}
+
+    @click.command()
+    @sample_options
+    def probe(sample, batch_size, seed, engine, gpu):
+        got.update(sample=sample, batch_size=batch_size, seed=seed, engine=engine, gpu=gpu)
+
+    assert CliRunner().invoke(probe, []).exit_code == 0
+    assert got == dict(sample=SampleSpec(), batch_size=magic.InitOptions.batch_size, seed=magic.InitOptions.seed,
+                       engine=RunConfig.engine, gpu=None)
+    res = CliRunner().invoke(probe, ["-d", "a/*.jpg", "-n", "7", "--mean", "1,2,3", "--scale", "0.5",
+                                     "--resize", "64", "--batch-size", "3", "--seed", "9", "--engine", "numpy"])
+    assert res.exit_code == 0, res.output
+    assert got["sample"] == SampleSpec(data="a/*.jpg", images=7, mean="1,2,3", scale=0.5, resize=64)
+    assert (got["batch_size"], got["seed"], got["engine"]) == (3, 9, "numpy")
+
+
+def test_gpu_is_checked_against_the_engine_auto_selects(small, tmp_path, monkeypatch):
+    """Without pycaffe, auto is the numpy engine: --gpu is the same bad option (exit 2) as with
+    --engine numpy, since resolve_engine decides both."""
+    from caffe_utils import engine
+    monkeypatch.setattr(engine, "pycaffe_importable", lambda: False)
+    res = CliRunner().invoke(cli, [str(small), "-o", str(tmp_path / "o.caffemodel"), "--gpu", "0"])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "'--gpu'" in lines[0] and "numpy engine runs on the CPU" in lines[0], lines
+    assert not (tmp_path / "o.caffemodel").exists()
 
 
 def test_run_writes_model_and_table(small, photos, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from caffe_utils import images, magic, measure, netio
 from caffe_utils.engine.caffe_net import CaffeNet
-from caffe_utils.pipeline import RunConfig, run
+from caffe_utils.pipeline import RunConfig, SampleSpec, run
 from scripts.support.datasets import held_out_split, opencv_doc_photos, skimage_photos
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow, pytest.mark.acceptance]
@@ -51,8 +51,9 @@ def _caffe_net(prepared, weights, batch):
 def test_rates_are_flat_on_held_out_photos(caffe, split_photos, tmp_path, model):
     proto = f"models/{model}/deploy.prototxt"
     out = tmp_path / f"{model}.caffemodel"
-    res = run(RunConfig(prototxt=proto, output=str(out), data=str(split_photos["init"]), images=160,
-                        init="kmeans", engine=ENGINE[model]))
+    res = run(RunConfig(prototxt=proto, output=str(out),
+                        sample=SampleSpec(data=str(split_photos["init"]), images=160),
+                        options=magic.InitOptions(init="kmeans"), engine=ENGINE[model]))
     assert res.report.flatness_before > 100
     prepared, held_out = _sample(proto, split_photos["held_out"], HELD_OUT[model], seed=99)
     net = _caffe_net(prepared, out, 16)
@@ -69,8 +70,8 @@ def test_rates_are_flat_on_held_out_photos(caffe, split_photos, tmp_path, model)
 def test_within_layer_gives_unit_std_channels(caffe, split_photos, tmp_path, model):
     proto = f"models/{model}/deploy.prototxt"
     out = tmp_path / f"{model}.caffemodel"
-    run(RunConfig(prototxt=proto, output=str(out), data=str(split_photos["init"]), images=160, init="kmeans",
-                  between=False, engine=ENGINE[model], seed=4))
+    run(RunConfig(prototxt=proto, output=str(out), sample=SampleSpec(data=str(split_photos["init"]), images=160),
+                  options=magic.InitOptions(init="kmeans", between=False, seed=4), engine=ENGINE[model]))
     prepared, sample = _sample(proto, split_photos["init"], 160, seed=4)
     net = _caffe_net(prepared, out, 16)
     affine = [lp for lp in prepared.net_param.layer if lp.type in ("Convolution", "InnerProduct")]

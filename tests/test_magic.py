@@ -7,7 +7,7 @@ import pytest
 from caffe_utils import images, magic, netio
 from caffe_utils.magic import between, weights
 from caffe_utils.engine.numpy_net import Net
-from caffe_utils.pipeline import RunConfig, run
+from caffe_utils.pipeline import RunConfig, SampleSpec, run
 from nets import SMALL
 from scripts.support.datasets import skimage_photos
 
@@ -37,8 +37,8 @@ def _channel_stats(net, prototxt, sample, layer):
 @pytest.mark.parametrize("init", ["gaussian", "kmeans", "pca", "zca", "rand"])
 def test_within_layer_gives_mean_beta_unit_std(small, photos, tmp_path, init):
     out = tmp_path / "out.caffemodel"
-    run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=24, batch_size=8, init=init,
-                  between=False, engine="numpy", seed=1))
+    run(RunConfig(prototxt=str(small), output=str(out), sample=SampleSpec(data=photos, images=24),
+                  options=magic.InitOptions(batch_size=8, init=init, between=False, seed=1), engine="numpy"))
     net = Net(small, weights=out)
     sample = _sample(small, 24, seed=1)
     for layer in ("conv1", "conv2", "fc1", "fc2"):
@@ -48,8 +48,9 @@ def test_within_layer_gives_mean_beta_unit_std(small, photos, tmp_path, init):
 
 
 def test_between_layer_flattens_change_rates(small, photos, tmp_path):
-    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=photos, images=16,
-                        batch_size=8, init="kmeans", iterations=30, engine="numpy"))
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"),
+                        sample=SampleSpec(data=photos, images=16),
+                        options=magic.InitOptions(batch_size=8, init="kmeans", iterations=30), engine="numpy"))
     rep = res.report
     assert rep.flatness_after < rep.flatness_before / 10
     # one flatness per round run; the last is the final one
@@ -62,11 +63,12 @@ def test_between_layer_flattens_change_rates(small, photos, tmp_path):
 
 def test_rescaling_pretrained_weights_preserves_outputs(small, photos, tmp_path):
     first = tmp_path / "first.caffemodel"
-    run(RunConfig(prototxt=str(small), output=str(first), data=photos, images=16, batch_size=8,
-                  init="gaussian", between=False, engine="numpy"))
+    run(RunConfig(prototxt=str(small), output=str(first), sample=SampleSpec(data=photos, images=16),
+                  options=magic.InitOptions(batch_size=8, init="gaussian", between=False), engine="numpy"))
     second = tmp_path / "second.caffemodel"
-    res = run(RunConfig(prototxt=str(small), output=str(second), weights=str(first), data=photos, images=16,
-                        batch_size=8, engine="numpy"))
+    res = run(RunConfig(prototxt=str(small), output=str(second), weights=str(first),
+                        sample=SampleSpec(data=photos, images=16), options=magic.InitOptions(batch_size=8),
+                        engine="numpy"))
     rep = res.report
     assert all(l.initialized == "kept" for l in rep.layers)
     assert rep.function_preserved and rep.output_deviation < 1e-4
@@ -85,24 +87,26 @@ def test_same_seed_is_bit_identical(small, photos, tmp_path):
     outs = []
     for k in range(2):
         out = tmp_path / f"o{k}.caffemodel"
-        run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=12, batch_size=4,
-                      engine="numpy", seed=7))
+        run(RunConfig(prototxt=str(small), output=str(out), sample=SampleSpec(data=photos, images=12),
+                      options=magic.InitOptions(batch_size=4, seed=7), engine="numpy"))
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
-    run(RunConfig(prototxt=str(small), output=str(tmp_path / "o2.caffemodel"), data=photos, images=12,
-                  batch_size=4, engine="numpy", seed=8))
+    run(RunConfig(prototxt=str(small), output=str(tmp_path / "o2.caffemodel"),
+                  sample=SampleSpec(data=photos, images=12), options=magic.InitOptions(batch_size=4, seed=8),
+                  engine="numpy"))
     assert (tmp_path / "o2.caffemodel").read_bytes() != outs[0]
 
 
 def test_zero_classifier_and_reinit(small, photos, tmp_path):
     first = tmp_path / "first.caffemodel"
-    run(RunConfig(prototxt=str(small), output=str(first), data=photos, images=8, batch_size=4, engine="numpy",
-                  zero_classifier=True))
+    run(RunConfig(prototxt=str(small), output=str(first), sample=SampleSpec(data=photos, images=8),
+                  options=magic.InitOptions(batch_size=4, zero_classifier=True), engine="numpy"))
     net = Net(small, weights=first)
     assert not np.any(net.params["fc2"][0].data) and not np.any(net.params["fc2"][1].data)
     # fc2 is all zero in the file, so it is initialized again; conv1 is re-initialized on request
     res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "second.caffemodel"), weights=str(first),
-                        data=photos, images=8, batch_size=4, engine="numpy", reinit=["conv1"], between=False))
+                        sample=SampleSpec(data=photos, images=8),
+                        options=magic.InitOptions(batch_size=4, reinit=["conv1"], between=False), engine="numpy"))
     how = {l.name: l.initialized for l in res.report.layers}
     assert how["conv1"] == "kmeans" and how["fc2"].startswith("gaussian") and how["conv2"] == "kept"
 
@@ -161,8 +165,9 @@ def test_too_few_patches_falls_back_to_gaussian(small, photos, tmp_path):
     net = SMALL.replace("num_output: 12 kernel_size: 5 stride: 2", "num_output: 12 kernel_size: 5 stride: 20")
     p = tmp_path / "sparse.prototxt"
     p.write_text(net.replace('bottom: "pool1"', 'bottom: "pool1"'))
-    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), data=photos, images=2,
-                        batch_size=2, engine="numpy", between=False))
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"),
+                        sample=SampleSpec(data=photos, images=2),
+                        options=magic.InitOptions(batch_size=2, between=False), engine="numpy"))
     assert any("too few patches" in l.initialized for l in res.report.layers)
     assert any("gaussian weights" in w for w in res.warnings)
 
@@ -170,8 +175,10 @@ def test_too_few_patches_falls_back_to_gaussian(small, photos, tmp_path):
 def test_one_full_between_step_flattens_a_homogeneous_net(small, photos, tmp_path):
     """With damping ~1, carrying each layer's correction on to the layers it feeds flattens a
     homogeneous net (ReLU, max pooling, grouped conv, FC) in a single iteration."""
-    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=photos, images=16,
-                        batch_size=8, init="gaussian", iterations=1, damping=0.999, engine="numpy"))
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"),
+                        sample=SampleSpec(data=photos, images=16),
+                        options=magic.InitOptions(batch_size=8, init="gaussian", iterations=1, damping=0.999),
+                        engine="numpy"))
     assert res.report.flatness_before > 5
     assert res.report.flatness_after < 1.05
     assert res.report.function_preserved
@@ -197,8 +204,8 @@ def test_data_layer_source_and_transform_are_used(tmp_path):
     """
     p = tmp_path / "train.prototxt"
     p.write_text(net)
-    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), images=6, batch_size=3,
-                        engine="numpy"))
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), sample=SampleSpec(images=6),
+                        options=magic.InitOptions(batch_size=3), engine="numpy"))
     assert res.images_used == 6
     w = netio.read_caffemodel(tmp_path / "o.caffemodel")
     assert w["conv"].blobs[0].shape == (4, 3, 3, 3) and w["fc"].blobs[0].shape == (2, 4 * 22 * 22)
@@ -211,8 +218,9 @@ def test_constant_images_warn_and_stay_finite(small, tmp_path):
     d.mkdir()
     for i in range(4):
         Image.fromarray(np.full((60, 60, 3), 77, np.uint8)).save(d / f"{i}.png")
-    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"), data=str(d), images=4,
-                        batch_size=2, init="gaussian", engine="numpy"))
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"),
+                        sample=SampleSpec(data=str(d), images=4),
+                        options=magic.InitOptions(batch_size=2, init="gaussian"), engine="numpy"))
     assert any("constant on the sample" in w for w in res.warnings)
     net = Net(small, weights=tmp_path / "o.caffemodel")
     for blobs in net.params.values():

@@ -59,27 +59,35 @@ def test_measure_equals_sums_by_hand(tmp_path):
 
 
 def _two_models(small, photos, tmp_path):
-    from caffe_utils.pipeline import RunConfig, run
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.pipeline import RunConfig, SampleSpec, run
     paths = []
     for between in (False, True):
         out = tmp_path / f"between_{between}.caffemodel"
-        run(RunConfig(prototxt=str(small), output=str(out), data=photos, images=16, batch_size=8, init="gaussian",
-                      between=between, damping=0.9, engine="numpy"))
+        run(RunConfig(prototxt=str(small), output=str(out), sample=SampleSpec(data=photos, images=16),
+                      options=InitOptions(batch_size=8, init="gaussian", between=between, damping=0.9),
+                      engine="numpy"))
         paths.append(out)
     return paths
 
 
-def test_measure_stat_script_table_json_and_plot(small, photos, tmp_path):
-    import json
+def _measure_stat():
+    """scripts/measure_stat.py as a module."""
     import importlib.util
     from pathlib import Path
-
-    from click.testing import CliRunner
-
     spec = importlib.util.spec_from_file_location(
         "measure_stat", Path(__file__).resolve().parent.parent / "scripts" / "measure_stat.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_measure_stat_script_table_json_and_plot(small, photos, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    mod = _measure_stat()
     a, b = _two_models(small, photos, tmp_path)
     js, png = tmp_path / "m.json", tmp_path / "m.png"
     res = CliRunner().invoke(mod.cli, [str(small), "-w", str(a), "-w", str(b), "-d", photos, "-n", "16",
@@ -93,13 +101,25 @@ def test_measure_stat_script_table_json_and_plot(small, photos, tmp_path):
     assert flat[1] < flat[0] / 3  # the between-layer stage flattened the rates
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the figures equal the library's measurement
-    from caffe_utils.pipeline import MeasureConfig, measure_models
-    models, _, _ = measure_models(MeasureConfig(prototxt=str(small), weights=[str(a), str(b)], data=photos,
-                                                images=16, batch_size=8, engine="numpy"))
+    from caffe_utils.pipeline import MeasureConfig, SampleSpec, measure_models
+    models, _, _ = measure_models(MeasureConfig(prototxt=str(small), weights=[str(a), str(b)],
+                                                sample=SampleSpec(data=photos, images=16), batch_size=8,
+                                                engine="numpy"))
     assert [m.flatness for m in models] == pytest.approx(flat, rel=1e-9)
     bad = CliRunner().invoke(mod.cli, [str(small), "-w", str(a), "-d", photos, "--engine", "numpy",
                                        "--plot", str(tmp_path / "missing" / "x.png")])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_measure_stat_refuses_gpu_with_the_numpy_engine(small, tmp_path):
+    """The same one-line bad-option error (exit 2) as magic_init.py's, before anything is read."""
+    from click.testing import CliRunner
+    weights = tmp_path / "w.caffemodel"
+    weights.write_bytes(b"")
+    res = CliRunner().invoke(_measure_stat().cli, [str(small), "-w", str(weights), "--engine", "numpy", "--gpu", "0"])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "'--gpu'" in lines[0] and "numpy engine runs on the CPU" in lines[0], lines
 
 
 def test_magic_init_plot(small, photos, tmp_path):

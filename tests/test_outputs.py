@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from caffe_utils.errors import OutputError
-from caffe_utils.outputs import OutputSet, atomic_file
+from caffe_utils.outputs import OutputSet, atomic_file, direct_file
 
 
 def _names(folder: Path):
@@ -52,6 +52,18 @@ def test_atomic_file_turns_os_errors_into_one_output_error(tmp_path):
     with pytest.raises(OutputError, match=r"cannot write '.*nowhere.*x\.bin'.*pick another"):
         with atomic_file(tmp_path / "nowhere" / "x.bin", fix="pick another") as fh:
             fh.write(b"x")
+    with pytest.raises(OutputError, match=r"cannot write '.*nowhere.*x\.bin'.*pick another"):
+        with direct_file(tmp_path / "nowhere" / "x.bin", fix="pick another") as fh:
+            fh.write(b"x")
+
+
+def test_direct_file_writes_the_path_itself(tmp_path):
+    """For a staged path: the file is the given one, no temporary file next to it."""
+    dest = tmp_path / "staged.part.json"
+    with direct_file(dest, "w") as fh:
+        fh.write("{}")
+        assert _names(tmp_path) == ["staged.part.json"]
+    assert dest.read_text() == "{}"
 
 
 def test_output_set_commits_all_or_nothing(tmp_path):
@@ -114,7 +126,7 @@ def test_sigint_at_any_moment_leaves_no_temporary_file(tmp_path):
     def staged(i: int) -> None:
         with OutputSet() as outs:
             p = outs.stage(tmp_path / f"s{i}.caffemodel")
-            with atomic_file(p, atomic=False) as fh:
+            with direct_file(p) as fh:
                 fh.write(b"x" * 4096)
             q = outs.stage(tmp_path / f"s{i}.json")
             Path(q).write_text("{}")
