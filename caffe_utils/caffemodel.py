@@ -31,7 +31,8 @@ from caffe_utils.errors import ShapeMismatchError, WeightsError
 from caffe_utils.protofiles import V1_TYPE_NAMES, PathLike, read_file
 from caffe_utils.schema import caffe_pb2
 # the writer lives in its own module; importable from here as before
-from caffe_utils.caffemodel_writer import BLOB_DTYPES, _layer_without_blobs, write_caffemodel  # noqa: F401
+from caffe_utils.caffemodel_writer import (BLOB_DTYPES, _layer_without_blobs, write_caffemodel,  # noqa: F401
+                                           write_caffemodel_to)
 
 
 @dataclass

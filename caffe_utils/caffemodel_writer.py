@@ -7,7 +7,7 @@ a large model costs no copy of it (FP16 output costs one half-size copy per blob
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence, Tuple
+from typing import BinaryIO, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -43,43 +43,54 @@ def _stored(name: str, i: int, array: np.ndarray, blob_dtype: str) -> Tuple[np.n
     return h, wire.blob_header(h.shape, h.nbytes, wire.RAW_FLOAT16)
 
 
-def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]], atomic: bool = True,
+def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarray]],
                      blob_dtype: str = "float32") -> None:
-    """Write a caffemodel: every layer of ``net`` (a NetParameter) with its blobs from ``params``.
-
-    The file is what Caffe's ``Net::ToProto`` writes (full layer definitions plus blobs), so
-    ``caffe.Net(prototxt, path, phase)``, ``Net.copy_from`` and OpenCV's ``readNetFromCaffe``
-    load it. Each blob's floats are written from the array's own buffer (no copy for
-    C-contiguous float32 arrays). ``blob_dtype="float16"`` stores the blobs as OpenCV's FP16
-    ``raw_data`` instead: half the size, loaded by OpenCV (and by this reader) but not by BVLC
-    Caffe, and values beyond float16's range are an :class:`OutputError`. With ``atomic`` the
-    file is written to a temporary file next to ``path`` and renamed, so an interrupted run never
-    leaves a partial file; ``atomic=False`` is for a path from
-    :meth:`~caffe_utils.outputs.OutputSet.stage`, which is already such a temporary file.
-    """
-    if blob_dtype not in BLOB_DTYPES:
-        raise ValueError(f"blob_dtype must be one of {BLOB_DTYPES}, not {blob_dtype!r}")
+    """Write a caffemodel (see :func:`write_caffemodel_to`) to ``path`` completely or not at all:
+    through a temporary file next to it that is renamed into place, so an interrupted run never
+    leaves a partial file."""
     dest = Path(path)
     parent = dest.parent if str(dest.parent) else Path(".")
     if dest.is_dir():
         raise OutputError(f"output '{dest}' is a directory; give a file name such as {dest}/init.caffemodel")
     if not parent.is_dir():
         raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
+    _check(net, params, blob_dtype)
+    with atomic_file(dest, "wb", fix="free space or choose a writable -o path") as fh:
+        write_caffemodel_to(fh, net, params, blob_dtype)
+
+
+def _check(net, params: Mapping[str, Sequence[np.ndarray]], blob_dtype: str) -> None:
+    if blob_dtype not in BLOB_DTYPES:
+        raise ValueError(f"blob_dtype must be one of {BLOB_DTYPES}, not {blob_dtype!r}")
     known = {l.name for l in net.layer}
     missing = [n for n in params if n not in known]
     if missing:
         raise ValueError(f"parameters given for layers not in the net: {missing}")
-    with atomic_file(dest, "wb", atomic=atomic, fix="free space or choose a writable -o path") as fh:
-        if net.name:
-            name = net.name.encode("utf-8")
-            fh.write(wire.len_prefix(1, len(name)) + name)
-        for layer in net.layer:
-            head = _layer_without_blobs(layer)
-            stored = [_stored(layer.name, i, a, blob_dtype) for i, a in enumerate(params.get(layer.name, ()))]
-            sizes = [len(h) + a.nbytes for a, h in stored]
-            body_len = len(head) + sum(len(wire.len_prefix(7, n)) + n for n in sizes)
-            fh.write(wire.len_prefix(100, body_len))
-            fh.write(head)
-            for (a, h), n in zip(stored, sizes):
-                fh.write(wire.len_prefix(7, n) + h)
-                fh.write(memoryview(a.reshape(-1)).cast("B"))
+
+
+def write_caffemodel_to(fh: BinaryIO, net, params: Mapping[str, Sequence[np.ndarray]],
+                        blob_dtype: str = "float32") -> None:
+    """Write a caffemodel into the open binary file ``fh``: every layer of ``net`` (a
+    NetParameter) with its blobs from ``params``.
+
+    The file is what Caffe's ``Net::ToProto`` writes (full layer definitions plus blobs), so
+    ``caffe.Net(prototxt, path, phase)``, ``Net.copy_from`` and OpenCV's ``readNetFromCaffe``
+    load it. Each blob's floats are written from the array's own buffer (no copy for
+    C-contiguous float32 arrays). ``blob_dtype="float16"`` stores the blobs as OpenCV's FP16
+    ``raw_data`` instead: half the size, loaded by OpenCV (and by this reader) but not by BVLC
+    Caffe, and values beyond float16's range are an :class:`OutputError`.
+    """
+    _check(net, params, blob_dtype)
+    if net.name:
+        name = net.name.encode("utf-8")
+        fh.write(wire.len_prefix(1, len(name)) + name)
+    for layer in net.layer:
+        head = _layer_without_blobs(layer)
+        stored = [_stored(layer.name, i, a, blob_dtype) for i, a in enumerate(params.get(layer.name, ()))]
+        sizes = [len(h) + a.nbytes for a, h in stored]
+        body_len = len(head) + sum(len(wire.len_prefix(7, n)) + n for n in sizes)
+        fh.write(wire.len_prefix(100, body_len))
+        fh.write(head)
+        for (a, h), n in zip(stored, sizes):
+            fh.write(wire.len_prefix(7, n) + h)
+            fh.write(memoryview(a.reshape(-1)).cast("B"))

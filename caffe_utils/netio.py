@@ -22,7 +22,8 @@ from google.protobuf import text_format
 
 from caffe_utils.caffemodel import (CaffemodelFile, LayerWeights, _layer_without_blobs, copy_caffemodel_into,
                                     legacy_shape, match_weights, parse_caffemodel_bytes, read_caffemodel,
-                                    read_mean, shape_compatible, write_caffemodel, write_mean)
+                                    read_mean, shape_compatible, write_caffemodel, write_caffemodel_to,
+                                    write_mean)
 from caffe_utils.errors import PrototxtError
 from caffe_utils.protofiles import V1_TYPE_NAMES, PathLike, read_file
 from caffe_utils.schema import caffe_pb2, pb2_of, schemas, unknown_field_error  # noqa: F401 (caffe_pb2: re-export)
@@ -34,6 +35,7 @@ __all__ = [
     # weights and mean files (defined in caffe_utils.caffemodel)
     "CaffemodelFile", "LayerWeights", "copy_caffemodel_into", "legacy_shape", "match_weights",
     "parse_caffemodel_bytes", "read_caffemodel", "read_mean", "shape_compatible", "write_caffemodel",
+    "write_caffemodel_to",
     "write_mean",
 ]
 # _layer_without_blobs is imported for tests/test_big_models.py, which reads it from here

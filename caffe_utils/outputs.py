@@ -73,7 +73,7 @@ def direct_file(path: "os.PathLike[str] | str", mode: str = "wb",
 
 
 @contextlib.contextmanager
-def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool = True,
+def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb",
                 fix: str = "free some space or choose another path") -> Iterator[IO]:
     """Open a file object for writing ``dest`` completely or not at all.
 
@@ -81,16 +81,10 @@ def atomic_file(dest: "os.PathLike[str] | str", mode: str = "wb", atomic: bool =
     onto ``dest`` when the block ends normally and removed when it ends with any exception
     (Ctrl-C included). An OSError (disk full, no permission) becomes an :class:`OutputError`
     naming ``dest`` and ending with ``fix``.
-
-    ``atomic=False`` is :func:`direct_file`; it remains only for
-    :func:`caffe_utils.netio.write_caffemodel`'s ``atomic`` parameter. New code calls
-    :func:`direct_file` for a staged path.
+    A path from :meth:`OutputSet.stage` is such a temporary file already: write it with
+    :func:`direct_file`.
     """
     target = Path(dest)
-    if not atomic:
-        with direct_file(target, mode, fix) as fh:
-            yield fh
-        return
     hold = _SignalHold()  # a signal between creating the file and the try below would orphan it
     try:
         try:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -56,6 +56,7 @@ class RunConfig:
     report: Optional[str] = None
     force: bool = False
     plot: Optional[str] = None
+    fp16: bool = False  # store the output's blobs as OpenCV's FP16 raw_data (not loadable by BVLC Caffe)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
             warn(msg)
 
     _check_output(cfg)
-    opts = cfg.options
+    opts = replace(cfg.options, batch_size=_batch_for(cfg.sample.images, cfg.options.batch_size, note))
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = magic.prepare_net(net_param)
@@ -166,7 +167,8 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     with (outputs if outputs is not None else OutputSet()) as outs:
         if progress:
             progress("writing", 0, 1)
-        netio.write_caffemodel(outs.stage(cfg.output), net_param, params, atomic=False)
+        with direct_file(outs.stage(cfg.output), "wb", fix="free space or choose a writable -o path") as fh:
+            netio.write_caffemodel_to(fh, net_param, params, "float16" if cfg.fp16 else "float32")
         if cfg.report:
             write_json(outs.stage(cfg.report), {
                 "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
@@ -220,8 +222,9 @@ def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, in
     same images and the same random top gradients; returns (stats per model, images, engine)."""
     engine = resolve_engine(cfg.engine, cfg.gpu)
     prepared = magic.prepare_net(netio.read_net(cfg.prototxt, netio.TEST))
-    net = _open_prepared(prepared, engine, cfg.gpu, cfg.batch_size, cfg.seed)
-    sample = load_images(cfg.prototxt, cfg.sample, cfg.seed, prepared, warn or (lambda m: None), progress)
+    note = warn or (lambda m: None)
+    net = _open_prepared(prepared, engine, cfg.gpu, _batch_for(cfg.sample.images, cfg.batch_size, note), cfg.seed)
+    sample = load_images(cfg.prototxt, cfg.sample, cfg.seed, prepared, note, progress)
     out = []
     for i, path in enumerate(cfg.weights):
         if progress:
@@ -251,6 +254,15 @@ def format_measurement(models: Sequence[ModelStats]) -> str:
         lines.append(f"flatness (max/min change rate): {_fmt(m.flatness)}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _batch_for(images: int, batch_size: int, note: Callable[[str], None]) -> int:
+    """The batch size for a sample of ``images``: ``batch_size``, or the whole sample when it is
+    smaller (a batch of repeated images would weigh some of them twice)."""
+    if images < batch_size:
+        note(f"-n {images} is below --batch-size {batch_size}: using batches of {images} images")
+        return images
+    return batch_size
 
 
 def _open_prepared(prepared: magic.PreparedNet, engine: str, gpu: Optional[int], batch_size: int, seed: int):
@@ -362,6 +374,9 @@ def format_report(result: RunResult) -> str:
         lines.append(f"not rescaled (their outputs reach the net's output): {', '.join(r.pinned_layers)}")
     if r.inexact_layers:
         lines.append(f"layers that cannot undo a rescaling exactly: {', '.join(r.inexact_layers)}")
+    if r.unknown_scale_layers:
+        lines.append(f"no scale rule for these layers' types, so nothing reaching them was rescaled: "
+                     f"{', '.join(r.unknown_scale_layers)}")
     if r.output_deviation is not None:
         verdict = ("function preserved" if r.function_preserved
                    else "outputs changed: layers above cannot undo a rescaling exactly")

@@ -284,3 +284,19 @@ def test_pycaffe_engine_on_fork_fields_suggests_numpy(caffe, tmp_path):
         open_net(p, engine="caffe")
     assert "--engine numpy" in str(ei.value) and "\n" not in str(ei.value)
 
+
+
+def test_run_writes_fp16_on_request(small, photos, tmp_path):
+    """--fp16 stores the same weights as the float32 run, rounded to float16, in half the bytes."""
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.pipeline import RunConfig, SampleSpec, run
+    outs = {}
+    for fp16 in (False, True):
+        outs[fp16] = tmp_path / f"out{int(fp16)}.caffemodel"
+        run(RunConfig(prototxt=str(small), output=str(outs[fp16]), sample=SampleSpec(data=photos, images=8),
+                      options=InitOptions(init="gaussian", batch_size=4, iterations=1), engine="numpy", fp16=fp16))
+    full, half = (netio.read_caffemodel(outs[k]) for k in (False, True))
+    for name, layer in full.items():
+        for a, b in zip(layer.blobs, half[name].blobs):
+            np.testing.assert_array_equal(b, a.astype(np.float16).astype(np.float32))
+    assert outs[True].stat().st_size < 0.6 * outs[False].stat().st_size

@@ -258,3 +258,11 @@ def test_fewer_images_than_a_batch(small):
     rep = magic.initialize(net, prepared, sample, magic.InitOptions(init="kmeans", batch_size=8, iterations=2))
     assert all(l.init is not None for l in rep.layers)
     assert np.isfinite(rep.flatness_after)
+
+
+def test_fewer_images_than_the_batch_size_shrink_the_batch(small, photos, tmp_path):
+    res = run(RunConfig(prototxt=str(small), output=str(tmp_path / "o.caffemodel"),
+                        sample=SampleSpec(data=photos, images=3),
+                        options=magic.InitOptions(init="kmeans", batch_size=16, iterations=2), engine="numpy"))
+    assert any("below --batch-size 16: using batches of 3" in w for w in res.warnings)
+    assert np.isfinite(res.report.flatness_after)
