@@ -385,3 +385,48 @@ def test_prior_box_against_cv2(tmp_path, spec):
     """(OpenCV ignores img_h/img_w, which pycaffe and SSD honour: not compared here.)"""
     inputs = {"data": rand((2, 3, 4, 5)), "im": rand((2, 3, 40, 48))}
     against_cv2(tmp_path, _prior_net(spec + " clip: false"), "pb", inputs, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# ROIPooling
+# ------------------------------------------------------------------------------------------
+
+ROIS = np.array([[0, 0, 0, 15, 15], [1, 8, 4, 40, 30], [1, -10, -6, 12, 9.5], [0, 17.6, 9, 18, 9],
+                 [1, 2.5, 6.5, 55, 70], [0, 50, 50, 60, 60]], F)
+ROI = 'type: "ROIPooling" roi_pooling_param {{ pooled_h: {} pooled_w: {} spatial_scale: {} }}'
+
+
+@pytest.mark.parametrize("ph,pw,scale", [(2, 2, 0.25), (3, 2, 0.5), (1, 1, 1.0)])
+def test_roi_pooling_matches_loop(ph, pw, scale):
+    x = rand((2, 3, 9, 11))
+    layer, bottom, top = make_layer(ROI.format(ph, pw, scale), [x, ROIS])
+    layer.forward(bottom, top)
+    want, arg = naive_roi_pool(x, ROIS, ph, pw, scale)
+    np.testing.assert_array_equal(top[0].data, want)
+    dy = rand(top[0].shape, 4)
+    top[0].diff[...] = dy
+    layer.backward(top, [True, False], bottom)
+    np.testing.assert_allclose(bottom[0].diff, naive_roi_pool_backward(x.shape, ROIS, dy, arg), rtol=1e-6, atol=1e-6)
+    assert not bottom[1].diff.any() and not layer.can_propagate(1)
+
+
+def test_roi_pooling_gradients():
+    x = rand((2, 3, 9, 11))
+    layer, bottom, top = make_layer(ROI.format(2, 3, 0.25), [x, ROIS])
+    assert check_gradients(layer, bottom, top, step=1e-3, kink_range=0.0) > 50
+    backward_adds(ROI.format(2, 3, 0.25), [x, ROIS])
+
+
+def test_roi_pooling_errors():
+    with pytest.raises(LayerSetupError, match="pooled_h"):
+        make_layer(ROI.format(0, 2, 1), [rand((1, 1, 4, 4)), ROIS[:1]])
+    layer, bottom, top = make_layer(ROI.format(2, 2, 1), [rand((1, 1, 4, 4)), ROIS[1:2]])
+    with pytest.raises(LayerSetupError, match="batch index"):
+        layer.forward(bottom, top)
+
+
+def test_roi_pooling_against_cv2(tmp_path):
+    net = (_net((2, 3, 9, 11), "") + _net((len(ROIS), 5), "", "rois")
+           + 'layer { name: "roi" type: "ROIPooling" bottom: "data" bottom: "rois" top: "roi" '
+             'roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.25 } }')
+    against_cv2(tmp_path, net, "roi", {"data": rand((2, 3, 9, 11)), "rois": ROIS})
