@@ -430,3 +430,164 @@ def test_roi_pooling_against_cv2(tmp_path):
            + 'layer { name: "roi" type: "ROIPooling" bottom: "data" bottom: "rois" top: "roi" '
              'roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.25 } }')
     against_cv2(tmp_path, net, "roi", {"data": rand((2, 3, 9, 11)), "rois": ROIS})
+
+
+# ------------------------------------------------------------------------------------------
+# Grouped and depthwise convolution
+# ------------------------------------------------------------------------------------------
+
+def _conv(ltype: str, num_output: int, group=None, extra: str = "") -> str:
+    g = f" group: {group}" if group else ""
+    return (f'type: "{ltype}" convolution_param {{ num_output: {num_output} kernel_size: 3 pad: 1 stride: 2'
+            f'{g} {extra} }}')
+
+
+@pytest.mark.parametrize("ltype", ["Convolution", "DepthwiseConvolution"])
+@pytest.mark.parametrize("group,num_output", [(1, 4), (2, 4), (3, 6), (6, 6), (6, 12)])
+def test_convolution_at_every_group_count(ltype, group, num_output):
+    x = rand((2, 6, 5, 4))
+    layer, bottom, top = make_layer(_conv(ltype, num_output, group), [x])
+    layer.forward(bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(top[0].data, naive_conv(x, w, b, 3, 1, 2, 1, group), rtol=1e-5, atol=1e-5)
+    assert check_gradients(layer, bottom, top, max_checks=60) > 100
+
+
+def test_convolution_depthwise_ignores_group():
+    """ConvolutionDepthwise convolves each channel alone, whatever ``group`` says."""
+    x = rand((2, 4, 5, 5))
+    for group in (None, 1, 4):
+        layer, bottom, top = make_layer(_conv("ConvolutionDepthwise", 4, group, "dilation: 2"), [x])
+        assert layer.blobs[0].shape == (4, 1, 3, 3) and layer.group == 4
+        layer.forward(bottom, top)
+        want = naive_conv(x, layer.blobs[0].data, layer.blobs[1].data, 3, 1, 2, 2, 4)
+        np.testing.assert_allclose(top[0].data, want, rtol=1e-5, atol=1e-5)
+    assert check_gradients(layer, bottom, top, max_checks=60) == 100
+    with pytest.raises(LayerSetupError, match="num_output"):
+        make_layer(_conv("ConvolutionDepthwise", 8), [x])
+
+
+def test_grouped_convolution_against_caffe(tmp_path):
+    net = _net((2, 6, 7, 6), 'layer { name: "a" type: "Convolution" bottom: "data" top: "a" '
+                             'convolution_param { num_output: 12 kernel_size: 3 group: 6 } }\n'
+                             'layer { name: "b" type: "Convolution" bottom: "a" top: "b" '
+                             'convolution_param { num_output: 6 kernel_size: 1 group: 3 } }')
+    check_against_caffe(tmp_path, net)
+
+
+def test_convolution_depthwise_against_cv2(tmp_path):
+    """OpenCV reads ConvolutionDepthwise as Convolution (so ``group`` must be given to it)."""
+    net = _net((2, 4, 6, 5), 'layer { name: "dw" type: "ConvolutionDepthwise" bottom: "data" top: "dw" '
+                             'convolution_param { num_output: 4 group: 4 kernel_size: 3 pad: 1 } }')
+    params = {"dw": [rand((4, 1, 3, 3), 1), rand((4,), 2)]}
+    against_cv2(tmp_path, net, "dw", {"data": rand((2, 4, 6, 5))}, params)
+
+
+# ------------------------------------------------------------------------------------------
+# Pooling with ceil_mode: false
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["pool: MAX kernel_size: 3 stride: 2", "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+                                  "pool: MAX kernel_size: 2 stride: 3 pad: 1"])
+def test_pooling_floor_against_caffe_and_cv2(tmp_path, spec):
+    net = _net((2, 3, 8, 10), f'layer {{ name: "p" type: "Pooling" bottom: "data" top: "p" '
+                              f'pooling_param {{ {spec} ceil_mode: false }} }}')
+    check_against_caffe(tmp_path, net)
+    against_cv2(tmp_path, net, "p", {"data": rand((2, 3, 8, 10))})
+
+
+
+# ------------------------------------------------------------------------------------------
+# Scale rules of the fork layers (caffe_utils/magic/scale_rules.py)
+# ------------------------------------------------------------------------------------------
+
+FORK_DAG = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "rois" type: "Input" top: "rois" input_param { shape { dim: 3 dim: 5 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "up" type: "Upsample" bottom: "c1" top: "up" upsample_param { scale: 2 } }
+layer { name: "ip" type: "Interp" bottom: "up" top: "ip" interp_param { height: 12 width: 10 } }
+layer { name: "c2" type: "Convolution" bottom: "data" top: "c2" convolution_param { num_output: 6 kernel_size: 1 } }
+layer { name: "up2" type: "Interp" bottom: "c2" top: "up2" interp_param { height: 12 width: 10 } }
+layer { name: "cat" type: "Concat" bottom: "ip" bottom: "up2" top: "cat" }
+layer { name: "sh" type: "ShuffleChannel" bottom: "cat" top: "sh" shuffle_channel_param { group: 3 } }
+layer { name: "pm" type: "Permute" bottom: "sh" top: "pm" permute_param { order: 0 order: 1 order: 3 order: 2 } }
+layer { name: "dw" type: "DepthwiseConvolution" bottom: "pm" top: "dw"
+        convolution_param { num_output: 12 group: 12 kernel_size: 3 pad: 1 } }
+layer { name: "cdw" type: "ConvolutionDepthwise" bottom: "dw" top: "cdw" convolution_param { num_output: 12 kernel_size: 3 } }
+layer { name: "roi" type: "ROIPooling" bottom: "cdw" bottom: "rois" top: "roi"
+        roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 0.5 } }
+layer { name: "c3" type: "Convolution" bottom: "roi" top: "c3" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "nm" type: "Normalize" bottom: "c3" top: "nm" norm_param { across_spatial: false channel_shared: false } }
+layer { name: "c4" type: "Convolution" bottom: "nm" top: "c4" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "pb" type: "PriorBox" bottom: "c4" bottom: "data" top: "pb" prior_box_param { min_size: 4 } }
+layer { name: "r6" type: "ReLU6" bottom: "c4" top: "r6" }
+layer { name: "c5" type: "Convolution" bottom: "r6" top: "c5" convolution_param { num_output: 2 kernel_size: 1 } }
+"""
+
+
+def _fork_net(tmp_path, text=FORK_DAG):
+    from caffe_utils.engine.numpy_net import Net
+    p = tmp_path / "net.prototxt"
+    p.write_text(text)
+    net = Net(p, "TEST")
+    rng = np.random.RandomState(0)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = rng.standard_normal(b.shape)
+    net.blobs["data"].data[...] = rng.standard_normal(net.blobs["data"].shape)
+    net.blobs["rois"].data[...] = [[0, 0, 0, 9, 11], [1, 2, 3, 7, 5], [1, 4, 0, 11, 9]]
+    return net
+
+
+def test_fork_scale_rules_preserve_the_function(tmp_path):
+    from caffe_utils.magic import plan as scale_plan
+    net = _fork_net(tmp_path)
+    net.forward()
+    before = {b: net.blobs[b].data.copy() for b in ("nm", "c5", "pb")}
+    plan = scale_plan.build_plan(net)
+    assert plan.unknown == [] and plan.inexact == ["r6"]
+    assert "dw" in plan.affine and "cdw" in plan.affine
+    assert not {plan.group_of[n] for n in ("c1", "c2", "dw", "cdw", "c3", "c4")} & plan.pinned
+    rng = np.random.RandomState(1)
+    scale = {g: float(rng.uniform(0.3, 3.0)) for g in plan.groups if g not in plan.pinned}
+    scale[plan.group_of["c4"]] = 1.0  # ReLU6 is inexact: leave what feeds it alone here
+    scale_plan.apply_scales(net, plan, scale)
+    net.forward()
+    for b, a in before.items():
+        np.testing.assert_allclose(net.blobs[b].data, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=b)
+    assert not np.allclose(net.params["c1"][0].data, _fork_net(tmp_path).params["c1"][0].data)
+
+
+def test_normalize_pins_channels_of_different_scales(tmp_path):
+    from caffe_utils.magic import plan as scale_plan
+    text = FORK_DAG.replace('bottom: "c3" top: "nm"', 'bottom: "cat" top: "nm"')
+    plan = scale_plan.build_plan(_fork_net(tmp_path, text))
+    assert plan.group_of["c1"] in plan.pinned and plan.group_of["c2"] in plan.pinned
+
+
+def test_permute_moving_the_batch_axis_pins(tmp_path):
+    from caffe_utils.magic import plan as scale_plan
+    text = FORK_DAG.replace("order: 0 order: 1 order: 3 order: 2", "order: 1 order: 0").replace(
+        'bottom: "pm" top: "dw"', 'bottom: "sh" top: "dw"').replace('top: "pm" permute_param', 'top: "pm2" permute_param')
+    text += ('layer { name: "c6" type: "Convolution" bottom: "pm2" top: "c6" convolution_param { num_output: 2 kernel_size: 1 } }\n'
+             'layer { name: "loss" type: "EuclideanLoss" bottom: "c6" bottom: "c6" top: "loss" }')
+    plan = scale_plan.build_plan(_fork_net(tmp_path, text))
+    assert plan.group_of["c1"] in plan.pinned and plan.group_of["c2"] in plan.pinned
+    assert plan.unknown == []
+
+
+def test_initialization_treats_depthwise_names_as_convolution(tmp_path, photos):
+    """The depthwise types are affine: stage 1 fills them from data as it does a grouped Convolution."""
+    from caffe_utils.pipeline import RunConfig, run
+    p = tmp_path / "dw.prototxt"
+    p.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 24 dim: 24 } } }\n'
+                 'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 stride: 2 } }\n'
+                 'layer { name: "r1" type: "ReLU6" bottom: "c1" top: "c1" }\n'
+                 'layer { name: "dw" type: "DepthwiseConvolution" bottom: "c1" top: "dw" convolution_param { num_output: 8 group: 8 kernel_size: 3 } }\n'
+                 'layer { name: "cdw" type: "ConvolutionDepthwise" bottom: "dw" top: "cdw" convolution_param { num_output: 8 kernel_size: 3 } }\n'
+                 'layer { name: "fc" type: "InnerProduct" bottom: "cdw" top: "fc" inner_product_param { num_output: 3 } }\n')
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), data=photos, images=8, batch_size=4,
+                        init="kmeans", iterations=2, engine="numpy"))
+    inits = {l.name: l.init for l in res.report.layers}
+    assert inits["dw"] == inits["cdw"] == "kmeans"

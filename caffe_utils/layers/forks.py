@@ -21,7 +21,7 @@ carries, see ``caffe_utils/proto/caffe.proto``):
 
 Layers whose parameter message is missing from the schema a net was read with (pycaffe's
 schema may lack ``interp_param`` or ``shuffle_channel_param`` when the net leaves them at their
-defaults) read the defaults of the project's schema (:func:`fork_param`). Backward adds into
+defaults) read the defaults of the project's schema (:func:`fork_message`). Backward adds into
 bottom and parameter diffs (see :mod:`.base`).
 """
 from __future__ import annotations
@@ -36,12 +36,17 @@ from caffe_utils.schema import builtin_pb2
 _F = np.float32
 
 
-def fork_param(layer: Layer, field: str):
-    """``layer.param.<field>``, or that message's defaults when the net's schema lacks it."""
-    lp = layer.param
+def fork_message(lp, field: str):
+    """``lp.<field>`` of a LayerParameter, or that message's defaults when the schema the net
+    was read with lacks the field."""
     if field in lp.DESCRIPTOR.fields_by_name:
         return getattr(lp, field)
     return getattr(builtin_pb2().LayerParameter(), field)
+
+
+def fork_param(layer: Layer, field: str):
+    """:func:`fork_message` of ``layer``'s LayerParameter."""
+    return fork_message(layer.param, field)
 
 
 # --------------------------------------------------------------------------------------------
