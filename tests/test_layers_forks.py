@@ -9,18 +9,17 @@ ShuffleChannel, Interp, Normalize, PriorBox, ROIPooling, ConvolutionDepthwise, P
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
 from caffe_utils import netio
-from caffe_utils.layers import Blob, create_layer
 from caffe_utils.layers.base import LayerSetupError
 from caffe_utils.layers.detection import prior_aspect_ratios
 from caffe_utils.schema import schemas
+from tests import gradcheck
 from tests.gradcheck import check_gradients
+from tests.test_forks import _cv2
 from tests.oracles import (naive_conv, naive_interp, naive_normalize, naive_prior_box, naive_roi_pool,
                            naive_roi_pool_backward, naive_shuffle_channel, naive_upsample)
 from tests.reference import check_against_caffe
@@ -30,22 +29,8 @@ F = np.float32
 
 
 def make_layer(text: str, arrays, ntop: int = 1, seed: int = 0):
-    """A set-up layer from LayerParameter text (parsed by the first schema that reads it)."""
-    for pb2 in schemas():
-        try:
-            param = text_format.Parse(text, pb2.LayerParameter())
-            break
-        except text_format.ParseError:
-            continue
-    layer = create_layer(param, TEST)
-    bottom = []
-    for a in arrays:
-        b = Blob(a.shape)
-        b.data[...] = a
-        bottom.append(b)
-    top = [Blob() for _ in range(ntop)]
-    layer.setup(bottom, top)
-    layer.reshape(bottom, top)
+    """A set-up layer (see :func:`gradcheck.make_layer`) with parameters drawn in [0.5, 2]."""
+    layer, bottom, top = gradcheck.make_layer(text, arrays, ntop=ntop)
     rng = np.random.RandomState(seed)
     for p in layer.blobs:
         p.data[...] = rng.uniform(0.5, 2.0, p.shape)
@@ -79,16 +64,6 @@ def backward_adds(text: str, arrays, check_bottom=(0,)) -> None:
 # ------------------------------------------------------------------------------------------
 # cv2.dnn as the forward oracle
 # ------------------------------------------------------------------------------------------
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        if os.environ.get("MAGIC_INIT_REQUIRE_CAFFE"):
-            pytest.fail("cv2 is not importable; pip install '.[test]' installs opencv-python-headless")
-        pytest.skip("cv2 not importable (pip install 'opencv-python-headless<5')")
-    return cv2
-
 
 def against_cv2(tmp_path, text: str, out: str, inputs, params=None, rtol: float = 1e-4) -> None:
     """Our numpy engine and cv2.dnn give the same ``out`` for ``inputs`` (and ``params``)."""
