@@ -7,8 +7,6 @@ import numpy as np
 from caffe_utils.engine.numpy_net import Net
 from caffe_utils.magic import plan as scale_plan
 
-# ------------------------------------------------------------------------------------------
-
 FORK_DAG = """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
 layer { name: "rois" type: "Input" top: "rois" input_param { shape { dim: 3 dim: 5 } } }
