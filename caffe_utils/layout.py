@@ -16,7 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-AFFINE_TYPES = ("Convolution", "InnerProduct", "Deconvolution")
+#: the mobile forks' names of a depthwise convolution, which takes ``convolution_param`` and is
+#: a Convolution to the initialization (see :func:`conv_group`)
+DEPTHWISE_TYPES = ("DepthwiseConvolution", "ConvolutionDepthwise")
+CONVOLUTION_TYPES = ("Convolution",) + DEPTHWISE_TYPES
+AFFINE_TYPES = ("Convolution", "InnerProduct", "Deconvolution") + DEPTHWISE_TYPES
+
+
+def conv_group(lp) -> int:
+    """The group count of a convolution: ``convolution_param.group``, except for
+    ConvolutionDepthwise, which convolves each channel alone whatever ``group`` says (the
+    engine requires its ``num_output`` to be the channel count)."""
+    cp = lp.convolution_param
+    return cp.num_output if lp.type == "ConvolutionDepthwise" else cp.group
 
 
 def _transposed(lp) -> bool:
@@ -62,8 +74,8 @@ def input_energies(lp, w: np.ndarray) -> np.ndarray:
     """Sum of squares of ``w`` per input channel (convolutions) or input column (InnerProduct),
     the order in which stage 3 lists a consumer's input groups (float64 result of float32
     products: no big copies)."""
-    if lp.type == "Convolution":
-        g = lp.convolution_param.group
+    if lp.type in CONVOLUTION_TYPES:
+        g = conv_group(lp)
         w3 = w.reshape(w.shape[0], w.shape[1], -1)
         per = np.einsum("ock,ock->oc", w3, w3).astype(np.float64)            # (out, C/g)
         return per.reshape(g, w.shape[0] // g, w.shape[1]).sum(axis=1).reshape(-1)
@@ -95,8 +107,8 @@ def scale_columns(lp, blobs, factors: np.ndarray) -> None:
     """Multiply the weights that read input channel/column j of ``lp`` by ``factors[j]``."""
     w = blobs[0].data
     f = factors.astype(np.float32)
-    if lp.type == "Convolution":
-        g = lp.convolution_param.group
+    if lp.type in CONVOLUTION_TYPES:
+        g = conv_group(lp)
         out, cpg = w.shape[0], w.shape[1]
         w[...] = (w.reshape(g, out // g, cpg, -1) * f.reshape(g, 1, cpg, 1)).reshape(w.shape)
     elif lp.type == "Deconvolution":

@@ -145,7 +145,8 @@ def blob_array(array: np.ndarray) -> np.ndarray:
     already is one)."""
     if array is None:
         raise TypeError("blob data is None")
-    return np.ascontiguousarray(array, dtype="<f4")
+    arr = np.asarray(array, dtype="<f4")  # (np.ascontiguousarray would turn a 0-axis blob into (1,))
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def encode_blob(array: np.ndarray) -> bytes:

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 
 from caffe_utils.layers import create_layer
 from caffe_utils.layers.base import Blob, Layer
-from caffe_utils.schema import caffe_pb2
+from caffe_utils.schema import schemas
 
 TEST = 1
 
@@ -100,9 +100,20 @@ def make_blobs(shapes: Sequence[Sequence[int]], rng: np.random.RandomState,
     return out
 
 
+def parse_layer(text: str):
+    """LayerParameter text parsed by the first schema that reads it (the preferred one first:
+    pycaffe's may lack a fork field that the project's has)."""
+    for pb2 in schemas()[:-1]:
+        try:
+            return text_format.Parse(text, pb2.LayerParameter())
+        except text_format.ParseError:
+            continue
+    return text_format.Parse(text, schemas()[-1].LayerParameter())
+
+
 def make_layer(text: str, arrays, phase: int = TEST, ntop: int = 1, in_place: bool = False):
     """A set-up layer from LayerParameter text, with bottoms holding ``arrays``."""
-    param = text_format.Parse(text, caffe_pb2().LayerParameter())
+    param = parse_layer(text)
     layer = create_layer(param, phase)
     bottom = []
     for a in arrays:

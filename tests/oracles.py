@@ -230,3 +230,153 @@ def col2im_naive(col: np.ndarray, shape: Sequence[int], kernel, pad=0, stride=1,
     for row, column, c, y, xx in _taps(shape, kernel, pad, stride, dilation):
         img[c, y, xx] += col[row, column]
     return img
+
+
+# ---------------------------------------------------------------------------------------------
+# fork layers (tests/test_layers_forks.py): loops after each fork's CPU code
+# ---------------------------------------------------------------------------------------------
+
+def naive_shuffle_channel(x, group):
+    """farmingyard/ShuffleNet: top channel ``j * group + i`` is bottom channel ``i * k + j``."""
+    y = np.empty_like(x)
+    k = x.shape[1] // group
+    for i in range(group):
+        for j in range(k):
+            y[:, j * group + i] = x[:, i * k + j]
+    return y
+
+
+def naive_upsample(x, scale):
+    """brocolli-caffe's Upsample loops (NCHW: both spatial axes; NCW: the last)."""
+    if x.ndim == 3:
+        n, c, w = x.shape
+        y = np.empty((n, c, w * scale), x.dtype)
+        for q in range(w * scale):
+            y[:, :, q] = x[:, :, q // scale]
+        return y
+    n, c, h, w = x.shape
+    y = np.empty((n, c, h * scale, w * scale), x.dtype)
+    for r in range(h * scale):
+        for q in range(w * scale):
+            y[:, :, r, q] = x[:, :, r // scale, q // scale]
+    return y
+
+
+def naive_interp(x, out_h, out_w, pad_beg=0, pad_end=0):
+    """PSPNet's caffe_cpu_interp2 (float32 arithmetic, aligned corners) after the crop."""
+    f = np.float32
+    x = x[:, :, -pad_beg:x.shape[2] + pad_end, -pad_beg:x.shape[3] + pad_end]
+    h1, w1 = x.shape[2:]
+    rh = f(h1 - 1) / f(out_h - 1) if out_h > 1 else f(0)
+    rw = f(w1 - 1) / f(out_w - 1) if out_w > 1 else f(0)
+    y = np.empty(x.shape[:2] + (out_h, out_w), f)
+    for r in range(out_h):
+        hr = f(rh * f(r))
+        h = int(hr)
+        hp = 1 if h < h1 - 1 else 0
+        l1 = f(hr - f(h))
+        l0 = f(1) - l1
+        for q in range(out_w):
+            wr = f(rw * f(q))
+            w = int(wr)
+            wp = 1 if w < w1 - 1 else 0
+            m1 = f(wr - f(w))
+            m0 = f(1) - m1
+            y[:, :, r, q] = (l0 * (m0 * x[:, :, h, w] + m1 * x[:, :, h, w + wp])
+                             + l1 * (m0 * x[:, :, h + hp, w] + m1 * x[:, :, h + hp, w + wp]))
+    return y
+
+
+def naive_normalize(x, scale, across, shared, eps):
+    """SSD's NormalizeLayer::Forward_cpu, element by element (float64)."""
+    x = x.astype(np.float64)
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    y = np.empty_like(flat)
+    for i in range(n):
+        if across:
+            norm = np.sqrt(sum(v * v for v in flat[i].ravel()) + eps)
+        for s in range(flat.shape[2]):
+            if not across:
+                norm = np.sqrt(sum(flat[i, ch, s] ** 2 for ch in range(c)) + eps)
+            for ch in range(c):
+                y[i, ch, s] = flat[i, ch, s] / norm * (scale[0] if shared else scale[ch])
+    return y.reshape(x.shape)
+
+
+def naive_prior_box(layer_hw, img_hw, min_sizes, max_sizes, ratios, clip, variance, step_hw, offset):
+    """SSD's PriorBoxLayer::Forward_cpu loops; ``ratios`` already expanded (1 first)."""
+    lh, lw = layer_hw
+    ih, iw = img_hw
+    sh, sw = step_hw if step_hw else (np.float32(ih) / np.float32(lh), np.float32(iw) / np.float32(lw))
+    boxes = []
+    for h in range(lh):
+        for w in range(lw):
+            cx = np.float32((w + np.float32(offset)) * np.float32(sw))
+            cy = np.float32((h + np.float32(offset)) * np.float32(sh))
+            for s, ms in enumerate(min_sizes):
+                m = int(ms)
+                sizes = [(m, m)]
+                if max_sizes:
+                    side = np.float32(np.sqrt(m * int(max_sizes[s])))
+                    sizes.append((side, side))
+                for ar in ratios:
+                    if abs(ar - 1) < 1e-6:
+                        continue
+                    sizes.append((np.float32(m * np.sqrt(np.float32(ar))), np.float32(m / np.sqrt(np.float32(ar)))))
+                for bw, bh in sizes:
+                    boxes += [(cx - bw / 2.0) / iw, (cy - bh / 2.0) / ih, (cx + bw / 2.0) / iw, (cy + bh / 2.0) / ih]
+    top = np.array(boxes, np.float32)
+    if clip:
+        top = np.clip(top, 0, 1)
+    var = np.array([variance[k % len(variance)] for k in range(top.size)], np.float32)
+    return np.stack([top, var])[None]
+
+
+def _c_round(v: float) -> int:
+    return int(np.sign(v) * np.floor(abs(v) + 0.5))
+
+
+def naive_roi_pool(x, rois, pooled_h, pooled_w, scale):
+    """caffe-fast-rcnn's ROIPoolingLayer::Forward_cpu loops; returns (top, argmax)."""
+    f = np.float32
+    n, c, height, width = x.shape
+    top = np.zeros((len(rois), c, pooled_h, pooled_w), np.float32)
+    arg = -np.ones(top.shape, np.int64)
+    for r, roi in enumerate(np.asarray(rois, np.float32)):
+        b = int(roi[0])
+        sw, sh, ew, eh = (_c_round(float(f(v) * f(scale))) for v in roi[1:5])
+        bh = f(max(eh - sh + 1, 1)) / f(pooled_h)
+        bw = f(max(ew - sw + 1, 1)) / f(pooled_w)
+        for ch in range(c):
+            for ph in range(pooled_h):
+                for pw in range(pooled_w):
+                    hs = min(max(int(np.floor(f(ph) * bh)) + sh, 0), height)
+                    he = min(max(int(np.ceil(f(ph + 1) * bh)) + sh, 0), height)
+                    ws = min(max(int(np.floor(f(pw) * bw)) + sw, 0), width)
+                    we = min(max(int(np.ceil(f(pw + 1) * bw)) + sw, 0), width)
+                    if he <= hs or we <= ws:
+                        continue
+                    best = -np.finfo(np.float32).max
+                    for h in range(hs, he):
+                        for w in range(ws, we):
+                            if x[b, ch, h, w] > best:
+                                best = x[b, ch, h, w]
+                                arg[r, ch, ph, pw] = h * width + w
+                    top[r, ch, ph, pw] = best
+    return top, arg
+
+
+def naive_roi_pool_backward(x_shape, rois, dy, arg):
+    """The fork's backward: each output's gradient goes to its maximum."""
+    dx = np.zeros(x_shape)
+    w = x_shape[3]
+    for r, roi in enumerate(rois):
+        b = int(roi[0])
+        for ch in range(dy.shape[1]):
+            for ph in range(dy.shape[2]):
+                for pw in range(dy.shape[3]):
+                    k = arg[r, ch, ph, pw]
+                    if k >= 0:
+                        dx[b, ch, k // w, k % w] += dy[r, ch, ph, pw]
+    return dx

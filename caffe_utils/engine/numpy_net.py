@@ -46,14 +46,17 @@ from caffe_utils.layers.data import FedDataLayer
 _FILLERS = {
     "Convolution": ("convolution_param", ("weight_filler", "bias_filler")),
     "Deconvolution": ("convolution_param", ("weight_filler", "bias_filler")),
+    "DepthwiseConvolution": ("convolution_param", ("weight_filler", "bias_filler")),
+    "ConvolutionDepthwise": ("convolution_param", ("weight_filler", "bias_filler")),
     "InnerProduct": ("inner_product_param", ("weight_filler", "bias_filler")),
     "Embed": ("embed_param", ("weight_filler", "bias_filler")),
     "PReLU": ("prelu_param", ("filler",)),
     "Scale": ("scale_param", ("filler", "bias_filler")),
     "Bias": ("bias_param", ("filler",)),
+    "Normalize": ("norm_param", ("scale_filler",)),
 }
 # Caffe's defaults when the filler is not given at all
-_DEFAULT_FILL = {("PReLU", 0): 0.25, ("Scale", 0): 1.0}
+_DEFAULT_FILL = {("PReLU", 0): 0.25, ("Scale", 0): 1.0, ("Normalize", 0): 1.0}
 
 
 class _TopView:

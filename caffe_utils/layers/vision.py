@@ -1,4 +1,5 @@
-"""Vision layers of the numpy engine: Convolution, Deconvolution, InnerProduct.
+"""Vision layers of the numpy engine: Convolution (and the depthwise forks' names for it),
+Deconvolution, InnerProduct.
 
 Each follows Caffe's CPU implementation (BVLC ``*_layer.cpp``): parameter rules, shapes,
 rounding, padding conventions and what backward computes. Convolutions run on many images at
@@ -262,6 +263,32 @@ class Convolution(_BaseConvolution):
                 self._gemm_weight(self._im2col(b.data[s]), dy)
                 if propagate_down[i]:
                     b.diff[s] += self._gemm_backward_data(dy, b.data[s].shape)
+
+
+@register
+class DepthwiseConvolution(Convolution):
+    """yonghenglh6/DepthwiseConvolution: Caffe's Convolution under another name (its own kernel
+    is GPU only; ``group`` is read from ``convolution_param`` as usual)."""
+
+    type = "DepthwiseConvolution"
+
+
+@register
+class ConvolutionDepthwise(Convolution):
+    """The MobileNet forks' ConvolutionDepthwise (``conv_dw_layer``): one ``kh x kw`` filter per
+    channel, weights ``(C, 1, kh, kw)``, whatever ``group`` says. That is Convolution with
+    ``group = num_output = C``; a ``num_output`` other than C (which the fork ignores, giving C
+    outputs) is refused so that the net's declared shape is the computed one."""
+
+    type = "ConvolutionDepthwise"
+
+    def setup(self, bottom: List[Blob], top: List[Blob]) -> None:
+        super().setup(bottom, top)
+        if self.num_output != self.channels:
+            raise self.error(f"num_output ({self.num_output}) must equal the bottom's channels "
+                             f"({self.channels}): the layer convolves each channel separately")
+        self.group = self.channels
+        self.blobs[0] = Blob((self.channels, 1) + self.kernel)
 
 
 @register

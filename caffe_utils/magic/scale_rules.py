@@ -7,11 +7,15 @@ carries, or ``UNSCALED``) and a *via* (which inexact layers the scale passed). A
 registered under its type string like the layers of :mod:`caffe_utils.layers`, sets its tops'
 maps from its bottoms' and records what it does with a scale:
 
-* homogeneous (ReLU, Pooling, Dropout, ...): the scale passes unchanged;
-* inexact, with an effective degree (LRN, Sigmoid, TanH, ...): it passes as ``r^d``;
-* channel maps (Concat, Slice, Crop, Flatten, Reshape): channels move, scales with them;
+* homogeneous (ReLU, Pooling, Dropout, Upsample, Interp, ROIPooling, ...): the scale passes
+  unchanged;
+* inexact, with an effective degree (LRN, Sigmoid, TanH, ReLU6, ...): it passes as ``r^d``;
+* channel maps (Concat, Slice, Crop, Flatten, Reshape, Permute, ShuffleChannel): channels move,
+  scales with them;
 * unions (Eltwise SUM/MAX): summed producers must share one scale;
 * absorbing (BatchNorm with stored statistics): the scale stops there and is undone in it;
+  Normalize absorbs a scale shared by all its channels without undoing anything;
+* scale-free tops (PriorBox): the output depends only on shapes;
 * biases (Scale, Bias): their bias is scaled along;
 * pinned (losses, Softmax, ...): a scale that reaches them would change the output.
 
@@ -23,6 +27,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from caffe_utils.layers.forks import fork_message
 from caffe_utils.layout import AFFINE_TYPES
 
 UNSCALED = -1
@@ -206,9 +211,10 @@ def homogeneous(tr: Trace, lp) -> None:
     _elementwise(tr, lp, inexact=False)
 
 
-@register("Sigmoid", "TanH", "ELU", "BNLL", "Exp", "Log", "Threshold", "Clip", "Swish", "LRN", "MVN")
+@register("Sigmoid", "TanH", "ELU", "BNLL", "Exp", "Log", "Threshold", "Clip", "Swish", "LRN", "MVN", "ReLU6")
 def inexact(tr: Trace, lp) -> None:
-    """A scale passes as ``r^d``, with the effective degree ``d`` measured at the activations."""
+    """A scale passes as ``r^d``, with the effective degree ``d`` measured at the activations
+    (ReLU6 too: homogeneous below its threshold, constant above it)."""
     _elementwise(tr, lp, inexact=True)
 
 
@@ -219,15 +225,62 @@ def power(tr: Trace, lp) -> None:
     _elementwise(tr, lp, inexact=p.power != 1 or p.shift != 0)
 
 
-@register("Pooling")
+@register("Pooling", "Upsample", "Interp", "ROIPooling")
 def pooling(tr: Trace, lp) -> None:
-    """Max and average pooling commute with a positive per-channel scale."""
+    """Max and average pooling commute with a positive per-channel scale, and so do nearest and
+    bilinear resizing (Upsample, Interp) and ROIPooling of its feature bottom (its rois, the
+    second bottom, are coordinates: a scale reaching them would move the regions)."""
+    if len(tr.bottoms) > 1:
+        tr.pin(*tr.bottoms[1:])
     chan = per_channel(tr.bottoms[0], tr.bshapes[0])
     if chan is None:
         tr.pin(tr.bottoms[0])
         chan = np.full(tr.bshapes[0][1], UNSCALED)
     tshape = tr.tshapes[0]
     tr.set(lp.top[0], _expand(chan, tshape), _expand(tr.chan_via(tr.bvias[0], tr.bshapes[0]), tshape))
+
+
+@register("Permute")
+def permute(tr: Trace, lp) -> None:
+    """The scales move with the elements while the batch axis stays first; else pinned."""
+    shape = tr.bshapes[0]
+    order = [int(o) for o in fork_message(lp, "permute_param").order]
+    order += [i for i in range(len(shape)) if i not in order]
+    if order[0] != 0:
+        tr.pin(tr.bottoms[0])
+        tr.fresh(lp.top[0], _size(tr.tshapes[0]))
+        return
+    axes = [o - 1 for o in order[1:]]
+    tr.set(lp.top[0], tr.bottoms[0].reshape(shape[1:]).transpose(axes).reshape(-1).copy(),
+           tr.bvias[0].reshape(shape[1:]).transpose(axes).reshape(-1).copy())
+
+
+@register("ShuffleChannel")
+def shuffle_channel(tr: Trace, lp) -> None:
+    """Channels move (``i * k + j`` to ``j * group + i``), their scales with them."""
+    shape, g = tr.bshapes[0], int(fork_message(lp, "shuffle_channel_param").group)
+
+    def move(a: np.ndarray) -> np.ndarray:
+        return a.reshape(g, shape[1] // g, -1).transpose(1, 0, 2).reshape(-1).copy()
+
+    tr.set(lp.top[0], move(tr.bottoms[0]), move(tr.bvias[0]))
+
+
+@register("Normalize")
+def normalize(tr: Trace, lp) -> None:
+    """L2 normalisation over channels (and space, with ``across_spatial``) absorbs one scale
+    shared by all channels, exactly up to ``eps`` against the squared norm; different scales
+    on different channels would change the output: pinned."""
+    chan = per_channel(tr.bottoms[0], tr.bshapes[0])
+    if chan is None or len(np.unique(chan)) > 1 or len(np.unique(tr.bvias[0])) > 1:
+        tr.pin(tr.bottoms[0])
+    tr.fresh(lp.top[0], _size(tr.tshapes[0]))
+
+
+@register("PriorBox")
+def prior_box(tr: Trace, lp) -> None:
+    """The priors depend only on the bottoms' shapes: the top carries no scale, like data."""
+    tr.fresh(lp.top[0], _size(tr.tshapes[0]))
 
 
 @register("Scale", "Bias")

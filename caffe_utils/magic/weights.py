@@ -34,7 +34,7 @@ def initialize_weights(ctx: InitContext, lp, idx: int) -> None:
     blobs = ctx.net.params[lp.name]
     rep = ctx.layers[lp.name]
     kind = ctx.opts.init
-    if kind in DATA_DRIVEN and lp.type != "Convolution":
+    if kind in DATA_DRIVEN and lp.type not in layout.CONVOLUTION_TYPES:
         kind, rep.fallback = "gaussian", Fallback.NOT_CONVOLUTION
     if kind in DATA_DRIVEN:
         rows = _data_driven(ctx, lp, idx, kind, rep)
@@ -86,7 +86,7 @@ def orthogonal(shape, rng: np.random.RandomState) -> np.ndarray:
 def _data_driven(ctx: InitContext, lp, idx: int, kind: str, rep: LayerReport) -> Optional[np.ndarray]:
     """Convolution ``lp``'s (num_output, fan) rows from its input patches, or None (and a
     warning) when the sample has too few patches for ``kind``."""
-    groups = lp.convolution_param.group
+    groups = layout.conv_group(lp)
     patches, m, d = _patches(ctx, lp, idx)
     k = lp.convolution_param.num_output // groups
     need = max(d + 1, 4 * k) if kind in ("kmeans", "pca", "zca") else k
@@ -105,7 +105,7 @@ def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
     count M filled; the patch size D per group."""
     cp = lp.convolution_param
     kernel, pad, stride, dilation = conv_geometry(cp)
-    groups = cp.group
+    groups = layout.conv_group(lp)
     net, batches = ctx.net, ctx.batches
     shape = net.blobs[lp.bottom[0]].data.shape
     d = shape[1] // groups * kernel[0] * kernel[1]
