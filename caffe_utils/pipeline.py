@@ -374,6 +374,8 @@ def format_report(result: RunResult) -> str:
         lines.append(f"not rescaled (their outputs reach the net's output): {', '.join(r.pinned_layers)}")
     if r.inexact_layers:
         lines.append(f"layers that cannot undo a rescaling exactly: {', '.join(r.inexact_layers)}")
+    if r.heads:
+        lines.append(f"heads the method ends at (their inputs get the random top gradient): {', '.join(r.heads)}")
     if r.unknown_scale_layers:
         lines.append(f"no scale rule for these layers' types, so nothing reaching them was rescaled: "
                      f"{', '.join(r.unknown_scale_layers)}")

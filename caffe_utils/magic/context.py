@@ -130,8 +130,9 @@ class InitContext:
             raise PrototxtError(f"--reinit names layer(s) {unknown} that the net does not have")
         layers = OrderedDict((lp.name, LayerReport(lp.name, lp.type)) for lp in lps if lp.type in AFFINE_TYPES)
         batches = SampleBatches(net, prepared.input_name, sample, opts.batch_size, opts.mem_limit)
-        return cls(net, prepared, sample, opts, np.random.RandomState(opts.seed), InitReport(), layers,
-                   batches, progress, {n: i for i, n in enumerate(net.layer_names)})
+        report = InitReport(heads=list(prepared.heads))
+        return cls(net, prepared, sample, opts, np.random.RandomState(opts.seed), report, layers, batches, progress,
+                   {n: i for i, n in enumerate(net.layer_names)})
 
     def index(self, lp) -> int:
         """Layer ``lp``'s position in the net."""

@@ -58,8 +58,9 @@ class InitReport:
     """The whole run: per-layer reports, stage 3's rounds and flatness (max/min change rate)
     before and after, the layers stage 3 could not rescale exactly (``inexact_layers``), could
     not rescale at all (``pinned_layers``: their output is the net's), or passed no scale
-    through because no scale rule knows their type (``unknown_scale_layers``), and how much the
-    net's outputs moved under stage 3."""
+    through because no scale rule knows their type (``unknown_scale_layers``), the heads the
+    method ended at (``heads``: see :func:`caffe_utils.magic.prepare.prepare_net`), and how much
+    the net's outputs moved under stage 3."""
     layers: List[LayerReport] = field(default_factory=list)
     iterations: int = 0
     converged: bool = False
@@ -70,6 +71,7 @@ class InitReport:
     inexact_layers: List[str] = field(default_factory=list)
     pinned_layers: List[str] = field(default_factory=list)
     unknown_scale_layers: List[str] = field(default_factory=list)
+    heads: List[str] = field(default_factory=list)
     output_deviation: Optional[float] = None
     function_preserved: Optional[bool] = None
     warnings: List[str] = field(default_factory=list)

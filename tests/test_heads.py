@@ -1,0 +1,65 @@
+"""Heads the method ends at: an SSD-style detector's DetectionOutput (no backward in Caffe) and
+its PriorBoxes (functions of shapes only) are dropped, and the random top gradient goes on the
+loc/conf predictions instead, on both engines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils import netio
+from caffe_utils.magic import InitOptions, prepare_net
+from caffe_utils.pipeline import RunConfig, SampleSpec, format_report, run
+
+SSD = """
+name: "ssd-tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "norm" type: "Normalize" bottom: "conv2" top: "norm"
+        norm_param { across_spatial: false channel_shared: false scale_filler { type: "constant" value: 20 } } }
+layer { name: "loc" type: "Convolution" bottom: "norm" top: "loc" convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "loc_perm" type: "Permute" bottom: "loc" top: "loc_perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "loc_flat" type: "Flatten" bottom: "loc_perm" top: "loc_flat" flatten_param { axis: 1 } }
+layer { name: "conf" type: "Convolution" bottom: "norm" top: "conf" convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "conf_perm" type: "Permute" bottom: "conf" top: "conf_perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "conf_flat" type: "Flatten" bottom: "conf_perm" top: "conf_flat" flatten_param { axis: 1 } }
+layer { name: "prior" type: "PriorBox" bottom: "norm" bottom: "data" top: "prior"
+        prior_box_param { min_size: 8 max_size: 16 clip: false variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }
+layer { name: "conf_reshape" type: "Reshape" bottom: "conf_flat" top: "conf_reshape"
+        reshape_param { shape { dim: 0 dim: -1 dim: 3 } } }
+layer { name: "conf_softmax" type: "Softmax" bottom: "conf_reshape" top: "conf_softmax" softmax_param { axis: 2 } }
+layer { name: "conf_out" type: "Flatten" bottom: "conf_softmax" top: "conf_out" flatten_param { axis: 1 } }
+layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_out" bottom: "prior" top: "det"
+        detection_output_param { num_classes: 3 share_location: true background_label_id: 0
+          nms_param { nms_threshold: 0.45 top_k: 10 } keep_top_k: 5 confidence_threshold: 0.01 code_type: CENTER_SIZE } }
+"""
+
+
+def test_prepare_drops_heads_and_priors(tmp_path):
+    p = tmp_path / "ssd.prototxt"
+    p.write_text(SSD)
+    prepared = prepare_net(netio.read_net(str(p)))
+    assert prepared.heads == ["det", "prior"]
+    kept = [lp.name for lp in prepared.net_param.layer]
+    assert "det" not in kept and "prior" not in kept and "loc_flat" in kept and "conf_out" in kept
+
+
+@pytest.mark.parametrize("engine", ["numpy", "caffe"])
+def test_ssd_style_net_initializes_on_both_engines(request, tmp_path, photos, engine):
+    if engine == "caffe":
+        request.getfixturevalue("caffe")
+    p = tmp_path / "ssd.prototxt"
+    p.write_text(SSD)
+    out = tmp_path / "ssd.caffemodel"
+    res = run(RunConfig(prototxt=str(p), output=str(out), sample=SampleSpec(data=photos, images=8),
+                        options=InitOptions(init="kmeans", batch_size=4, iterations=3), engine=engine))
+    rep = res.report
+    assert rep.heads == ["det", "prior"]
+    assert "heads the method ends at" in format_report(res)
+    assert all(np.isfinite(l.rate_after) for l in rep.layers)
+    assert rep.function_preserved, rep.output_deviation
+    weights = netio.read_caffemodel(out)
+    assert {"conv1", "conv2", "norm", "loc", "conf"} <= set(weights)
