@@ -67,9 +67,22 @@ def check_gpu(engine: str, gpu: Optional[int]) -> None:
         raise click.BadParameter(str(exc), param_hint="'--gpu'") from None
 
 
+def shape_triple(ctx, param, value):
+    """``C,H,W`` as three positive ints."""
+    if value is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) <= 0:
+        raise click.BadParameter(f"must be three positive integers C,H,W such as 3,224,224, got '{value}'")
+    return dims
+
+
 def _sample_option(*decls: str, **kwargs) -> Callable:
     """A click option for the :class:`SampleSpec` field that the last of ``decls`` names."""
-    spec = {f.name: f for f in dataclasses.fields(SampleSpec)}[decls[-1].lstrip("-")]
+    spec = {f.name: f for f in dataclasses.fields(SampleSpec)}[decls[-1].lstrip("-").replace("-", "_")]
     return click.option(*decls, default=spec.default, show_default=True, help=spec.metadata["help"], **kwargs)
 
 
@@ -82,6 +95,7 @@ _SHARED_OPTIONS = (
     _sample_option("--mean"),
     _sample_option("--scale", type=float),
     _sample_option("--resize", type=int, callback=positive),
+    _sample_option("--input-shape", metavar="C,H,W", callback=shape_triple),
     click.option("--engine", default=RunConfig.engine, show_default=True, type=click.Choice(ENGINES),
                  help="auto: pycaffe when importable, else the built-in numpy engine."),
     click.option("--gpu", default=None, type=int, callback=non_negative, help="GPU id (pycaffe with CUDA only)."),

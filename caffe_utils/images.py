@@ -129,7 +129,18 @@ def _list_image_list(path: Path, root: Optional[Union[str, Path]]) -> List[Recor
     return out
 
 
-def _list_lmdb(path: Path) -> List[Record]:
+def lmdb_image_shape(source: Union[str, Path]) -> Optional[Tuple[int, int, int]]:
+    """(C, H, W) of the first Datum when ``source`` is an LMDB (what Caffe's Data layer feeds
+    without a crop), else None."""
+    path = Path(source)
+    if not _is_lmdb(path):
+        return None
+    first = _list_lmdb(path if path.is_dir() else path.parent, limit=1)[0]
+    img = load_record(first)[0]
+    return (1 if img.ndim == 2 else int(img.shape[2]), int(img.shape[0]), int(img.shape[1]))
+
+
+def _list_lmdb(path: Path, limit: Optional[int] = None) -> List[Record]:
     try:
         import lmdb
     except ImportError as exc:
@@ -142,6 +153,8 @@ def _list_lmdb(path: Path) -> List[Record]:
     with env.begin() as txn:
         for key, value in txn.cursor():
             out.append(Record(datum=bytes(value), key=key.decode("utf-8", "replace")))
+            if limit is not None and len(out) >= limit:
+                break
     env.close()
     if not out:
         raise DataError(f"LMDB '{path}' is empty")

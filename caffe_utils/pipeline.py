@@ -39,6 +39,9 @@ class SampleSpec:
         "Multiply inputs by this after mean subtraction [default: the data layer's, else 1].")})
     resize: Optional[int] = field(default=None, metadata={"help": (
         "Resize images to this square size before cropping [default: 256 or the crop size].")})
+    input_shape: Optional[Tuple[int, int, int]] = field(default=None, metadata={"help": (
+        "The net's input size C,H,W, for a net whose data layer does not tell it (no crop_size) "
+        "[default: the data layer's; with an LMDB, its first Datum's].")})
 
 
 @dataclass
@@ -156,7 +159,7 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     opts = replace(cfg.options, batch_size=_batch_for(cfg.sample.images, cfg.options.batch_size, note))
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
-    prepared = magic.prepare_net(net_param)
+    prepared = _prepare(net_param, cfg.sample, cfg.prototxt)
     net = _open_prepared(prepared, engine, cfg.gpu, opts.batch_size, opts.seed)
     loaded = load_weights(net, cfg.weights) if cfg.weights else set()
     sample = load_images(cfg.prototxt, cfg.sample, opts.seed, prepared, note, progress)
@@ -221,7 +224,7 @@ def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, in
     """Per-layer change rates and activation statistics of the net with each caffemodel, on the
     same images and the same random top gradients; returns (stats per model, images, engine)."""
     engine = resolve_engine(cfg.engine, cfg.gpu)
-    prepared = magic.prepare_net(netio.read_net(cfg.prototxt, netio.TEST))
+    prepared = _prepare(netio.read_net(cfg.prototxt, netio.TEST), cfg.sample, cfg.prototxt)
     note = warn or (lambda m: None)
     net = _open_prepared(prepared, engine, cfg.gpu, _batch_for(cfg.sample.images, cfg.batch_size, note), cfg.seed)
     sample = load_images(cfg.prototxt, cfg.sample, cfg.seed, prepared, note, progress)
@@ -254,6 +257,20 @@ def format_measurement(models: Sequence[ModelStats]) -> str:
         lines.append(f"flatness (max/min change rate): {_fmt(m.flatness)}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _prepare(net_param, spec: SampleSpec, prototxt: str) -> magic.PreparedNet:
+    """:func:`magic.prepare_net`, with the input size from ``--input-shape`` or, for an LMDB
+    sample, its first Datum, when the net's data layer does not tell it."""
+    shape = spec.input_shape
+    if shape is None:
+        source = spec.data or next((lp.data_param.source for lp in net_param.layer if lp.type == "Data"), None)
+        if source:
+            path = Path(source)
+            if not spec.data and not path.exists() and (Path(prototxt).parent / path).exists():
+                path = Path(prototxt).parent / path
+            shape = images.lmdb_image_shape(path)
+    return magic.prepare_net(net_param, shape)
 
 
 def _batch_for(images: int, batch_size: int, note: Callable[[str], None]) -> int:

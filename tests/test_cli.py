@@ -108,3 +108,54 @@ def test_entry_points():
     assert exe, "the magic-init console script is not installed (pip install -e .)"
     res = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--output" in res.stdout
+
+
+TRAIN_NET = """
+name: "train"
+layer { name: "data" type: "Data" top: "data" top: "label" data_param { source: "%s" batch_size: 4 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def _raw_lmdb(path, n=6, shape=(3, 20, 24)):
+    import lmdb
+    import numpy as np
+    from caffe_utils.schema import caffe_pb2
+    rng = np.random.RandomState(0)
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            pix = rng.randint(0, 255, shape, dtype=np.uint8)
+            d = caffe_pb2().Datum(channels=shape[0], height=shape[1], width=shape[2], data=pix.tobytes(), label=i % 3)
+            txn.put(f"{i:03d}".encode(), d.SerializeToString())
+    env.close()
+
+
+def test_input_shape_for_a_data_layer_without_crop(photos, tmp_path):
+    net = tmp_path / "train.prototxt"
+    net.write_text(TRAIN_NET % "no_such_lmdb")
+    base = [str(net), "-o", str(tmp_path / "o.caffemodel"), "-d", photos, "-n", "4", "--iterations", "1",
+            "--engine", "numpy", "-q"]
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code == 1 and "give --input-shape C,H,W" in res.output
+    res = CliRunner().invoke(cli, base + ["--input-shape", "3,32,28"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, base + ["--input-shape", "3,32"])
+    assert res.exit_code == 2 and "three positive integers" in res.output
+
+
+def test_input_shape_from_the_lmdbs_first_datum(tmp_path):
+    """A train_val net reading an LMDB without crop_size is fed each Datum whole, as Caffe does."""
+    _raw_lmdb(tmp_path / "train_lmdb")
+    net = tmp_path / "train.prototxt"
+    net.write_text(TRAIN_NET % "train_lmdb")
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, [str(net), "-o", str(tmp_path / "o.caffemodel"), "-n", "4", "--iterations", "1",
+                                   "--engine", "numpy", "-q", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    from caffe_utils import netio
+    w = netio.read_caffemodel(tmp_path / "o.caffemodel")
+    assert w["fc"].blobs[0].shape == (3, 4 * 18 * 22)

@@ -101,7 +101,7 @@ def _image_input(first, image_shape: Optional[Tuple[int, int, int]]) -> Tuple[st
     chw = tuple(shape[1:]) if shape is not None else image_shape
     if chw is None:
         raise PrototxtError(f"data layer '{first.name}' ({first.type}) does not tell its image size; "
-                            "give the net an Input layer or a transform_param crop_size")
+                            "give --input-shape C,H,W, an Input layer or a transform_param crop_size")
     if min(chw) <= 0:
         raise PrototxtError(f"input '{name}' of layer '{first.name}' has channels, height, width {tuple(chw)}; "
                             "all three must be positive")
