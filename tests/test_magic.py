@@ -266,3 +266,36 @@ def test_fewer_images_than_the_batch_size_shrink_the_batch(small, photos, tmp_pa
                         options=magic.InitOptions(init="kmeans", batch_size=16, iterations=2), engine="numpy"))
     assert any("below --batch-size 16: using batches of 3" in w for w in res.warnings)
     assert np.isfinite(res.report.flatness_after)
+
+
+FIXED_AXIS = """
+name: "fixed"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "flat" type: "Reshape" bottom: "conv1" top: "flat" reshape_param { shape { dim: 1 dim: -1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "relu2" type: "ReLU" bottom: "fc" top: "fc" }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc" top: "fc2" inner_product_param { num_output: 3 } }
+"""
+
+
+def test_blobs_without_a_row_per_image_are_recomputed(tmp_path):
+    """A blob whose first axis is not the batch (here all images' features in one row) is not
+    checkpointed per image: every batch computes it again, so later layers see its real values."""
+    p = tmp_path / "fixed.prototxt"
+    p.write_text(FIXED_AXIS)
+    prepared = magic.prepare_net(netio.read_net(str(p)))
+    net = Net(p)
+    net.blobs["data"].reshape(4, 3, 8, 8)
+    net.reshape()
+    sample = np.random.RandomState(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    magic.initialize(net, prepared, sample, magic.InitOptions(init="gaussian", batch_size=4, between=False))
+    tops = []
+    for b in range(2):  # fc2's output over the two batches: mean beta and unit variance together
+        net.blobs["data"].data[...] = sample[4 * b:4 * b + 4]
+        net.forward()
+        tops.append(np.array(net.blobs["fc2"].data, np.float64))
+    t = np.concatenate(tops)
+    np.testing.assert_allclose(t.mean(axis=0), 0.1, atol=1e-4)
+    np.testing.assert_allclose(t.std(axis=0), 1.0, rtol=1e-4)

@@ -97,7 +97,10 @@ class SampleBatches:
         if pos <= self._pos:
             return None
         names = frontier(self.net, pos)
-        size = sum(int(np.prod(self.net.blobs[n].data.shape[1:])) * 4 * self.count * self.batch for n in names)
+        shapes = [tuple(self.net.blobs[n].data.shape) for n in names]
+        if any(not shape or shape[0] != self.batch for shape in shapes):
+            return None  # a blob without a row per image (PriorBox's, a Reshape's to a fixed first axis)
+        size = sum(int(np.prod(shape[1:])) * 4 * self.count * self.batch for shape in shapes)
         if size > self.mem_limit // 2:
             return None
         return {n: np.empty((self.count * self.batch,) + tuple(self.net.blobs[n].data.shape[1:]), np.float32)
