@@ -2,4 +2,4 @@
 them all in :data:`caffe_utils.layers.base.LAYERS`."""
 from caffe_utils.layers.base import LAYERS, Blob, Layer, create_layer, register, supported_types  # noqa: F401
 from caffe_utils.layers import activation, data, loss, normalization, pooling, structure, vision  # noqa: F401,E402
-from caffe_utils.layers import detection, forks  # noqa: F401,E402
+from caffe_utils.layers import detection, forks, python_layer  # noqa: F401,E402

@@ -81,6 +81,23 @@ class Blob:
     def count(self) -> int:
         return int(self.data.size)
 
+    # pycaffe's legacy 4-D accessors (Python layers use them)
+    @property
+    def num(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def width(self) -> int:
+        return int(self.data.shape[3])
+
     def reshape(self, *shape) -> None:
         """Give the blob ``shape`` (a sequence, or the dimensions as arguments like pycaffe's
         ``Blob.reshape(n, c, h, w)``); contents are kept when the shape is unchanged, else zeroed."""
