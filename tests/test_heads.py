@@ -63,3 +63,16 @@ def test_ssd_style_net_initializes_on_both_engines(request, tmp_path, photos, en
     assert rep.function_preserved, rep.output_deviation
     weights = netio.read_caffemodel(out)
     assert {"conv1", "conv2", "norm", "loc", "conf"} <= set(weights)
+
+
+def test_pycaffe_engine_guards_a_backward_caffe_lacks(caffe, tmp_path):
+    """Built whole (heads not dropped), the net's DetectionOutput has no backward in Caffe: the
+    engine's forked probe finds that Caffe would abort and names the layer instead."""
+    from caffe_utils.engine import open_net
+    from caffe_utils.errors import MagicInitError
+    p = tmp_path / "ssd.prototxt"
+    p.write_text(SSD)
+    with pytest.raises(MagicInitError) as err:
+        open_net(str(p), engine="caffe")
+    msg = str(err.value)
+    assert "'det' (DetectionOutput)" in msg and "\n" not in msg

@@ -75,8 +75,22 @@ def _fatal_message(log: str) -> str:
     return found
 
 
+def _exercise(caffe, prototxt: str, phase: int) -> None:
+    """Build ``prototxt`` and run it forward and backward on one image: what the initialization
+    later asks of the net (a layer without a backward, such as SSD's DetectionOutput, aborts)."""
+    net = caffe.Net(prototxt, int(phase))
+    for name in net.inputs:
+        shape = net.blobs[name].data.shape
+        if len(shape):
+            net.blobs[name].reshape(1, *shape[1:])
+    net.reshape()
+    net.forward()
+    net.backward()
+
+
 def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
-    """Build ``prototxt`` in a forked child; None if that worked, else what Caffe said."""
+    """Build and exercise ``prototxt`` in a forked child (:func:`_exercise`); None if that
+    worked, else what Caffe said."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: only build the net, with stderr into the pipe
@@ -84,7 +98,7 @@ def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
             os.close(read_fd)
             os.dup2(write_fd, 2)
             faulthandler.disable()  # an abort here is expected; no Python dump on the parent's stderr
-            caffe.Net(prototxt, int(phase))
+            _exercise(caffe, prototxt, phase)
             os._exit(0)
         except BaseException as exc:  # a Python-level failure of pycaffe
             try:
@@ -108,13 +122,14 @@ def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
 
 
 def probe_net(caffe, param, phase: int) -> None:
-    """Build the NetParameter ``param`` in a forked child first: Caffe aborts the whole process
-    (glog FATAL) on a missing bottom, impossible shapes and other net errors. A failure becomes a
-    :class:`PrototxtError` with Caffe's own message and the layer it failed on (found by building
+    """Build the NetParameter ``param`` and run it forward and backward on one image in a forked
+    child first: Caffe aborts the whole process (glog FATAL) on a missing bottom, impossible
+    shapes, a layer without a backward and other net errors. A failure becomes a
+    :class:`PrototxtError` with Caffe's own message and the layer it failed on (found by trying
     ever shorter prefixes of the net, a binary search).
 
-    Costs one extra net construction (no forward pass); more only for a net that fails. Where fork
-    is unavailable it does nothing.
+    Costs one extra net construction and a one-image pass; more only for a net that fails. Where
+    fork is unavailable it does nothing.
     """
     if not hasattr(os, "fork"):
         return
@@ -144,7 +159,7 @@ def probe_net(caffe, param, phase: int) -> None:
     culprit = param.layer[hi - 1]
     if len(msg) > 600:
         msg = msg[:600] + " ..."
-    raise PrototxtError(f"Caffe cannot build layer '{culprit.name}' ({culprit.type}): {msg}; "
+    raise PrototxtError(f"Caffe cannot build or run layer '{culprit.name}' ({culprit.type}): {msg}; "
                         "fix that layer in the prototxt")
 
 
