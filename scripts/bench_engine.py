@@ -6,6 +6,7 @@
 Each engine runs in its own process (so peak memory is its own); the script prints the best
 time of ``--repeat`` runs (after one warm-up), the peak resident memory, and the ratio
 pycaffe time / numpy time (> 1 means the numpy engine is faster). Random Gaussian weights.
+Exits 1 when an engine fails (its last error line on stderr).
 """
 from __future__ import annotations
 
@@ -58,13 +59,18 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.net, args.batch, args.repeat)))
         return 0
     results = {}
+    failed = []
     for engine in ("numpy", "caffe"):
-        env = dict(os.environ, GLOG_minloglevel="2")
+        # the worker imports this checkout's caffe_utils, installed or not
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=path)
         res = subprocess.run([sys.executable, __file__, "--worker", engine, "--net", args.net,
                               "--batch", str(args.batch), "--repeat", str(args.repeat)],
                              capture_output=True, text=True, env=env)
         if res.returncode != 0:
-            print(f"{engine}: failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            print(f"{engine}: failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}",
+                  file=sys.stderr)
+            failed.append(engine)
             continue
         results[engine] = json.loads(res.stdout.strip().splitlines()[-1])
         r = results[engine]
@@ -74,7 +80,7 @@ def main() -> int:
         ratio = results["caffe"]["best_s"] / results["numpy"]["best_s"]
         print(f"speed ratio pycaffe/numpy: {ratio:.2f} ({'numpy faster' if ratio >= 1 else 'pycaffe faster'})")
         print(f"memory ratio numpy/pycaffe: {results['numpy']['peak_rss_mb'] / results['caffe']['peak_rss_mb']:.2f}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -147,3 +147,18 @@ def test_fashion_mnist_reduced(caffe, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| caffe-gaussian |" in table and "| ours-kmeans |" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_engine_fails_loudly(tmp_path):
+    """A benchmark whose engine fails says so on stderr and exits non-zero."""
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+                   'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 0 } }\n')
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_engine.py"
+    res = subprocess.run([sys.executable, "-P", str(script), "--net", str(bad), "--batch", "1", "--repeat", "1"],
+                         capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert res.returncode == 1
+    assert "numpy: failed:" in res.stderr and "No module named" not in res.stderr
