@@ -12,7 +12,7 @@ both engines and checks it against pycaffe and OpenCV's ``cv2.dnn``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -791,13 +791,13 @@ def _corpus() -> List[CorpusNet]:
                   "as mobilenet_v1, type DepthwiseConvolution", cv2=False,
                   cv2_why="OpenCV's Caffe importer has no DepthwiseConvolution type"),
         CorpusNet("mobilenet_v1_convdw", "MobileNet / depthwise", mobilenet_v1("ConvolutionDepthwise"),
-                  "as mobilenet_v1, type ConvolutionDepthwise", cv2=False,
-                  cv2_why="OpenCV's Caffe importer has no ConvolutionDepthwise type"),
+                  "as mobilenet_v1, type ConvolutionDepthwise"),
         CorpusNet("mobilenet_v2", "MobileNet / depthwise", mobilenet_v2(), "widths/4, repeats 1-2-2-2-1-1-1, 64 px"),
         CorpusNet("shufflenet_v1", "MobileNet / depthwise (ShuffleNet)", shufflenet_v1(),
                   "g=3, widths/10, units 2-2-1, 64 px"),
         CorpusNet("ssd_vgg", "SSD-style detector", ssd_vgg(), "widths/16, 4 sources, 64 px"),
-        CorpusNet("yolov3_tiny", "SSD-style detector (YOLO)", yolov3_tiny(), "widths/8, 64 px"),
+        CorpusNet("yolov3_tiny", "SSD-style detector (YOLO)", yolov3_tiny(), "widths/8, 64 px", cv2=False,
+                  cv2_why="OpenCV's Caffe importer has no Upsample type"),
         CorpusNet("zf_rpn", "Faster R-CNN (RPN, images only)", zf_faster_rcnn_rpn(), "widths/8, 64 px"),
         CorpusNet("mtcnn_pnet", "MTCNN (PReLU)", mtcnn_pnet(), "full widths, 24 px"),
         CorpusNet("mtcnn_onet", "MTCNN (PReLU)", mtcnn_onet(), "widths/4, 48 px"),
