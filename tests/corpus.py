@@ -86,6 +86,12 @@ class Net:
         p.update(more)
         return self.layer(name, ltype, bottom, top, extra=extra, convolution_param=p)
 
+    def conv_relu(self, name, relu_name, bottom, num_output, kernel, **kw) -> str:
+        """A convolution and its in-place ReLU."""
+        top = self.conv(name, bottom, num_output, kernel, **kw)
+        self.relu(relu_name, top)
+        return top
+
     def fc(self, name, bottom, num_output, top=None, extra="") -> str:
         return self.layer(name, "InnerProduct", bottom, top, extra=extra,
                           inner_product_param={"num_output": num_output, "weight_filler": {"type": "gaussian",
@@ -199,16 +205,11 @@ def vgg16() -> str:
 
 def _inception(n: Net, name: str, x: str, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int) -> str:
     """GoogLeNet's Inception module: 1x1, 1x1->3x3, 1x1->5x5 and 3x3 max pool->1x1, concatenated."""
-    a = n.conv(f"{name}/1x1", x, c1, 1, filler="xavier")
-    n.relu(f"{name}/relu_1x1", a)
-    b = n.conv(f"{name}/3x3_reduce", x, c3r, 1, filler="xavier")
-    n.relu(f"{name}/relu_3x3_reduce", b)
-    b = n.conv(f"{name}/3x3", b, c3, 3, pad=1, filler="xavier")
-    n.relu(f"{name}/relu_3x3", b)
-    c = n.conv(f"{name}/5x5_reduce", x, c5r, 1, filler="xavier")
-    n.relu(f"{name}/relu_5x5_reduce", c)
-    c = n.conv(f"{name}/5x5", c, c5, 5, pad=2, filler="xavier")
-    n.relu(f"{name}/relu_5x5", c)
+    a = n.conv_relu(f"{name}/1x1", f"{name}/relu_1x1", x, c1, 1, filler="xavier")
+    b = n.conv_relu(f"{name}/3x3_reduce", f"{name}/relu_3x3_reduce", x, c3r, 1, filler="xavier")
+    b = n.conv_relu(f"{name}/3x3", f"{name}/relu_3x3", b, c3, 3, pad=1, filler="xavier")
+    c = n.conv_relu(f"{name}/5x5_reduce", f"{name}/relu_5x5_reduce", x, c5r, 1, filler="xavier")
+    c = n.conv_relu(f"{name}/5x5", f"{name}/relu_5x5", c, c5, 5, pad=2, filler="xavier")
     d = n.pool(f"{name}/pool", x, "MAX", 3, 1, pad=1)
     d = n.conv(f"{name}/pool_proj", d, cp, 1, filler="xavier")
     n.relu(f"{name}/relu_pool_proj", d)
@@ -373,12 +374,9 @@ def squeezenet11() -> str:
     x = n.pool("pool1", x, "MAX", 3, 2)
     fires = {2: (4, 16), 3: (4, 16), 4: (8, 32), 5: (8, 32), 6: (12, 48), 7: (12, 48), 8: (16, 64), 9: (16, 64)}
     for f, (s, e) in fires.items():
-        x = n.conv(f"fire{f}/squeeze1x1", x, s, 1, filler="xavier")
-        n.relu(f"fire{f}/relu_squeeze1x1", x)
-        a = n.conv(f"fire{f}/expand1x1", x, e, 1, filler="xavier")
-        n.relu(f"fire{f}/relu_expand1x1", a)
-        b = n.conv(f"fire{f}/expand3x3", x, e, 3, pad=1, filler="xavier")
-        n.relu(f"fire{f}/relu_expand3x3", b)
+        x = n.conv_relu(f"fire{f}/squeeze1x1", f"fire{f}/relu_squeeze1x1", x, s, 1, filler="xavier")
+        a = n.conv_relu(f"fire{f}/expand1x1", f"fire{f}/relu_expand1x1", x, e, 1, filler="xavier")
+        b = n.conv_relu(f"fire{f}/expand3x3", f"fire{f}/relu_expand3x3", x, e, 3, pad=1, filler="xavier")
         x = n.concat(f"fire{f}/concat", [a, b])
         if f in (3, 5):
             x = n.pool(f"pool{f}", x, "MAX", 3, 2)

@@ -14,7 +14,6 @@ on the prepared net with the initialized weights and real images, and forward wi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 from caffe_utils import layout, magic, netio
 from caffe_utils.pipeline import RunConfig, SampleSpec, load_images, run
 from corpus import BY_NAME, CORPUS
-from reference import check_against_caffe
+from reference import check_against_caffe, require_cv2
 
 FLATNESS = 1.5
 #: full steps (damping 1) so that 5 rounds reach the flatness on every net the plan can flatten
@@ -212,22 +211,12 @@ def test_numpy_matches_pycaffe_on_initialized_net(caffe, workdir, photos, tmp_pa
                         backward="Upsample" not in types)
 
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        if os.environ.get("MAGIC_INIT_REQUIRE_CAFFE"):
-            pytest.fail("cv2 is not importable; pip install '.[test]' installs opencv-python-headless")
-        pytest.skip("cv2 not importable (pip install 'opencv-python-headless<5')")
-    return cv2
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_numpy_matches_opencv_forward(workdir, photos, tmp_path, name):
     net = BY_NAME[name]
     if not net.cv2:
         pytest.skip(net.cv2_why)
-    cv2 = _cv2()
+    cv2 = require_cv2()
     from caffe_utils.engine.numpy_net import Net
     _, out = _init(workdir, photos, name, "numpy")
     text, input_name, images = _prepared(workdir, photos, name)
