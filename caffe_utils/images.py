@@ -35,6 +35,8 @@ import numpy as np
 from caffe_utils.errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif"}
+#: OpenCV's BGR->grey weights (B, G, R), as Caffe's is_color: false path uses them
+GREY_WEIGHTS = (0.114, 0.587, 0.299)
 _LABEL = re.compile(r"-?[0-9]+")  # an integer label (ASCII digits, as Caffe's atoi reads)
 MAX_PIXELS = 64_000_000  # refuse larger images before decoding them (decompression bombs)
 REDUCE_PIXELS = 16_000_000  # larger images are box-reduced by an integer factor right after decoding
@@ -270,7 +272,7 @@ class Transform:
     def __call__(self, img: np.ndarray, pre_resized: bool, rng: np.random.RandomState) -> np.ndarray:
         if self.channels == 1:
             # OpenCV's BGR->grey weights, as Caffe's is_color: false path
-            img = (img @ np.array([0.114, 0.587, 0.299], np.float32))[:, :, None]
+            img = (img @ np.array(GREY_WEIGHTS, np.float32))[:, :, None]
         elif self.channels != 3:
             raise DataError(f"the net's input has {self.channels} channels; images give 1 or 3")
         if not pre_resized:

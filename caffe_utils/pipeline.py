@@ -34,7 +34,8 @@ class SampleSpec:
         f"Number of sample images; with fewer usable ones (at least {MIN_IMAGES}) they are reused with other "
         "random crops and a warning.")})
     mean: Optional[str] = field(default=None, metadata={"help": (
-        "Mean to subtract: 'B,G,R' values or a .binaryproto [default: the data layer's, else 104,117,123].")})
+        "Mean to subtract: 'B,G,R' values or a .binaryproto [default: the data layer's, else 104,117,123 "
+        "(its grey value for a 1-channel input)].")})
     scale: Optional[float] = field(default=None, metadata={"help": (
         "Multiply inputs by this after mean subtraction [default: the data layer's, else 1].")})
     resize: Optional[int] = field(default=None, metadata={"help": (
@@ -137,7 +138,11 @@ def _mean_for(mean: Optional[str], prepared: magic.PreparedNet,
         return (), netio.read_mean(mf)
     if tp is not None and len(tp.mean_value):
         return tuple(tp.mean_value), None
-    return (104.0, 117.0, 123.0), None
+    default = (104.0, 117.0, 123.0)
+    if prepared.input_shape[0] == 1:
+        # a grey net sees the default BGR mean as the images' grey conversion gives it
+        return (float(np.dot(default, images.GREY_WEIGHTS)),), None
+    return default, None
 
 
 def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = None,

@@ -34,6 +34,17 @@ def require_caffe():
     return caffe
 
 
+def require_cv2():
+    """Return OpenCV's cv2, or skip (fail when MAGIC_INIT_REQUIRE_CAFFE is set)."""
+    try:
+        import cv2
+    except ImportError:
+        if os.environ.get("MAGIC_INIT_REQUIRE_CAFFE"):
+            pytest.fail("cv2 is not importable; pip install '.[test]' installs opencv-python-headless")
+        pytest.skip("cv2 not importable (pip install 'opencv-python-headless<5')")
+    return cv2
+
+
 def default_param_init(layer_type: str, index: int, shape, rng: np.random.RandomState) -> np.ndarray:
     """Random parameters that exercise every code path (BatchNorm gets valid statistics)."""
     if layer_type == "BatchNorm":

@@ -17,6 +17,7 @@ import pytest
 
 from caffe_utils import netio, wire
 from caffe_utils.errors import OutputError, PrototxtError, WeightsError
+from reference import require_cv2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,20 +245,10 @@ def test_unreadable_raw_data(tmp_path, raw_type, error):
 
 # ----------------------------------------------------------------------------- OpenCV
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        if os.environ.get("MAGIC_INIT_REQUIRE_CAFFE"):
-            pytest.fail("cv2 is not importable; pip install '.[test]' installs opencv-python-headless")
-        pytest.skip("cv2 not importable (pip install 'opencv-python-headless<5')")
-    return cv2
-
-
 @pytest.mark.parametrize("blob_dtype", ["float32", "float16"])
 def test_opencv_loads_our_caffemodel(tmp_path, blob_dtype):
     """cv2.dnn reads our float32 and FP16 output and computes what our numpy engine computes."""
-    cv2 = _cv2()
+    cv2 = require_cv2()
     from caffe_utils.engine import open_net
     proto = tmp_path / "small.prototxt"
     proto.write_text(SMALL_NET)

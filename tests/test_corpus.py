@@ -1,0 +1,243 @@
+"""The conformance corpus (tests/corpus.py): published architectures, each initialized from
+scratch on both engines and checked against pycaffe and OpenCV.
+
+For each net: a fresh k-means initialization on the numpy engine and, where pycaffe has every
+layer type (``caffe.layer_type_list()``), on the pycaffe engine; the flatness on the init batch
+must be at most 1.5 where the net has at least two scalable (affine, not pinned) layers (or
+1.5 x the spread of pinned heads that read one blob: no rescaling changes their rates' ratio),
+and stage 3 must preserve the net's function unless the plan names inexact layers, up to what
+float32 rounding of the weights alone moves the outputs (fresh BatchNorm nets on 4 images are
+ill-conditioned: see :func:`_rounding_sensitivity`). The numpy
+engine's result is then compared, forward and backward, with pycaffe (``check_against_caffe``)
+on the prepared net with the initialized weights and real images, and forward with
+``cv2.dnn.readNetFromCaffe`` reading the prepared net and the written caffemodel.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_utils import layout, magic, netio
+from caffe_utils.pipeline import RunConfig, SampleSpec, load_images, run
+from corpus import BY_NAME, CORPUS
+from reference import check_against_caffe, require_cv2
+
+FLATNESS = 1.5
+#: full steps (damping 1) so that 5 rounds reach the flatness on every net the plan can flatten
+IMAGES, BATCH, ITERATIONS, DAMPING = 8, 4, 5, 1.0
+#: the corpus cases over a few seconds each on 2 cores
+SLOW = {"mobilenet_v2", "densenet121", "resnet50", "ssd_vgg", "googlenet", "fcn16s"}
+#: nets whose flatness stage 3 does not reach, and why (the library's limits, see the report)
+FLATNESS_XFAIL = {
+    "ssd_vgg": "stage 3 aims every free layer at one target and the pinned heads only on average: "
+               "SSD's 8 loc/conf heads on 4 sources end spread by ~1e7 (worse than before the rounds)",
+    "fcn16s": "the Eltwise SUM of upscore2 and the cropped score_pool4 ties their scales; the rounds "
+              "stall with score_pool4 ~1000x faster than upscore2",
+    "googlenet": "with two LRNs (inexact, degree re-measured each round) full steps oscillate: ~1.8 after "
+                 "5 rounds, 1.1 after 6+",
+}
+
+
+class FlatnessError(AssertionError):
+    """The flatness bound is missed (the known cases are xfail with this exception only)."""
+
+
+def _case(name, init=False):
+    marks = [pytest.mark.slow] if name in SLOW else []
+    if init and name in FLATNESS_XFAIL:
+        marks.append(pytest.mark.xfail(raises=FlatnessError, strict=True, reason=FLATNESS_XFAIL[name]))
+    return pytest.param(name, marks=marks, id=name)
+
+
+CASES = [_case(c.name) for c in CORPUS]
+INIT_CASES = [_case(c.name, init=True) for c in CORPUS]
+
+
+def test_grey_net_without_a_mean_gets_the_grey_default(tmp_path, photos):
+    """A 1-channel net whose data layer names no mean (LeNet) ran into "3 mean values for a
+    1-channel input": the default 104,117,123 is now given as its grey value."""
+    p = tmp_path / "grey.prototxt"
+    p.write_text('layer { name: "data" type: "Input" top: "data"\n'
+                 '        input_param { shape { dim: 1 dim: 1 dim: 12 dim: 12 } } }\n'
+                 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+                 '        inner_product_param { num_output: 3 } }\n')
+    prepared = magic.prepare_net(netio.read_net(str(p)))
+    sample = load_images(str(p), SampleSpec(data=photos, images=4), 0, prepared, lambda msg: None).data
+    assert sample.shape == (4, 1, 12, 12)
+    grey = 0.114 * 104 + 0.587 * 117 + 0.299 * 123
+    raw = load_images(str(p), SampleSpec(data=photos, images=4, mean="0"), 0, prepared, lambda msg: None).data
+    np.testing.assert_allclose(sample, raw - grey, atol=1e-3)
+
+
+def test_corpus_spans_the_families():
+    families = {c.family.split(" (")[0] for c in CORPUS}
+    assert len(CORPUS) >= 15 and len(families) >= 6, families
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus")
+
+
+_RESULTS = {}
+
+
+def _prototxt(workdir: Path, name: str) -> Path:
+    p = workdir / f"{name}.prototxt"
+    if not p.exists():
+        p.write_text(BY_NAME[name].text)
+    return p
+
+
+def _init(workdir: Path, photos: str, name: str, engine: str):
+    """The k-means initialization of corpus net ``name`` on ``engine`` (once per module)."""
+    key = (name, engine)
+    if key not in _RESULTS:
+        net = BY_NAME[name]
+        out = workdir / f"{name}.{engine}.caffemodel"
+        res = run(RunConfig(prototxt=str(_prototxt(workdir, name)), output=str(out),
+                            sample=SampleSpec(data=photos, images=IMAGES, input_shape=net.input_shape),
+                            options=magic.InitOptions(init="kmeans", batch_size=BATCH, iterations=ITERATIONS,
+                                                      damping=DAMPING),
+                            engine=engine))
+        _RESULTS[key] = (res, out)
+    return _RESULTS[key]
+
+
+def _missing_in_caffe(caffe, name: str):
+    types = {lp.type for lp in netio.read_net(netio.parse_net_text(BY_NAME[name].text)).layer}
+    return sorted(types - set(caffe.layer_type_list()))
+
+
+def _sibling_spread(name: str, rep) -> float:
+    """The largest rate ratio among pinned layers that read the same blob: rescaling that blob
+    moves their rates together, so no function-preserving plan can flatten them further."""
+    prepared = magic.prepare_net(netio.read_net(netio.parse_net_text(BY_NAME[name].text)), BY_NAME[name].input_shape)
+    rate = {l.name: l.rate_after for l in rep.layers}
+    readers = {}
+    for lp in prepared.net_param.layer:
+        if lp.name in rep.pinned_layers:
+            readers.setdefault(lp.bottom[0], []).append(rate[lp.name])
+    return max([max(r) / min(r) for r in readers.values() if len(r) > 1] or [1.0])
+
+
+def _rounding_sensitivity(workdir: Path, photos: str, name: str, weights: Path, rel: float = 1e-7) -> float:
+    """How far the outputs of the initialized net move, relative to their largest magnitude, when
+    every weight is perturbed by ``rel`` (float32's rounding) on the init batch's images."""
+    from caffe_utils.engine.numpy_net import Net
+    text, input_name, images = _prepared(workdir, photos, name, BATCH, seed=0)
+    proto = workdir / f"{name}.sensitivity.prototxt"
+    proto.write_text(text)
+    rng = np.random.RandomState(0)
+    outs = []
+    for noise in (0.0, rel):
+        net = Net(proto, weights=weights)
+        for blobs in net.params.values():
+            for b in blobs:
+                b.data[...] *= (1 + noise * rng.standard_normal(b.data.shape)).astype(np.float32)
+        net.blobs[input_name].data[...] = images
+        net.forward()
+        outs.append({o: np.array(net.blobs[o].data, np.float64) for o in net.outputs})
+    return max(float(np.max(np.abs(outs[1][o] - outs[0][o])) / max(float(np.max(np.abs(outs[0][o]))), 1e-12))
+               for o in outs[0])
+
+
+def _check_report(workdir: Path, photos: str, name: str, res, out: Path) -> None:
+    rep = res.report
+    affine = [l.name for l in rep.layers]
+    assert all(np.isfinite(l.rate_after) for l in rep.layers), name
+    assert np.isfinite(rep.flatness_after)
+    weights = netio.read_caffemodel(out)
+    prepared = magic.prepare_net(netio.read_net(netio.parse_net_text(BY_NAME[name].text)), BY_NAME[name].input_shape)
+    want = {lp.name for lp in prepared.net_param.layer if lp.type in layout.AFFINE_TYPES}
+    assert want <= set(weights) and set(affine) == want
+    for layer in weights.values():
+        for b in layer.blobs:
+            assert np.all(np.isfinite(b)), name
+    if not rep.function_preserved and not rep.inexact_layers:
+        floor = _rounding_sensitivity(workdir, photos, name, out)
+        assert rep.output_deviation <= max(1e-4, 10 * floor), (
+            f"{name}: stage 3 moved the outputs by {rep.output_deviation:.3g}; float32 rounding of the "
+            f"weights moves them by {floor:.3g}")
+    scalable = [n for n in affine if n not in rep.pinned_layers]
+    if len(scalable) >= 2:
+        bound = FLATNESS * _sibling_spread(name, rep)
+        if rep.flatness_after > bound:
+            raise FlatnessError(f"{name}: flatness {rep.flatness_after:.3f} > {bound:.3f} after {rep.iterations} "
+                                f"rounds (rounds {[round(f, 3) for f in rep.flatness_rounds]})")
+
+
+@pytest.mark.parametrize("name", INIT_CASES)
+def test_numpy_engine_initializes(workdir, photos, name):
+    res, out = _init(workdir, photos, name, "numpy")
+    _check_report(workdir, photos, name, res, out)
+
+
+@pytest.mark.pycaffe
+@pytest.mark.parametrize("name", INIT_CASES)
+def test_caffe_engine_initializes(caffe, workdir, photos, name):
+    missing = _missing_in_caffe(caffe, name)
+    if missing:
+        pytest.skip(f"pycaffe has no {missing}")
+    res, out = _init(workdir, photos, name, "caffe")
+    _check_report(workdir, photos, name, res, out)
+
+
+def _prepared(workdir: Path, photos: str, name: str, batch: int = 2, seed: int = 3):
+    """The prepared net's text with a ``batch``-image input, and ``batch`` real images for it
+    (those the initialization's batch holds, with ``seed`` 0)."""
+    net = BY_NAME[name]
+    path = _prototxt(workdir, name)
+    spec = SampleSpec(data=photos, images=IMAGES, input_shape=net.input_shape)
+    prepared = magic.prepare_net(netio.read_net(str(path)), net.input_shape)
+    prepared.net_param.layer[0].input_param.shape[0].dim[0] = batch
+    images = load_images(str(path), spec, seed, prepared, lambda msg: None).data[:batch]
+    return netio.net_to_text(prepared.net_param), prepared.input_name, images
+
+
+@pytest.mark.pycaffe
+@pytest.mark.parametrize("name", CASES)
+def test_numpy_matches_pycaffe_on_initialized_net(caffe, workdir, photos, tmp_path, name):
+    missing = _missing_in_caffe(caffe, name)
+    if missing:
+        pytest.skip(f"pycaffe has no {missing}")
+    _, out = _init(workdir, photos, name, "numpy")
+    text, input_name, images = _prepared(workdir, photos, name)
+    types = {lp.type for lp in netio.read_net(netio.parse_net_text(text)).layer}
+    # brocolli's Upsample has no backward (its bottom diff stays zero): compare forward there
+    check_against_caffe(tmp_path, text, {input_name: images}, weights=out, rtol_fwd=1e-4, rtol_grad=1e-3,
+                        backward="Upsample" not in types)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_numpy_matches_opencv_forward(workdir, photos, tmp_path, name):
+    net = BY_NAME[name]
+    if not net.cv2:
+        pytest.skip(net.cv2_why)
+    cv2 = require_cv2()
+    from caffe_utils.engine.numpy_net import Net
+    _, out = _init(workdir, photos, name, "numpy")
+    text, input_name, images = _prepared(workdir, photos, name)
+    proto = tmp_path / "prepared.prototxt"
+    proto.write_text(text)
+    ours = Net(proto, weights=out)
+    ours.blobs[input_name].data[...] = images
+    ours.forward()
+    # cv2 names outputs by layer: the last layer writing each output blob
+    producer = {}
+    for lp in netio.read_net(str(proto)).layer:
+        for t in lp.top:
+            producer[t] = lp.name
+    cv_net = cv2.dnn.readNetFromCaffe(str(proto), str(out))
+    cv_net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    cv_net.enableFusion(False)
+    cv_net.setInput(images)
+    got = cv_net.forward([producer[o] for o in ours.outputs])
+    for o, g in zip(ours.outputs, got):
+        want = ours.blobs[o].data
+        g = np.asarray(g).reshape(want.shape)
+        err = float(np.max(np.abs(g - want)))
+        assert err <= 1e-4 * max(float(np.max(np.abs(want))), 1e-12), \
+            f"{name}: output {o} differs from cv2.dnn by {err:.3g}"
