@@ -19,7 +19,7 @@ from caffe_utils.layers.detection import prior_aspect_ratios
 from caffe_utils.schema import schemas
 from tests import gradcheck
 from tests.gradcheck import check_gradients
-from tests.test_forks import _cv2
+from reference import require_cv2
 from tests.oracles import (naive_conv, naive_interp, naive_normalize, naive_prior_box, naive_roi_pool,
                            naive_roi_pool_backward, naive_shuffle_channel, naive_upsample)
 from tests.reference import check_against_caffe
@@ -67,7 +67,7 @@ def backward_adds(text: str, arrays, check_bottom=(0,)) -> None:
 
 def against_cv2(tmp_path, text: str, out: str, inputs, params=None, rtol: float = 1e-4) -> None:
     """Our numpy engine and cv2.dnn give the same ``out`` for ``inputs`` (and ``params``)."""
-    cv2 = _cv2()
+    cv2 = require_cv2()
     from caffe_utils.engine import open_net
     proto = tmp_path / "net.prototxt"
     proto.write_text(text)
