@@ -76,3 +76,17 @@ def test_pycaffe_engine_guards_a_backward_caffe_lacks(caffe, tmp_path):
         open_net(str(p), engine="caffe")
     msg = str(err.value)
     assert "'det' (DetectionOutput)" in msg and "\n" not in msg
+
+
+def test_pycaffe_probe_accepts_a_net_that_needs_its_batch(caffe, tmp_path):
+    """A Reshape to fixed dims fails on one image but not at the batch the net is built for: the
+    probe tries the net as built before calling it broken."""
+    from caffe_utils.engine import open_net
+    p = tmp_path / "fixed.prototxt"
+    p.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }\n'
+                 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                 'convolution_param { num_output: 2 kernel_size: 3 } }\n'
+                 'layer { name: "r" type: "Reshape" bottom: "c" top: "r" reshape_param { shape { dim: 4 dim: 72 } } }\n'
+                 'layer { name: "fc" type: "InnerProduct" bottom: "r" top: "fc" inner_product_param { num_output: 3 } }\n')
+    net = open_net(str(p), engine="caffe")
+    assert net.blobs["r"].data.shape == (4, 72)

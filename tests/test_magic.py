@@ -307,3 +307,17 @@ def test_blobs_without_a_row_per_image_are_recomputed(tmp_path):
     t = np.concatenate(tops)
     np.testing.assert_allclose(t.mean(axis=0), 0.1, atol=1e-4)
     np.testing.assert_allclose(t.std(axis=0), 1.0, rtol=1e-4)
+
+
+def test_library_call_with_a_wrong_sample_is_one_clear_error(small):
+    from caffe_utils.errors import DataError
+    prepared = magic.prepare_net(netio.read_net(str(small)))
+    net = Net(small)
+    net.blobs["data"].reshape(8, *prepared.input_shape)
+    net.reshape()
+    good = _sample(small, 4)
+    for sample, opts, what in [(good[:0], magic.InitOptions(batch_size=8), "at least one image"),
+                               (good.transpose(0, 2, 3, 1), magic.InitOptions(batch_size=8), "at least one image"),
+                               (good, magic.InitOptions(batch_size=4), "not the batch size 4")]:
+        with pytest.raises(DataError, match=what):
+            magic.initialize(net, prepared, sample, opts)

@@ -75,20 +75,22 @@ def _fatal_message(log: str) -> str:
     return found
 
 
-def _exercise(caffe, prototxt: str, phase: int) -> None:
-    """Build ``prototxt`` and run it forward and backward on one image: what the initialization
-    later asks of the net (a layer without a backward, such as SSD's DetectionOutput, aborts)."""
+def _exercise(caffe, prototxt: str, phase: int, one_image: bool) -> None:
+    """Build ``prototxt`` and run it forward and backward, on one image or at the shapes it was
+    built with: what the initialization later asks of the net (a layer without a backward, such
+    as SSD's DetectionOutput, aborts)."""
     net = caffe.Net(prototxt, int(phase))
-    for name in net.inputs:
-        shape = net.blobs[name].data.shape
-        if len(shape):
-            net.blobs[name].reshape(1, *shape[1:])
-    net.reshape()
+    if one_image:
+        for name in net.inputs:
+            shape = net.blobs[name].data.shape
+            if len(shape):
+                net.blobs[name].reshape(1, *shape[1:])
+        net.reshape()
     net.forward()
     net.backward()
 
 
-def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
+def _build_in_child(caffe, prototxt: str, phase: int, one_image: bool = True) -> Optional[str]:
     """Build and exercise ``prototxt`` in a forked child (:func:`_exercise`); None if that
     worked, else what Caffe said."""
     read_fd, write_fd = os.pipe()
@@ -98,7 +100,7 @@ def _build_in_child(caffe, prototxt: str, phase: int) -> Optional[str]:
             os.close(read_fd)
             os.dup2(write_fd, 2)
             faulthandler.disable()  # an abort here is expected; no Python dump on the parent's stderr
-            _exercise(caffe, prototxt, phase)
+            _exercise(caffe, prototxt, phase, one_image)
             os._exit(0)
         except BaseException as exc:  # a Python-level failure of pycaffe
             try:
@@ -128,13 +130,13 @@ def probe_net(caffe, param, phase: int) -> None:
     :class:`PrototxtError` with Caffe's own message and the layer it failed on (found by trying
     ever shorter prefixes of the net, a binary search).
 
-    Costs one extra net construction and a one-image pass; more only for a net that fails. Where
-    fork is unavailable it does nothing.
+    Costs one extra net construction and a one-image pass; more only for a net that fails so.
+    Where fork is unavailable it does nothing.
     """
     if not hasattr(os, "fork"):
         return
 
-    def attempt(n_layers: int) -> Optional[str]:
+    def attempt(n_layers: int, one_image: bool = False) -> Optional[str]:
         sub = type(param)()
         sub.CopyFrom(param)
         del sub.layer[n_layers:]
@@ -142,10 +144,13 @@ def probe_net(caffe, param, phase: int) -> None:
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(netio.net_to_text(sub))
-            return _build_in_child(caffe, tmp, phase)
+            return _build_in_child(caffe, tmp, phase, one_image)
         finally:
             os.unlink(tmp)
 
+    # one image is cheap; a net that fails so (a Reshape to a fixed batch) is tried as built
+    if attempt(len(param.layer), one_image=True) is None:
+        return
     msg = attempt(len(param.layer))
     if msg is None:
         return

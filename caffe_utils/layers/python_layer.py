@@ -5,8 +5,8 @@ A Python layer names a module and a class (``python_param { module layer param_s
 ``setup``/``reshape``/``forward``/``backward`` use only ``caffe.Layer``'s API: ``self.param_str``,
 ``self.phase``, and blobs' ``data``, ``diff``, ``shape``, ``count``, ``num``/``channels``/
 ``height``/``width`` and ``reshape``. Real pycaffe's ``caffe.Layer`` can only be made by a Caffe
-net, so the module is loaded afresh (never put in ``sys.modules``) with ``import caffe`` answered
-by :data:`SHIM` for the time of that one import. A module that needs more of pycaffe (``caffe.io``,
+net, so the module is loaded afresh (never put in ``sys.modules``) with builtins of its own whose
+``__import__`` answers ``import caffe`` with :data:`SHIM`. A module that needs more of pycaffe (``caffe.io``,
 ``caffe.Net``, ...) or fails to import is one error line naming the module and the layer, and
 suggesting ``--engine caffe`` with the user's own Caffe build.
 
@@ -16,8 +16,8 @@ then added.
 """
 from __future__ import annotations
 
+import builtins
 import importlib.util
-import sys
 import types
 from typing import List
 
@@ -58,21 +58,24 @@ def _diff_stand_in(blob: Blob) -> Blob:
     return stand_in
 
 
+def _shim_import(name, globals=None, locals=None, fromlist=(), level=0):
+    """``__import__`` for the user's module: ``caffe`` is :data:`SHIM`, ``caffe.*`` is not there."""
+    if level == 0 and name == "caffe":
+        return SHIM
+    if level == 0 and name.startswith("caffe."):
+        raise ImportError(f"No module named '{name}' in magic-init's stand-in for pycaffe's Layer API")
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+
 def _load_module(name: str):
-    """Module ``name`` executed with ``import caffe`` answered by :data:`SHIM`."""
+    """Module ``name`` executed with its own builtins, whose ``__import__`` answers ``caffe``
+    with :data:`SHIM` (also for imports inside its methods); nothing global changes."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         raise ImportError(f"No module named '{name}'")
     module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("caffe")
-    sys.modules["caffe"] = SHIM
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del sys.modules["caffe"]
-        else:
-            sys.modules["caffe"] = saved
+    module.__dict__["__builtins__"] = dict(builtins.__dict__, __import__=_shim_import)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import numpy as np
 
-from caffe_utils.errors import PrototxtError
+from caffe_utils.errors import DataError, PrototxtError
 from caffe_utils.layout import AFFINE_TYPES
 from caffe_utils.magic.options import INIT_TYPES, InitOptions
 from caffe_utils.magic.prepare import PreparedNet
@@ -67,6 +67,7 @@ class SampleBatches:
         """For every batch, leave the net's blobs as after layers 0..``upto`` and yield how many
         of its rows are real images. The blobs layers after ``upto`` read become the new
         checkpoint when they fit (see :meth:`checkpointed`)."""
+        self._fresh = None
         buf = self._start(upto + 1)
         for b in range(self.count):
             self._run(b, upto)
@@ -107,6 +108,18 @@ class SampleBatches:
                 for n in names}
 
 
+def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: int) -> None:
+    """The sample must be images of the net's input size, and the net's input ``batch_size`` deep."""
+    want = tuple(prepared.input_shape)
+    if sample.ndim != 4 or sample.shape[0] < 1 or tuple(sample.shape[1:]) != want:
+        raise DataError(f"the sample has shape {tuple(sample.shape)}; the initialization needs at least one "
+                        f"image of shape {want} (N, C, H, W)")
+    have = net.blobs[prepared.input_name].data.shape[0]
+    if have != batch_size:
+        raise DataError(f"the net's input '{prepared.input_name}' holds {have} images, not the batch size "
+                        f"{batch_size}; build the net with the options' batch size")
+
+
 @dataclass
 class InitContext:
     """The state the stages share, in place of long argument lists."""
@@ -127,6 +140,7 @@ class InitContext:
         """Check the options against the net and set up the report and the batches."""
         if opts.init not in INIT_TYPES:
             raise PrototxtError(f"unknown init type '{opts.init}'; choose one of {', '.join(INIT_TYPES)}")
+        _check_sample(net, prepared, sample, opts.batch_size)
         lps = list(net.net_param.layer)
         unknown = sorted(set(opts.reinit) - {lp.name for lp in lps})
         if unknown:
