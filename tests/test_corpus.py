@@ -27,6 +27,10 @@ from reference import check_against_caffe, require_cv2
 FLATNESS = 1.5
 #: full steps (damping 1) so that 5 rounds reach the flatness on every net the plan can flatten
 IMAGES, BATCH, ITERATIONS, DAMPING = 8, 4, 5, 1.0
+#: with two LRNs (inexact, their degree re-measured each round) full steps oscillate on GoogLeNet
+#: between ~1.3 and ~2.4 on 8 images, depending on the BLAS kernels: it takes 16 images and the
+#: default damping and rounds
+SETTINGS_FOR = {"googlenet": (0.5, 10, 16, 8)}
 #: the corpus cases over a few seconds each on 2 cores
 SLOW = {"mobilenet_v2", "densenet121", "resnet50", "ssd_vgg", "googlenet", "fcn16s"}
 #: nets whose flatness stage 3 does not reach, and why (the library's limits, see the report)
@@ -35,8 +39,6 @@ FLATNESS_XFAIL = {
                "SSD's 8 loc/conf heads on 4 sources end spread by ~1e7 (worse than before the rounds)",
     "fcn16s": "the Eltwise SUM of upscore2 and the cropped score_pool4 ties their scales; the rounds "
               "stall with score_pool4 ~1000x faster than upscore2",
-    "googlenet": "with two LRNs (inexact, degree re-measured each round) full steps oscillate: ~1.8 after "
-                 "5 rounds, 1.1 after 6+",
 }
 
 
@@ -96,11 +98,12 @@ def _init(workdir: Path, photos: str, name: str, engine: str):
     key = (name, engine)
     if key not in _RESULTS:
         net = BY_NAME[name]
+        damping, iterations, images, batch = SETTINGS_FOR.get(name, (DAMPING, ITERATIONS, IMAGES, BATCH))
         out = workdir / f"{name}.{engine}.caffemodel"
         res = run(RunConfig(prototxt=str(_prototxt(workdir, name)), output=str(out),
-                            sample=SampleSpec(data=photos, images=IMAGES, input_shape=net.input_shape),
-                            options=magic.InitOptions(init="kmeans", batch_size=BATCH, iterations=ITERATIONS,
-                                                      damping=DAMPING),
+                            sample=SampleSpec(data=photos, images=images, input_shape=net.input_shape),
+                            options=magic.InitOptions(init="kmeans", batch_size=batch, iterations=iterations,
+                                                      damping=damping),
                             engine=engine))
         _RESULTS[key] = (res, out)
     return _RESULTS[key]
@@ -206,9 +209,12 @@ def test_numpy_matches_pycaffe_on_initialized_net(caffe, workdir, photos, tmp_pa
     _, out = _init(workdir, photos, name, "numpy")
     text, input_name, images = _prepared(workdir, photos, name)
     types = {lp.type for lp in netio.read_net(netio.parse_net_text(text)).layer}
-    # brocolli's Upsample has no backward (its bottom diff stays zero): compare forward there
+    # brocolli's Upsample has no backward (its bottom diff stays zero): compare forward there.
+    # Layer by layer: on a deep net with real images one ReLU or pooling kink that float rounding
+    # flips differently in the two engines carries into every layer below it (seen on
+    # nin_cifar_v1 with OpenBLAS's Haswell kernels)
     check_against_caffe(tmp_path, text, {input_name: images}, weights=out, rtol_fwd=1e-4, rtol_grad=1e-3,
-                        backward="Upsample" not in types)
+                        backward="Upsample" not in types, layerwise=True)
 
 
 @pytest.mark.parametrize("name", CASES)

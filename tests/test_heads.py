@@ -67,13 +67,15 @@ def test_ssd_style_net_initializes_on_both_engines(request, tmp_path, photos, en
 
 def test_pycaffe_engine_guards_a_backward_caffe_lacks(caffe, tmp_path):
     """Built whole (heads not dropped), the net's DetectionOutput has no backward in Caffe: the
-    engine's forked probe finds that Caffe would abort and names the layer instead."""
+    engine refuses the backward pass, naming the layer, where Caffe would abort."""
     from caffe_utils.engine import open_net
     from caffe_utils.errors import MagicInitError
     p = tmp_path / "ssd.prototxt"
     p.write_text(SSD)
+    net = open_net(str(p), engine="caffe")
+    net.forward()
     with pytest.raises(MagicInitError) as err:
-        open_net(str(p), engine="caffe")
+        net.backward()
     msg = str(err.value)
     assert "'det' (DetectionOutput)" in msg and "\n" not in msg
 

@@ -81,7 +81,8 @@ def test_permute_moving_the_batch_axis_pins(tmp_path):
 
 def test_initialization_treats_depthwise_names_as_convolution(tmp_path, photos):
     """The depthwise types are affine: stage 1 fills them from data as it does a grouped Convolution."""
-    from caffe_utils.pipeline import RunConfig, run
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.pipeline import RunConfig, SampleSpec, run
     p = tmp_path / "dw.prototxt"
     p.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 24 dim: 24 } } }\n'
                  'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 stride: 2 } }\n'
@@ -89,7 +90,7 @@ def test_initialization_treats_depthwise_names_as_convolution(tmp_path, photos):
                  'layer { name: "dw" type: "DepthwiseConvolution" bottom: "c1" top: "dw" convolution_param { num_output: 8 group: 8 kernel_size: 3 } }\n'
                  'layer { name: "cdw" type: "ConvolutionDepthwise" bottom: "dw" top: "cdw" convolution_param { num_output: 8 kernel_size: 3 } }\n'
                  'layer { name: "fc" type: "InnerProduct" bottom: "cdw" top: "fc" inner_product_param { num_output: 3 } }\n')
-    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), data=photos, images=8, batch_size=4,
-                        init="kmeans", iterations=2, engine="numpy"))
+    res = run(RunConfig(prototxt=str(p), output=str(tmp_path / "o.caffemodel"), sample=SampleSpec(data=photos, images=8),
+                        options=InitOptions(init="kmeans", batch_size=4, iterations=2), engine="numpy"))
     inits = {l.name: l.init for l in res.report.layers}
     assert inits["dw"] == inits["cdw"] == "kmeans"

@@ -75,10 +75,13 @@ def _fatal_message(log: str) -> str:
     return found
 
 
+#: layer types whose backward Caffe does not implement: it aborts the process (glog FATAL)
+NO_BACKWARD = {"DetectionOutput", "DetectionEvaluate", "Threshold", "ArgMax"}
+
+
 def _exercise(caffe, prototxt: str, phase: int, one_image: bool) -> None:
-    """Build ``prototxt`` and run it forward and backward, on one image or at the shapes it was
-    built with: what the initialization later asks of the net (a layer without a backward, such
-    as SSD's DetectionOutput, aborts)."""
+    """Build ``prototxt`` and run it forward, on one image or at the shapes it was built with
+    (a reshape Caffe cannot do aborts there)."""
     net = caffe.Net(prototxt, int(phase))
     if one_image:
         for name in net.inputs:
@@ -87,7 +90,6 @@ def _exercise(caffe, prototxt: str, phase: int, one_image: bool) -> None:
                 net.blobs[name].reshape(1, *shape[1:])
         net.reshape()
     net.forward()
-    net.backward()
 
 
 def _build_in_child(caffe, prototxt: str, phase: int, one_image: bool = True) -> Optional[str]:
@@ -124,9 +126,9 @@ def _build_in_child(caffe, prototxt: str, phase: int, one_image: bool = True) ->
 
 
 def probe_net(caffe, param, phase: int) -> None:
-    """Build the NetParameter ``param`` and run it forward and backward on one image in a forked
-    child first: Caffe aborts the whole process (glog FATAL) on a missing bottom, impossible
-    shapes, a layer without a backward and other net errors. A failure becomes a
+    """Build the NetParameter ``param`` and run it forward on one image in a forked child first:
+    Caffe aborts the whole process (glog FATAL) on a missing bottom, impossible shapes and other
+    net errors. (A backward Caffe lacks is refused by :meth:`CaffeNet.backward`.) A failure becomes a
     :class:`PrototxtError` with Caffe's own message and the layer it failed on (found by trying
     ever shorter prefixes of the net, a binary search).
 
@@ -298,6 +300,16 @@ class CaffeNet:
         return self._net.forward(start=start, end=end, **kwargs)
 
     def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
+        """pycaffe's backward, refused (an :class:`EngineError` naming the layer) where it would
+        reach a layer whose backward Caffe lacks: Caffe would abort the process."""
+        names = list(self._net._layer_names)
+        first = names.index(start) if start else len(names) - 1
+        last = names.index(end) if end else 0
+        for i in range(last, first + 1):
+            layer = self._net.layers[i]
+            if layer.type in NO_BACKWARD:
+                raise EngineError(f"layer '{names[i]}' ({layer.type}) has no backward in Caffe, which would abort; "
+                                  "remove it from the net (or end the net before it) or use --engine numpy")
         return self._net.backward(start=start, end=end, **kwargs)
 
     def set_data(self, name: str, data: np.ndarray) -> None:
