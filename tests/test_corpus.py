@@ -213,8 +213,9 @@ def test_numpy_matches_pycaffe_on_initialized_net(caffe, workdir, photos, tmp_pa
     # Layer by layer: on a deep net with real images one ReLU or pooling kink that float rounding
     # flips differently in the two engines carries into every layer below it (seen on
     # nin_cifar_v1 with OpenBLAS's Haswell kernels)
+    backward = "Upsample" not in types
     check_against_caffe(tmp_path, text, {input_name: images}, weights=out, rtol_fwd=1e-4, rtol_grad=1e-3,
-                        backward="Upsample" not in types, layerwise=True)
+                        backward=backward, layerwise=backward)
 
 
 @pytest.mark.parametrize("name", CASES)
