@@ -416,3 +416,9 @@ def test_backward_adds_into_diffs(text, shapes, phase):
         # BatchNorm writes no parameter diffs
         want = np.full(b.shape, 0.5, F) if layer.type == "BatchNorm" and b in layer.blobs else d + 0.5
         np.testing.assert_allclose(b.diff, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_on_a_scalar_is_an_error_naming_the_layer():
+    """Found by the prototxt fuzzer: a BatchNorm fed a loss's scalar top was an IndexError."""
+    with pytest.raises(LayerSetupError, match="scalar"):
+        make_layer('name: "bn" type: "BatchNorm"', [np.zeros((), np.float32)])

@@ -94,6 +94,8 @@ class BatchNorm(Layer):
         self.use_global_stats = bool(p.use_global_stats) if p.HasField("use_global_stats") \
             else self.phase == 1  # TEST
         shape = bottom[0].shape
+        if not shape:
+            raise self.error("its bottom is a scalar; BatchNorm needs a blob with a batch axis (N, C, ...)")
         self.channels = 1 if len(shape) == 1 else shape[1]
         self.eps = _F(p.eps)
         c = self.channels
@@ -107,6 +109,8 @@ class BatchNorm(Layer):
 
     def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
         shape = bottom[0].shape
+        if not shape:
+            raise self.error("its bottom is a scalar; BatchNorm needs a blob with a batch axis (N, C, ...)")
         c = 1 if len(shape) == 1 else shape[1]
         if c != self.channels:
             raise self.error(f"bottom has {c} channels, the layer was set up for {self.channels}")
