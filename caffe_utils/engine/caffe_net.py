@@ -89,6 +89,10 @@ def _exercise(caffe, prototxt: str, phase: int, one_image: bool) -> None:
             if len(shape):
                 net.blobs[name].reshape(1, *shape[1:])
         net.reshape()
+    counts = [b.count for b in net.blobs.values()] + [p.count for ps in net.params.values() for p in ps]
+    limit = physical_memory()
+    if limit and 8 * sum(counts) > limit:
+        return  # Caffe would allocate until killed: the parent refuses the net with its sizes (_check_memory)
     net.forward()
 
 
