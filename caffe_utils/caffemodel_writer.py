@@ -54,9 +54,9 @@ def write_caffemodel(path: PathLike, net, params: Mapping[str, Sequence[np.ndarr
         raise OutputError(f"output '{dest}' is a directory; give a file name such as {dest}/init.caffemodel")
     if not parent.is_dir():
         raise OutputError(f"output directory '{parent}' does not exist; create it or choose another -o path")
-    _check(net, params, blob_dtype)
+    _check(net, params, blob_dtype)  # before a temporary file is made
     with atomic_file(dest, "wb", fix="free space or choose a writable -o path") as fh:
-        write_caffemodel_to(fh, net, params, blob_dtype)
+        _write(fh, net, params, blob_dtype)
 
 
 def _check(net, params: Mapping[str, Sequence[np.ndarray]], blob_dtype: str) -> None:
@@ -81,6 +81,10 @@ def write_caffemodel_to(fh: BinaryIO, net, params: Mapping[str, Sequence[np.ndar
     Caffe, and values beyond float16's range are an :class:`OutputError`.
     """
     _check(net, params, blob_dtype)
+    _write(fh, net, params, blob_dtype)
+
+
+def _write(fh: BinaryIO, net, params: Mapping[str, Sequence[np.ndarray]], blob_dtype: str) -> None:
     if net.name:
         name = net.name.encode("utf-8")
         fh.write(wire.len_prefix(1, len(name)) + name)
