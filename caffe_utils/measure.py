@@ -21,7 +21,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,8 +83,8 @@ def param_diffs_only(net) -> Iterator[None]:
         net.input_diffs = saved
 
 
-def channel_stats(top: np.ndarray, valid: int):
-    """Per-channel sum, sum of squares and count over the first ``valid`` items of ``top``."""
+def channel_stats(top: np.ndarray, valid: Optional[int]):
+    """Per-channel sum, sum of squares and count over the first ``valid`` items of ``top`` (all for None)."""
     x = np.asarray(top[:valid], np.float64)
     if x.ndim == 2:
         return x.sum(0), (x * x).sum(0), x.shape[0]
@@ -114,7 +114,7 @@ class _Sums:
         self.acts = {lp.name: [None, None, 0] for lp in lps}
         self.counted = 0
 
-    def add_activations(self, lp, top: np.ndarray, valid: int) -> None:
+    def add_activations(self, lp, top: np.ndarray, valid: Optional[int]) -> None:
         s, q, c = channel_stats(top, valid)
         a = self.acts[lp.name]
         a[0] = s if a[0] is None else a[0] + s
@@ -134,11 +134,25 @@ class _Sums:
         rate = change_rate(self.grad2[lp.name] * bs / self.counted, w2)
         cols = self.col2[lp.name]
         cv = float(cols.std() / cols.mean()) if cols is not None and cols.mean() > 0 else float("nan")
+        act_mean, act_std, channel_std_cv = self.activations(lp)
+        return LayerStats(rate=rate, column_cv=cv, act_mean=act_mean, act_std=act_std, channel_std_cv=channel_std_cv)
+
+    def activations(self, lp) -> Tuple[float, float, float]:
+        """The output's mean, mean channel std and the channels' std CV."""
         s, q, c = self.acts[lp.name]
         mean = s / c
         std = np.sqrt(np.maximum(q / c - mean * mean, 0))
-        return LayerStats(rate=rate, column_cv=cv, act_mean=float(mean.mean()), act_std=float(std.mean()),
-                          channel_std_cv=float(std.std() / std.mean()) if std.mean() > 0 else float("nan"))
+        return (float(mean.mean()), float(std.mean()),
+                float(std.std() / std.mean()) if std.mean() > 0 else float("nan"))
+
+
+def activation_stats(net, lps) -> Dict[str, Tuple[float, float, float]]:
+    """Per layer of ``lps``: its output's mean, mean channel std and the channels' std CV on the
+    net's current input batch, read right after the layer runs (before an in-place
+    nonlinearity overwrites it); one forward pass in all."""
+    sums = _Sums(lps)
+    _forward_reading(net, lps, sums, None)
+    return {lp.name: sums.activations(lp) for lp in lps}
 
 
 def _padded_batch(images: np.ndarray, start: int, bs: int) -> np.ndarray:
@@ -150,7 +164,7 @@ def _padded_batch(images: np.ndarray, start: int, bs: int) -> np.ndarray:
     return batch
 
 
-def _forward_reading(net, lps, sums: _Sums, valid: int) -> None:
+def _forward_reading(net, lps, sums: _Sums, valid: Optional[int]) -> None:
     """A forward pass that reads every layer of ``lps``'s output right after the layer runs."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}

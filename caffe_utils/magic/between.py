@@ -214,24 +214,10 @@ def _energies(net, plan: ScalePlan, lps) -> Energies:
 
 
 def _activation_stats(ctx: InitContext, affine_lps) -> None:
-    """Every affine layer's output statistics on the batch, read right after the layer runs
-    (before an in-place nonlinearity overwrites it); one forward pass in all."""
-    net = ctx.net
-    names = net.layer_names
-    start = 1
-    for lp in affine_lps:
-        idx = ctx.index(lp)
-        net.forward(start=names[start], end=names[idx])
-        start = idx + 1
-        top = net.blobs[lp.top[0]].data
-        a, q, c = measure.channel_stats(top, top.shape[0])
-        mean = a / c
-        std = np.sqrt(np.maximum(q / c - mean * mean, 0))
-        rep = ctx.layers[lp.name]
-        rep.act_mean, rep.act_std = float(mean.mean()), float(std.mean())
-        rep.channel_std_cv = float(std.std() / std.mean()) if std.mean() > 0 else float("nan")
-    if start < len(names):
-        net.forward(start=names[start])
+    """Every affine layer's output statistics on the batch (:func:`measure.activation_stats`)."""
+    for name, (mean, std, cv) in measure.activation_stats(ctx.net, affine_lps).items():
+        rep = ctx.layers[name]
+        rep.act_mean, rep.act_std, rep.channel_std_cv = mean, std, cv
 
 
 def _output_deviation(net, before: Mapping[str, np.ndarray]) -> float:
