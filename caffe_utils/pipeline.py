@@ -268,7 +268,7 @@ def _prepare(net_param, spec: SampleSpec, prototxt: str) -> magic.PreparedNet:
     """:func:`magic.prepare_net`, with the input size from ``--input-shape`` or, for an LMDB
     sample, its first Datum, when the net's data layer does not tell it."""
     shape = spec.input_shape
-    if shape is None:
+    if shape is None and magic.prepare.needs_image_shape(net_param):
         source = spec.data or next((lp.data_param.source for lp in net_param.layer if lp.type == "Data"), None)
         if source:
             path = Path(source)

@@ -52,6 +52,13 @@ def _fix_shape(lp) -> Optional[Tuple[int, ...]]:
     return None
 
 
+def needs_image_shape(net_param) -> bool:
+    """Whether :func:`prepare_net` needs ``image_shape``: the net's first data layer does not
+    tell its image size."""
+    first = next((lp for lp in net_param.layer if lp.type in DATA_LAYERS), None)
+    return first is not None and _fix_shape(first) is None
+
+
 def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -> PreparedNet:
     """The net the initialization runs: data layers become one Input, loss/softmax sinks and
     heads go.
