@@ -58,10 +58,11 @@ class _Progress:
 @click.option("--no-between", is_flag=True, help="Skip the between-layer scale adjustment.")
 @click.option("--beta", default=InitOptions.beta, show_default=True, type=float, help="Mean of every output channel.")
 @click.option("--iterations", default=InitOptions.iterations, show_default=True, type=int, callback=non_negative,
-              help="Between-layer iterations (stops early when every rate is within 1%).")
+              help="Between-layer rounds: solves of the rate model, each corrected by one measured pass when "
+                   "the net has LRN/Sigmoid/TanH-like layers (stops early when every rate is within 1%).")
 @click.option("--damping", default=InitOptions.damping, show_default=True, type=float, callback=damping_range,
-              help="Between-layer damping alpha: each round moves every layer's log change rate this "
-                   "fraction of the way to the common target (1 = one full step).")
+              help="Fraction of each round's solved rescaling (in log scale) that is applied "
+                   "(1 = all of it).")
 @click.option("--zero-classifier", is_flag=True, help="Set the last affine layer to zero (paper 4.5).")
 @click.option("--reinit", multiple=True, metavar="LAYER", help="Re-initialize this layer even if it has weights.")
 @click.option("--reinit-all", is_flag=True, help="Re-initialize every layer.")

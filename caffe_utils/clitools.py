@@ -47,8 +47,8 @@ def seed_range(ctx, param, value):
 
 
 def damping_range(ctx, param, value):
-    if not 0 < value < 1:
-        raise click.BadParameter(f"must be between 0 and 1 (exclusive), got {value}")
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"must be in (0, 1] (a fraction of the solved rescaling), got {value}")
     return value
 
 

@@ -21,7 +21,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def activation_stats(net, lps) -> Dict[str, Tuple[float, float, float]]:
     return {lp.name: sums.activations(lp) for lp in lps}
 
 
-def _padded_batch(images: np.ndarray, start: int, bs: int) -> np.ndarray:
+def padded_batch(images: np.ndarray, start: int, bs: int) -> np.ndarray:
     """Images ``start..start+bs``; a short last batch is filled up by repeating images."""
     batch = images[start:start + bs]
     valid, n = batch.shape[0], int(images.shape[0])
@@ -190,24 +190,40 @@ def measure(net, input_name: str, images: np.ndarray, seed: int = 0,
     """
     lps = [lp for lp in affine_layers(net) if layers is None or lp.name in layers]
     bs = int(net.blobs[input_name].data.shape[0])
+    sums = _Sums(lps)
+    for valid in gradient_batches(net, input_name, images, seed,
+                                  forward=lambda valid: _forward_reading(net, lps, sums, valid)):
+        sums.add_gradients(net, valid)
+    return OrderedDict((lp.name, sums.stats(net, lp, bs)) for lp in lps)
+
+
+def gradient_batches(net, input_name: str, images: np.ndarray, seed: int,
+                     forward: Optional[Callable[[int], None]] = None) -> Iterator[int]:
+    """Run ``images`` through ``net`` in batches of its input batch size, each forward (by
+    ``forward(valid)`` when given) and backward under a fresh random Gaussian top gradient drawn
+    from ``seed``; yields after each backward the number of real images in the batch (a short
+    last batch is filled up with repeated images whose top gradient is zero). Parameter diffs
+    only; the same ``seed`` and images give the same gradients."""
+    bs = int(net.blobs[input_name].data.shape[0])
     n = int(images.shape[0])
     if n == 0:
-        raise ValueError("measure() needs at least one image")
+        raise ValueError("measuring change rates needs at least one image")
     rng = np.random.RandomState(seed)
-    sums = _Sums(lps)
     with param_diffs_only(net):
         for start in range(0, n, bs):
             valid = min(bs, n - start)
-            net.set_data(input_name, _padded_batch(images, start, bs))
-            _forward_reading(net, lps, sums, valid)
+            net.set_data(input_name, padded_batch(images, start, bs))
+            if forward is None:
+                net.forward()
+            else:
+                forward(valid)
             for o in net.outputs:
                 eta = rng.standard_normal(net.blobs[o].diff.shape).astype(np.float32)
                 eta[valid:] = 0
                 net.blobs[o].diff[...] = eta
             net.clear_param_diffs()
             net.backward()
-            sums.add_gradients(net, valid)
-    return OrderedDict((lp.name, sums.stats(net, lp, bs)) for lp in lps)
+            yield valid
 
 
 def rates_of(stats: "OrderedDict[str, LayerStats]") -> Dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils.magic import between, plan as scale_plan, propagation, scale_rules
+from caffe_utils.magic import between, plan as scale_plan, scale_rules, solve
 from caffe_utils.engine.numpy_net import Net
 
 DAG = """
@@ -160,7 +160,59 @@ def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
     assert devs[1] < devs[0] / 5
 
 
-def _chain_plan(tmp_path):
+def _energies(net, plan, seed=3):
+    """Energies on the net's 2-image input, averaged over two top gradients (fixed by ``seed``)."""
+    from caffe_utils import layout, measure
+    lps = [lp for lp in net.net_param.layer if lp.type in layout.AFFINE_TYPES]
+    images = np.concatenate([net.blobs["data"].data.copy()] * 2)
+    grad = {}
+    for _ in measure.gradient_batches(net, "data", images, seed):
+        for lp in lps:
+            e = layout.input_energies(lp, net.params[lp.name][0].diff)
+            grad[lp.name] = grad.get(lp.name, 0) + e
+    weight = {lp.name: layout.input_energies(lp, net.params[lp.name][0].data) for lp in lps}
+    deg = between.forward_estimating_degrees(net, plan.degree_layers) if plan.degree_layers else {}
+    return solve.Energies(grad, weight, deg)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rate_model_predicts_a_rescaled_homogeneous_net(tmp_path, seed):
+    """PReLU, Concat, BatchNorm, Scale, Eltwise, pooling, transposed IP: every input channel's
+    gradient and weight energy after a rescaling is what the model says (without the Softmax,
+    which these random weights saturate)."""
+    net = _net(tmp_path, DAG.replace('layer { name: "prob" type: "Softmax" bottom: "fc2" top: "prob" }\n', ""))
+    plan = scale_plan.build_plan(net)
+    model = solve.RateModel(plan, _energies(net, plan))
+    rng = np.random.RandomState(seed)
+    rho = np.zeros(len(plan.affine) + 1)
+    for g in plan.groups:
+        if g not in plan.pinned:
+            rho[g] = rng.uniform(-1.5, 1.5)
+    predicted = model.predict(rho)
+    scale_plan.apply_scales(net, plan, {g: float(np.exp(rho[g])) for g in plan.groups})
+    measured = _energies(net, plan)
+    for name in plan.affine:
+        np.testing.assert_allclose(measured.grad[name], predicted.grad[name], rtol=2e-4, err_msg=name)
+        np.testing.assert_allclose(measured.weight[name], predicted.weight[name], rtol=2e-4, err_msg=name)
+    logs, _ = model.log_rates(rho)
+    np.testing.assert_allclose(np.exp(logs), [predicted.rates()[n] for n in plan.affine], rtol=1e-9)
+
+
+def test_rate_model_jacobian_matches_finite_differences(tmp_path):
+    net = _net(tmp_path, CHAIN)
+    plan = scale_plan.build_plan(net)
+    model = solve.RateModel(plan, _energies(net, plan))
+    rho = np.zeros(len(plan.affine) + 1)
+    rho[plan.group_of["c1"]] = 0.3
+    logs, jac = model.log_rates(rho)
+    for g in plan.groups:
+        h = np.zeros_like(rho)
+        h[g] = 1e-6
+        fd = (model.log_rates(rho + h)[0] - model.log_rates(rho - h)[0]) / 2e-6
+        np.testing.assert_allclose(jac[:, g], fd, rtol=1e-5, atol=1e-7)
+
+
+def _chain(tmp_path):
     text = """
 name: "c"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
@@ -169,24 +221,44 @@ layer { name: "n" type: "TanH" bottom: "a" top: "a" }
 layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 4 } }
 layer { name: "c" type: "InnerProduct" bottom: "b" top: "c" inner_product_param { num_output: 3 } }
 """
-    return scale_plan.build_plan(_net(tmp_path, text))
+    net = _net(tmp_path, text)
+    return net, scale_plan.build_plan(net)
 
 
 @pytest.mark.parametrize("d", [1.0, 0.5])
-def test_reachable_target_lets_the_pinned_layer_arrive_too(tmp_path, d):
-    plan = _chain_plan(tmp_path)
+def test_solve_brings_the_pinned_layer_to_the_common_rate(tmp_path, d):
+    """c is the output layer (pinned): it moves only through b's scale, and the solve finds the
+    one rate all three reach (by hand: log C_c + (log C_b - t) + d (log C_a - t) = t)."""
+    net, plan = _chain(tmp_path)
     ga, gb, gc = (plan.group_of[n] for n in "abc")
     assert plan.pinned == {gc}
-    c = {ga: 3.0, gb: -1.0, gc: 0.5}
-    t = propagation.reachable_target(plan, c, None, {"n": d})
-    # by hand: c_c moves by 2 rho_b, rho_b = own_b + d rho_a, rho_a = own_a, own = (c - t) / 2
-    assert c[gc] + (c[gb] - t) + d * (c[ga] - t) == pytest.approx(t, abs=1e-9)
-    if d == 1.0:
-        assert t == pytest.approx(np.mean(list(c.values())))
-    # and a full step of cumulative scales brings every layer to t (linear model)
-    rho = propagation.cumulative_log_scales(plan, {g: 0.5 * (c[g] - t) for g in (ga, gb)}, None, {"n": d})
-    assert c[ga] - 2 * rho[ga] == pytest.approx(t)
-    assert c[gb] - 2 * rho[gb] + 2 * d * rho[ga] == pytest.approx(t)
+    energies = _energies(net, plan)
+    energies.degrees["n"] = d
+    model = solve.RateModel(plan, energies)
+    c = dict(zip("abc", np.log([energies.rates()[n] for n in "abc"])))
+    rho = solve.solve(model)
+    logs, _ = model.log_rates(rho)
+    t = float(logs.mean())
+    assert rho[gc] == 0.0
+    assert c["c"] + (c["b"] - t) + d * (c["a"] - t) == pytest.approx(t, abs=1e-6)
+    logs, _ = model.log_rates(rho)
+    np.testing.assert_allclose(logs, t, atol=1e-6)
+
+
+def test_solve_without_pinned_groups_keeps_the_geometric_mean(tmp_path):
+    """The output BatchNorm absorbs every scale: nothing is pinned, any common rate is
+    reachable, and the solve keeps the rates' geometric mean (the overall learning speed)."""
+    text = CHAIN.replace('layer { name: "fc"', 'layer { name: "c2" type: "Convolution" bottom: "sq" top: "c2" '
+                         'convolution_param { num_output: 4 kernel_size: 3 } }\nlayer { name: "fc"').replace(
+        'bottom: "sq" top: "fc"', 'bottom: "c2" top: "fc"') + \
+        'layer { name: "bn" type: "BatchNorm" bottom: "fc" top: "bn" batch_norm_param { use_global_stats: true } }\n'
+    net = _net(tmp_path, text)
+    plan = scale_plan.build_plan(net)
+    assert not plan.pinned
+    energies = _energies(net, plan)
+    rho = solve.solve(solve.RateModel(plan, energies))
+    logs, _ = solve.RateModel(plan, energies).log_rates(rho)
+    np.testing.assert_allclose(logs, np.mean(np.log(list(energies.rates().values()))), atol=1e-6)
 
 
 def test_a_type_without_scale_rule_is_pinned_and_named(tmp_path):

@@ -11,7 +11,7 @@ module per stage of the paper:
 3. :mod:`~caffe_utils.magic.between`: the change rates of all layers are equalized under a random
    top gradient by rescaling layers and undoing the scale downstream (Algorithm 2), with the
    bookkeeping in :mod:`~caffe_utils.magic.plan`, :mod:`~caffe_utils.magic.scale_rules` (one rule
-   per layer type) and :mod:`~caffe_utils.magic.propagation`;
+   per layer type) and :mod:`~caffe_utils.magic.solve` (the rates as a function of the scales);
 4. :mod:`~caffe_utils.magic.report`: what was done, per layer.
 
 Layers that already have weights keep them unless asked to re-initialize; with nothing to

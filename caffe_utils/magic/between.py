@@ -1,49 +1,44 @@
-"""Stage 3: between-layer scale adjustment (the paper's Algorithm 2).
+"""Stage 3: between-layer scale adjustment (the paper's Algorithm 2), as a solve.
 
-With a fixed random Gaussian top gradient ``eta`` on a fixed batch, every affine layer's change
-rate C_k = sqrt(|dW_k|^2 / |W_k|^2) is measured, and the layers are rescaled (undone downstream,
-:mod:`caffe_utils.magic.plan`) until every rate is within ``tolerance`` of a common target or
-``iterations`` rounds are done. The rounds:
+With a random Gaussian top gradient ``eta``, every affine layer's change rate
+C_k = sqrt(E|dW_k|^2 / |W_k|^2) is equalized by rescaling layers and undoing the scale
+downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did. The steps:
 
-* **calibration**: the fixed batch's rates differ from the expectation over images and gradients
-  by a per-layer factor that rescaling does not change, so it is measured once over
-  ``rate_images`` images with a fresh ``eta`` per batch and applies to every round;
-* **target**: the rate that the pinned layers (the net's output layers, which cannot be
-  rescaled) reach too, the geometric mean on homogeneous chains
-  (:func:`propagation.reachable_target`);
-* **step**: each group's own correction is ``damping/2 * log(C_g / target)``; the scale it
-  inherits from the groups feeding it is added (:func:`propagation.cumulative_log_scales`), so
-  every log rate moves the fraction ``damping`` of its way. LRN, Sigmoid, TanH... pass a scale r
-  as r^d with an effective degree d measured each round (:func:`forward_estimating_degrees`);
-* **check**: the net's outputs on the batch before and after must agree (up to the layers that
+* **calibration**: one pass over up to ``rate_images`` images, with a fresh ``eta`` per batch,
+  measures every layer's gradient and weight energy per input channel
+  (:class:`~caffe_utils.magic.solve.Energies`), and the effective degrees of the inexact layers;
+* **solve**: under a rescaling those energies are closed-form functions of the scales
+  (:class:`~caffe_utils.magic.solve.RateModel`), so the scales that bring every rate to one
+  target are solved for without running the net (:func:`~caffe_utils.magic.solve.solve`);
+  ``damping`` is the fraction of the solution applied per round;
+* **correcting passes**: the model is exact on homogeneous paths, so a net without inexact
+  layers needs no more passes. Behind LRN, Sigmoid, TanH... the model takes each inexact
+  layer's degree and backward degree along the step itself (:func:`step_degrees`), but a large
+  rescaling also changes the distribution of their outputs. So each later round measures the
+  calibration's first batch again (same images and ``eta``), corrects the model's energies by
+  measured / predicted per input channel, and learns what the model got wrong as a linear
+  correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
+  until every rate is within ``tolerance`` of a common one;
+* **check**: the net's outputs on one batch before and after must agree (up to the layers that
   cannot undo a scale exactly): the report's output deviation.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from caffe_utils import layout, measure
-from caffe_utils.magic import propagation
 from caffe_utils.magic.context import InitContext
 from caffe_utils.magic.plan import ScalePlan, apply_scales, build_plan
+from caffe_utils.magic.report import RoundReport
+from caffe_utils.magic.solve import Energies, RateModel, solve
 
-Energies = Dict[str, Tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass
-class Rates:
-    """One measurement on the fixed batch: change rates, their column CVs and the effective
-    degrees of the plan's inexact layers."""
-    rates: Dict[str, float]
-    cvs: Dict[str, float]
-    degrees: Dict[str, float]
-
-    def calibrated(self, factors: Mapping[str, float]) -> "Rates":
-        return Rates({n: r * factors[n] for n, r in self.rates.items()}, self.cvs, self.degrees)
+#: per round, no group's log scale moves further than this behind inexact layers (a factor of
+#: 1000): a safeguard for degrees measured far from where a step lands
+INEXACT_MAX_STEP = math.log(1000.0)
 
 
 def equalize(ctx: InitContext) -> None:
@@ -53,46 +48,100 @@ def equalize(ctx: InitContext) -> None:
     report.inexact_layers = list(plan.inexact)
     report.pinned_layers = plan.pinned_layers
     report.unknown_scale_layers = list(plan.unknown)
-    affine_lps = [lp for lp in net.net_param.layer if lp.type in layout.AFFINE_TYPES]
+    report.frozen_layers = list(plan.frozen)
+    passes = _Passes(ctx, plan)
     with measure.param_diffs_only(net):
-        batch = _fixed_batch(ctx)
-        averaged = _averaged_rates(ctx, affine_lps)
-        net.set_data(ctx.prepared.input_name, batch)
-        out_rng = np.random.RandomState(opts.seed + 1)
-        eta = {o: out_rng.standard_normal(net.blobs[o].data.shape).astype(np.float32) for o in net.outputs}
-        first = measure_rates(net, affine_lps, eta, plan.degree_layers, with_cv=True)
-        # measure_rates' forward pass left the outputs as the unscaled net computes them
-        before = {o: np.array(net.blobs[o].data, np.float64) for o in net.outputs}
-        kappa = _calibration_factors(first.rates, averaged)
-        now = first.calibrated(kappa)
-        for n, r in now.rates.items():
-            ctx.layers[n].rate_before, ctx.layers[n].cv_before = r, now.cvs[n]
-        report.flatness_before = measure.flatness(now.rates)
+        before = passes.outputs()
+        now, first = passes.calibrate()
+        _record(ctx, now, "before")
+        report.flatness_before = measure.flatness(_trained(plan, now.rates()))
         if opts.between:
-            now = _rounds(ctx, plan, affine_lps, eta, kappa, now)
-        cvs = _column_cvs(net, affine_lps)
-        for n, r in now.rates.items():
-            ctx.layers[n].rate_after, ctx.layers[n].cv_after = r, cvs[n]
-        report.flatness_after = measure.flatness(now.rates)
-        _activation_stats(ctx, affine_lps)
+            now = _rounds(ctx, plan, passes, now, first)
+        _record(ctx, now, "after")
+        report.flatness_after = measure.flatness(_trained(plan, now.rates()))
+        net.set_data(passes.input_name, passes.check_batch)
+        _activation_stats(ctx, passes.lps)
         if opts.between:
             report.output_deviation = _output_deviation(net, before)
             report.function_preserved = report.output_deviation <= 1e-4
 
 
-def _fixed_batch(ctx: InitContext) -> np.ndarray:
-    """The images of the rounds: --batch-size of them, or fewer when the blobs' data and diffs
-    would not fit in --mem-limit (the calibration keeps the rates' estimate from depending on
-    it); the net's input is reshaped to match."""
-    net, opts, name = ctx.net, ctx.opts, ctx.prepared.input_name
-    size = between_batch(net, opts.batch_size, opts.mem_limit)
-    if size < net.blobs[name].data.shape[0]:
-        net.blobs[name].reshape(size, *net.blobs[name].data.shape[1:])
-        net.reshape()
-    batch = ctx.sample[:size]
-    if batch.shape[0] < size:
-        batch = np.concatenate([batch] * int(math.ceil(size / batch.shape[0])))[:size]
-    return batch
+class _Passes:
+    """Stage 3's measurements on the calibration images (see the module docstring); the net's
+    input is reshaped to a batch whose data and diffs fit in ``mem_limit``."""
+
+    def __init__(self, ctx: InitContext, plan: ScalePlan) -> None:
+        net, opts, sample = ctx.net, ctx.opts, ctx.sample
+        self.net, self.plan, self.input_name = net, plan, ctx.prepared.input_name
+        self.lps = [lp for lp in net.net_param.layer if lp.type in layout.AFFINE_TYPES]
+        size = between_batch(net, opts.batch_size, opts.mem_limit)
+        if size < net.blobs[self.input_name].data.shape[0]:
+            net.blobs[self.input_name].reshape(size, *net.blobs[self.input_name].data.shape[1:])
+            net.reshape()
+        self.batch = size
+        self.images = sample[:min(int(sample.shape[0]), max(opts.rate_images, size))]
+        self.check_batch = measure.padded_batch(self.images, 0, size)
+        self.seed = opts.seed + 2
+        self.measured = 0
+
+    def outputs(self) -> Dict[str, np.ndarray]:
+        """The net's outputs on the check batch (the calibration's first batch)."""
+        self.net.set_data(self.input_name, self.check_batch)
+        self.net.forward()
+        return {o: np.array(self.net.blobs[o].data, np.float64) for o in self.net.outputs}
+
+    def calibrate(self) -> Tuple[Energies, Energies]:
+        """The energies over all calibration images, and over their first batch alone."""
+        degrees, back = self._degrees()
+        full, first = self._gradients(self.images)
+        weight = self.weights()
+        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
+
+    def correct(self, predicted: Energies, predicted_first: Energies) -> Tuple[Energies, Energies]:
+        """Measure the first batch again and scale the predicted energies by measured /
+        predicted, per input channel (where the prediction is zero, the measurement stands)."""
+        self.measured += 1
+        degrees, back = self._degrees()
+        _, first = self._gradients(self.check_batch)
+        full = {}
+        for name, g in predicted.grad.items():
+            pf = predicted_first.grad[name]
+            ratio = np.divide(first[name], pf, out=np.ones_like(pf), where=pf > 0)
+            full[name] = g * ratio
+        weight = self.weights()
+        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
+
+    def weights(self) -> Dict[str, np.ndarray]:
+        """Every affine layer's weight energy per input channel/column, read from the net."""
+        return {lp.name: layout.input_energies(lp, self.net.params[lp.name][0].data) for lp in self.lps}
+
+    def step_degrees(self, rho: np.ndarray, degrees: Mapping[str, float]) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """The degree layers' degrees and backward degrees along the rescaling ``rho``, on the
+        check batch."""
+        self.net.set_data(self.input_name, self.check_batch)
+        return step_degrees(self.net, self.plan, rho, degrees)
+
+    def _degrees(self) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """The local degrees and backward degrees, on the check batch (a forward pass)."""
+        if not self.plan.degree_layers:
+            return {}, {}
+        self.net.set_data(self.input_name, self.check_batch)
+        return step_degrees(self.net, self.plan, np.zeros(0), {}, local=True)
+
+    def _gradients(self, images: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
+        over their first batch alone (the same top gradients either way)."""
+        sums: Dict[str, np.ndarray] = {}
+        first: Dict[str, np.ndarray] = {}
+        counted = 0
+        for valid in measure.gradient_batches(self.net, self.input_name, images, self.seed):
+            counted += valid
+            for lp in self.lps:
+                e = layout.input_energies(lp, self.net.params[lp.name][0].diff)
+                sums[lp.name] = e if lp.name not in sums else sums[lp.name] + e
+            if not first:
+                first = {n: e * (self.batch / valid) for n, e in sums.items()}
+        return {n: e * (self.batch / counted) for n, e in sums.items()}, first
 
 
 def between_batch(net, batch_size: int, mem_limit: int) -> int:
@@ -102,115 +151,87 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
     return int(max(1, min(batch_size, mem_limit // max(per_image, 1))))
 
 
-def _averaged_rates(ctx: InitContext, affine_lps) -> Optional[Dict[str, float]]:
-    """The change rates over up to ``rate_images`` images with a fresh top gradient per batch
-    (None when the sample is no larger than one batch).
-
-    The rounds re-measure on one batch under one fixed gradient (cheap and deterministic),
-    whose rates differ from this expectation by a per-layer factor (conv1's rate depends much
-    on the images) that rescaling does not change. Measured before the fixed batch, so that
-    the diffs the first round reads (the columns' gradient energies) are the fixed batch's."""
-    opts, sample = ctx.opts, ctx.sample
-    n_cal = min(int(sample.shape[0]), max(opts.rate_images, opts.batch_size))
-    if n_cal <= opts.batch_size:
-        return None
-    return measure.rates_of(measure.measure(ctx.net, ctx.prepared.input_name, sample[:n_cal], seed=opts.seed + 2,
-                                            layers=[lp.name for lp in affine_lps]))
-
-
-def _calibration_factors(rates: Mapping[str, float], averaged: Optional[Mapping[str, float]]) -> Dict[str, float]:
-    """Per layer, averaged rate / fixed-batch rate (1 where either is unusable)."""
-    if averaged is None:
-        return {n: 1.0 for n in rates}
-    return {n: (averaged[n] / r if r > 0 and math.isfinite(r) and averaged[n] > 0 else 1.0)
-            for n, r in rates.items()}
-
-
-def measure_rates(net, affine_lps, eta: Mapping[str, np.ndarray], degree_layers: Sequence[str],
-                  with_cv: bool = False) -> Rates:
-    """Change rates under the fixed top gradient ``eta`` (and the columns' rate variation with
-    ``with_cv``), and the effective degrees of ``degree_layers``."""
-    degrees = forward_estimating_degrees(net, degree_layers)
-    for name, e in eta.items():
-        net.blobs[name].diff[...] = e
-    net.clear_param_diffs()
-    net.backward()
-    rates = {}
-    for lp in affine_lps:
-        w = net.params[lp.name][0]
-        rates[lp.name] = measure.change_rate(measure.sq(w.diff), measure.sq(w.data))
-    return Rates(rates, _column_cvs(net, affine_lps) if with_cv else {}, degrees)
-
-
-def _column_cvs(net, affine_lps) -> Dict[str, float]:
-    """Coefficient of variation of the change rate across each layer's input columns, from
-    the parameter diffs of the last measurement."""
-    cvs = {}
-    for lp in affine_lps:
-        col = layout.column_energies(layout.input_columns(lp, net.params[lp.name][0].diff))
-        cvs[lp.name] = float(col.std() / col.mean()) if col.mean() > 0 else float("nan")
-    return cvs
-
-
-def _rounds(ctx: InitContext, plan: ScalePlan, affine_lps, eta: Mapping[str, np.ndarray],
-            kappa: Mapping[str, float], now: Rates) -> Rates:
-    """Rescale until every rate is within ``tolerance`` of the target, at most ``iterations``
-    times; the last measurement."""
+def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, first: Energies) -> Energies:
+    """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
+    is within ``tolerance`` of a common one, at most ``iterations`` rounds; the last energies."""
     net, opts, report = ctx.net, ctx.opts, ctx.report
-    lps = {lp.name: lp for lp in net.net_param.layer}
-    it = 0
+    exact = not plan.degree_layers
+    correction = None
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
-        energies = _energies(net, plan, lps)
-        target = _target(plan, now.rates, now.degrees, energies)
-        if _within(now.rates, target, opts.tolerance):
+        rates = _trained(plan, now.rates())
+        if _flat(rates, opts.tolerance):
             report.converged = True
-            it -= 1
             break
-        own = {}
-        for g, members in plan.groups.items():
-            cg = _geomean([now.rates[m] for m in members])
-            if g not in plan.pinned and math.isfinite(cg) and cg > 0:
-                own[g] = (opts.damping / 2.0) * math.log(cg / target)
-        rho = propagation.cumulative_log_scales(plan, own, energies, now.degrees)
-        apply_scales(net, plan, {g: math.exp(r) for g, r in rho.items()}, now.degrees)
-        now = measure_rates(net, affine_lps, eta, plan.degree_layers).calibrated(kappa)
-        report.flatness_rounds.append(measure.flatness(now.rates))
+        rho, model = _step(plan, passes, now, opts.damping, correction)
+        predicted = model.predict(rho)
+        predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
+                                                  back_degrees=model.energies.back_degrees)).predict(rho)
+        if not measure.flatness(_trained(plan, predicted.rates())) < measure.flatness(rates) * (1 - 1e-6):
+            break  # the model's optimum: no rescaling flattens the rates further
+        apply_scales(net, plan, {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0},
+                     model.energies.degrees)
+        report.iterations = it
+        if exact:
+            now, first = predicted, predicted_first
+            report.rounds.append(RoundReport(_trained(plan, predicted.rates())))
+        else:
+            now, first = passes.correct(predicted, predicted_first)
+            correction = _broyden(model, rho, predicted, now)
+            report.rounds.append(RoundReport(_trained(plan, predicted.rates()), _trained(plan, now.rates())))
+        report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
     else:
-        target = _target(plan, now.rates, now.degrees, _energies(net, plan, lps))
-        report.converged = _within(now.rates, target, opts.tolerance)
+        report.converged = _flat(_trained(plan, now.rates()), opts.tolerance)
     ctx.tick("between-layer", opts.iterations, opts.iterations)
-    report.iterations = it
+    report.passes = passes.measured
     return now
 
 
-def _within(rates: Mapping[str, float], target: float, tolerance: float) -> bool:
-    return all(abs(r / target - 1) <= tolerance for r in rates.values() if math.isfinite(r) and r > 0)
+def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: Energies) -> np.ndarray:
+    """The model's linear correction after a measured round (Broyden's update): whatever the
+    model got wrong about the step ``rho`` is taken as linear in the step."""
+    order = [name for name, *_ in model.layers]
+    pred, meas = predicted.rates(), measured.rates()
+    err = np.array([math.log(meas[n] / pred[n]) if meas[n] > 0 and pred[n] > 0 else 0.0 for n in order])
+    err = np.where(np.isfinite(err), err, 0.0)
+    base = np.zeros((len(order), rho.size)) if model.correction is None else model.correction
+    norm = float(rho @ rho)
+    return base + np.outer(err, rho) / norm if norm > 0 else base
 
 
-def _geomean(values: Sequence[float]) -> float:
-    v = [x for x in values if x > 0 and math.isfinite(x)]
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+def _step(plan: ScalePlan, passes: _Passes, now: Energies, damping: float,
+          correction: Optional[np.ndarray] = None) -> Tuple[np.ndarray, RateModel]:
+    """A round's log scales (the fraction ``damping`` of the solve's) and the model they were
+    solved on. Behind inexact layers the model takes their degrees along the step itself
+    (:func:`step_degrees`), re-solved until those settle (at most 3 times), and no group's log
+    scale moves further than ``INEXACT_MAX_STEP``."""
+    exact = not plan.degree_layers
+    model = RateModel(plan, now, correction)
+    rho = solve(model, max_step=None if exact else INEXACT_MAX_STEP) * damping
+    for _ in range(0 if exact else 3):
+        deg, back = passes.step_degrees(rho, model.energies.degrees)
+        if all(abs(d - model.energies.degrees.get(n, 1.0)) < 1e-3 for n, d in deg.items()):
+            break
+        model = RateModel(plan, replace(now, degrees=deg, back_degrees=back), correction)
+        rho = solve(model, max_step=INEXACT_MAX_STEP) * damping
+    return rho, model
 
 
-def _target(plan: ScalePlan, rates: Mapping[str, float], degrees: Mapping[str, float], energies: Energies) -> float:
-    """The common change rate to aim for: the one that the pinned layers (whose output is the
-    net's output) reach too (see :func:`propagation.reachable_target`); without pinned layers
-    the geometric mean of all rates, which keeps the overall learning speed."""
-    log_rates = {}
-    for g, members in plan.groups.items():
-        cg = _geomean([rates[m] for m in members])
-        if math.isfinite(cg) and cg > 0:
-            log_rates[g] = math.log(cg)
-    t = propagation.reachable_target(plan, log_rates, energies, degrees) if log_rates else None
-    return math.exp(t) if t is not None else _geomean(rates.values())
+def _trained(plan: ScalePlan, rates: Mapping[str, float]) -> Dict[str, float]:
+    """The rates of the layers that learn (frozen ones, lr_mult 0, never change)."""
+    return {n: r for n, r in rates.items() if n not in plan.frozen}
 
 
-def _energies(net, plan: ScalePlan, lps) -> Energies:
-    """Per consumer: the gradient and weight energy of each input column (last backward pass)."""
-    return {c.layer: (layout.input_energies(lps[c.layer], net.params[c.layer][0].diff),
-                      layout.input_energies(lps[c.layer], net.params[c.layer][0].data))
-            for c in plan.consumers}
+def _flat(rates: Mapping[str, float], tolerance: float) -> bool:
+    """Every finite rate is within ``tolerance`` of one common rate."""
+    return measure.flatness(rates) <= (1 + tolerance) / (1 - tolerance)
+
+
+def _record(ctx: InitContext, energies: Energies, when: str) -> None:
+    cvs = energies.column_cvs()
+    for name, r in energies.rates().items():
+        setattr(ctx.layers[name], f"rate_{when}", r)
+        setattr(ctx.layers[name], f"cv_{when}", cvs[name])
 
 
 def _activation_stats(ctx: InitContext, affine_lps) -> None:
@@ -241,30 +262,80 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
     Each listed layer runs twice more, on its scaled and then its real input, which works for
     in-place layers too; the blobs end as after a plain forward pass. Works on both engines.
     """
+    return _secant_degrees(net, layers, lambda name, x: (np.float32(factor), factor))[0]
+
+
+def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float],
+                 local: bool = False) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """The effective degree of each of the plan's degree layers along the rescaling ``rho``
+    (log scales over group ids): the secant slope from the current input x to the input
+    ``R x`` the rescaling gives it (``R`` from :meth:`ScalePlan.input_factors`, through the
+    upstream inexact layers at ``degrees``), ``log(|f(R x)|_c / |f(x)|_c) / log(|R x|_c /
+    |x|_c)``. An LRN that a large step pushes from its linear regime into its saturating one
+    passes that step with a degree far from its local one. A step too small to measure gets
+    the local degree (factor 1.25), and so does every layer with ``local``. With the degrees,
+    the backward degrees (see :func:`_secant_degrees`); the blobs end as after a plain
+    forward pass."""
+    def step(name: str, x: np.ndarray):
+        f = None if local else plan.input_factors(name, rho, degrees)
+        if f is not None and f.size == int(np.prod(x.shape[1:])):
+            f = f.reshape(x.shape[1:]).astype(np.float32)
+            base = _centred_norm(x)
+            gain = _centred_norm(x * f) / base if base > 0 else 1.0
+            if gain > 0 and abs(math.log(gain)) >= 1e-3:
+                return f, gain
+        return np.float32(1.25), 1.25
+
+    return _secant_degrees(net, plan.degree_layers, step)
+
+
+def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
+    ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
+    ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J and a fixed
+    random direction u (forward differences): how a gradient through it scales (``e = d``
+    for a homogeneous f). Both clipped to [-3, 3]."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}
     lps = {lp.name: lp for lp in net.net_param.layer}
-    todo = sorted((index[n] for n in layers if n in index))
     pos = 1 if net.net_param.layer[0].type == "Input" else 0
     degrees: Dict[str, float] = {}
-    for i in todo:
+    back: Dict[str, float] = {}
+    for i in sorted(index[n] for n in layers if n in index):
         if i > pos:
             net.forward(start=names[pos], end=names[i - 1])
         lp = lps[names[i]]
-        bottom, top = net.blobs[lp.bottom[0]], net.blobs[lp.top[0]]
-        x = np.array(bottom.data)
-        net.set_data(lp.bottom[0], x * np.float32(factor))
-        net.forward(start=names[i], end=names[i])
-        y2 = _centred_norm(top.data)
-        net.set_data(lp.bottom[0], x)
-        net.forward(start=names[i], end=names[i])
-        y1 = _centred_norm(top.data)
-        d = math.log(y2 / y1) / math.log(factor) if y1 > 0 and y2 > 0 else 1.0
-        degrees[names[i]] = float(min(max(d, -3.0), 3.0)) if math.isfinite(d) else 1.0
+        x = np.array(net.blobs[lp.bottom[0]].data)
+        f, gain = step(names[i], x)
+        y2, j2 = _response(net, lp, names[i], x * f)
+        y1, j1 = _response(net, lp, names[i], x)  # last: the blobs hold the real output
+        degrees[names[i]] = _clip_degree(math.log(y2 / y1) / math.log(gain) if y1 > 0 and y2 > 0 else 1.0)
+        e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
+        back[names[i]] = _clip_degree(e)
         pos = i + 1
     if pos < len(names):
         net.forward(start=names[pos])
-    return degrees
+    return degrees, back
+
+
+def _response(net, lp, name: str, x: np.ndarray, u_seed: int = 0) -> Tuple[float, float]:
+    """Layer ``lp``'s output's centred norm at input ``x``, and the norm of its derivative
+    along a fixed random direction (a forward difference of relative size 1e-3); the layer's
+    top holds ``f(x)`` afterwards."""
+    u = np.random.RandomState(u_seed).standard_normal(x.shape).astype(np.float32)
+    h = np.float32(1e-3 * math.sqrt(float(np.mean(np.square(x, dtype=np.float64)))) or 1e-3)
+    top = net.blobs[lp.top[0]]
+    net.set_data(lp.bottom[0], x + h * u)
+    net.forward(start=name, end=name)
+    shifted = np.array(top.data, np.float64)
+    net.set_data(lp.bottom[0], x)
+    net.forward(start=name, end=name)
+    out = np.asarray(top.data, np.float64)
+    return _centred_norm(out), float(np.sqrt(np.sum(np.square(shifted - out)))) / float(h)
+
+
+def _clip_degree(d: float) -> float:
+    return float(min(max(d, -3.0), 3.0)) if math.isfinite(d) else 1.0
 
 
 def _centred_norm(a: np.ndarray) -> float:

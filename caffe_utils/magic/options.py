@@ -14,15 +14,16 @@ class InitOptions:
 
     ``init`` picks stage 1's weights; ``within``/``between`` switch stages 2 and 3; ``beta`` is
     every output channel's mean after stage 2; ``iterations``, ``damping`` and ``tolerance``
-    bound stage 3's rounds, the fraction of the way each round moves and its stop; the change
-    rates are calibrated over ``rate_images`` images. ``mem_limit`` bytes bound the cached
+    bound stage 3's rounds (each one a solve, corrected by a measured pass behind inexact
+    layers), the fraction of the solved rescaling each round applies and its stop; the change
+    rates are measured over ``rate_images`` images. ``mem_limit`` bytes bound the cached
     activations and patches."""
     init: str = "kmeans"
     within: bool = True
     between: bool = True
     beta: float = 0.1
     iterations: int = 10
-    damping: float = 0.5
+    damping: float = 1.0
     tolerance: float = 0.01
     rate_images: int = 64
     zero_classifier: bool = False

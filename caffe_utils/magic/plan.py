@@ -14,6 +14,9 @@ cannot undo it exactly: they are listed in ``ScalePlan.inexact``, and the plan r
 them each undone channel passed (``via``), so that with their effective degrees ``d``
 (``f(r x) ~ r^d f(x)``) a scale ``r`` is undone as ``r^(d1 d2 ...)``.
 
+Frozen layers (weights with ``lr_mult: 0``) are rescaled like any other, but their change rates
+do not count: training never changes them.
+
 Works on any engine net (numpy or pycaffe): it reads ``net_param``, blob shapes and params.
 """
 from __future__ import annotations
@@ -50,6 +53,9 @@ class ScalePlan:
     inexact: List[str] = field(default_factory=list)
     paths: List[Tuple[str, ...]] = field(default_factory=lambda: [()])  # inexact layers passed, per via index
     unknown: List[str] = field(default_factory=list)  # layers reached by a scale whose type has no rule
+    frozen: List[str] = field(default_factory=list)  # affine layers whose weights do not learn (lr_mult 0)
+    #: per inexact elementwise layer: the group and the via of each element of its input
+    inexact_inputs: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def degree_layers(self) -> List[str]:
@@ -63,6 +69,16 @@ class ScalePlan:
             return None
         per_path = np.array([float(np.prod([degrees.get(n, 1.0) for n in path])) for path in self.paths])
         return per_path[via]
+
+    def input_factors(self, layer: str, rho: np.ndarray, degrees: Mapping[str, float]) -> Optional[np.ndarray]:
+        """Per element of inexact layer ``layer``'s input (one image): the factor its scale
+        arrives with when the groups are scaled by ``exp(rho)`` (rho over group ids, its last
+        slot 0 for the unscaled); None when the plan does not know the layer's input."""
+        if layer not in self.inexact_inputs:
+            return None
+        groups, via = self.inexact_inputs[layer]
+        g = np.where(groups == UNSCALED, len(rho) - 1, groups)
+        return np.exp(rho[g] * self.powers(via, degrees)) if degrees else np.exp(rho[g])
 
     @property
     def groups(self) -> "OrderedDict[int, List[str]]":
@@ -96,7 +112,15 @@ def build_plan(net) -> ScalePlan:
         consumers=[Consumer(n, t, root(g), v) for n, t, g, v in trace.consumers],
         batchnorms=[(n, root(g), v) for n, g, v in trace.batchnorms],
         biases=[(n, j, root(g), v) for n, j, g, v in trace.biases],
-        pinned=pinned, inexact=trace.inexact, paths=trace.paths, unknown=trace.unknown)
+        pinned=pinned, inexact=trace.inexact, paths=trace.paths, unknown=trace.unknown,
+        inexact_inputs={n: (root(g), v) for n, (g, v) in trace.inexact_inputs.items()},
+        frozen=[lp.name for lp in net.net_param.layer if lp.name in trace.ids and _frozen(lp)])
+
+
+def _frozen(lp) -> bool:
+    """The layer's weights do not learn (``param { lr_mult: 0 }``, e.g. FCN's bilinear
+    upsampling): their change rate is zero in training, whatever stage 3 measures."""
+    return bool(lp.param) and lp.param[0].lr_mult == 0
 
 
 def _factors(groups: np.ndarray, scale: Mapping[int, float], powers: Optional[np.ndarray] = None) -> np.ndarray:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from caffe_utils.measure import flatness
 
 
 class Fallback(str, Enum):
@@ -54,23 +56,47 @@ class LayerReport:
 
 
 @dataclass
+class RoundReport:
+    """One round of stage 3: the change rates its solve predicted and, behind inexact layers,
+    the ones its correcting pass measured (None where the model is exact and nothing was
+    measured)."""
+    predicted: Dict[str, float]
+    measured: Optional[Dict[str, float]] = None
+
+    @property
+    def flatness_predicted(self) -> float:
+        return flatness(self.predicted)
+
+    @property
+    def flatness_measured(self) -> Optional[float]:
+        return None if self.measured is None else flatness(self.measured)
+
+
+@dataclass
 class InitReport:
-    """The whole run: per-layer reports, stage 3's rounds and flatness (max/min change rate)
-    before and after, the layers stage 3 could not rescale exactly (``inexact_layers``), could
+    """The whole run: per-layer reports, stage 3's rounds (``iterations`` solves applied,
+    ``passes`` of them corrected by a measured pass, ``rounds`` their predicted and measured
+    rates) and flatness (max/min change rate) before and after, the layers stage 3 could not rescale exactly (``inexact_layers``), could
     not rescale at all (``pinned_layers``: their output is the net's), or passed no scale
-    through because no scale rule knows their type (``unknown_scale_layers``), the heads the
+    through because no scale rule knows their type (``unknown_scale_layers``), the layers
+    whose rates the flatness leaves out because they do not learn (``frozen_layers``,
+    ``lr_mult: 0``), the heads the
     method ended at (``heads``: see :func:`caffe_utils.magic.prepare.prepare_net`), and how much
     the net's outputs moved under stage 3."""
     layers: List[LayerReport] = field(default_factory=list)
     iterations: int = 0
+    passes: int = 0
+    rounds: List[RoundReport] = field(default_factory=list)
     converged: bool = False
     flatness_before: float = float("nan")
     flatness_after: float = float("nan")
-    #: the fixed batch's flatness after each between-layer round (the last one is flatness_after)
+    #: the flatness after each between-layer round, measured where a pass measured it (the last
+    #: one is flatness_after)
     flatness_rounds: List[float] = field(default_factory=list)
     inexact_layers: List[str] = field(default_factory=list)
     pinned_layers: List[str] = field(default_factory=list)
     unknown_scale_layers: List[str] = field(default_factory=list)
+    frozen_layers: List[str] = field(default_factory=list)
     heads: List[str] = field(default_factory=list)
     output_deviation: Optional[float] = None
     function_preserved: Optional[bool] = None
@@ -81,6 +107,9 @@ class InitReport:
         out = _clean(asdict(self))
         for layer, rep in zip(out["layers"], self.layers):
             layer["initialized"] = rep.initialized
+        for entry, rnd in zip(out["rounds"], self.rounds):
+            entry["flatness_predicted"] = _clean(rnd.flatness_predicted)
+            entry["flatness_measured"] = _clean(rnd.flatness_measured)
         return out
 
 

@@ -107,6 +107,7 @@ class Trace:
         self.biases: List[Tuple[str, int, np.ndarray, np.ndarray]] = []
         self.pinned_raw: List[np.ndarray] = []
         self.inexact: List[str] = []
+        self.inexact_inputs: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # per element: groups, via
         self.unknown: List[str] = []
         # the layer being visited: its bottoms' maps, vias and shapes, and its tops' shapes
         self.bottoms: List[np.ndarray] = []
@@ -196,6 +197,7 @@ def affine(tr: Trace, lp) -> None:
 def _elementwise(tr: Trace, lp, inexact: bool) -> None:
     if inexact:
         tr.inexact.append(lp.name)
+        tr.inexact_inputs[lp.name] = (tr.bottoms[0].copy(), tr.bvias[0].copy())
     for x, s in zip(lp.top, tr.tshapes):
         fm, via = tr.bottoms[0], tr.bvias[0]
         if fm.size != _size(s):
