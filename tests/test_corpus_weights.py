@@ -280,6 +280,22 @@ def test_numpy_engine_matches_pycaffe_on_real_weights(caffe, tmp_path, photos, c
     assert nets["layerwise"]
 
 
+def test_unreachable_registry_skips_locally_and_fails_in_ci(monkeypatch):
+    from conftest import fetched
+    from scripts.support.datasets import RegistryUnreachable
+
+    def offline():
+        raise RegistryUnreachable("cannot reach PyPI for x==1: no network")
+    for var in ("CI", "MAGIC_INIT_REQUIRE_CAFFE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no network"):
+        fetched(offline)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must be fetched here"):
+        fetched(offline)
+    assert fetched(lambda: 3) == 3
+
+
 def test_deviations_were_measured():
     """Prints the measured deviations (run with -s); fails only if no rescale ran before it."""
     if not DEVIATIONS:
