@@ -229,16 +229,16 @@ def test_numpy_matches_pycaffe_on_initialized_net(caffe, workdir, photos, tmp_pa
                         backward=backward, layerwise=backward)
 
 
-#: corpus nets with a layer type that brocolli's pycaffe lacks
-PARTLY_IN_CAFFE = ["mobilenet_v1_dwconv", "mobilenet_v1_convdw", "shufflenet_v1", "pspnet"]
+#: corpus nets with a layer type that brocolli's pycaffe lacks, or whose backward it leaves empty
+PARTLY_IN_CAFFE = ["mobilenet_v1_dwconv", "mobilenet_v1_convdw", "shufflenet_v1", "pspnet", *NO_GRADIENT_IN_CAFFE]
 
 
 @pytest.mark.pycaffe
 @pytest.mark.parametrize("name", [c for c in CASES if c.id in PARTLY_IN_CAFFE])
 def test_numpy_matches_pycaffe_where_pycaffe_has_the_layers(caffe, workdir, photos, tmp_path, name):
-    """The layers pycaffe has, forward and backward, in a net with some that it lacks (those
-    are stood in for by inputs fed with the numpy engine's values)."""
-    missing = _missing_in_caffe(caffe, name)
+    """The layers pycaffe has, forward and backward, in a net with some that it lacks or cannot
+    backpropagate through (those are stood in for by inputs fed with the numpy engine's values)."""
+    missing = _missing_in_caffe(caffe, name) + [t for n, t in NO_GRADIENT_IN_CAFFE.items() if n == name]
     if not missing:
         pytest.skip("pycaffe has every layer: test_numpy_matches_pycaffe_on_initialized_net compares it")
     _, out = _init(workdir, photos, name, "numpy")
