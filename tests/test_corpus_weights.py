@@ -71,7 +71,7 @@ MODELS = [
 BY_NAME = {m.name: m for m in MODELS}
 NAMES = [m.name for m in MODELS]
 #: measured deviations, for the record (pytest -s prints them at the end of the module)
-DEVIATIONS: Dict[Tuple[str, str], Tuple[float, float]] = {}
+DEVIATIONS: Dict[Tuple[str, str], Tuple[float, float, float, float]] = {}
 
 
 def _files(request, model: RealModel) -> Dict[str, Path]:
@@ -223,7 +223,7 @@ def test_rescaling_real_weights_preserves_the_function(request, workdir, tmp_pat
     before, after = (_opencv_outputs(cv2, files["net"], w, x) for w in (files["caffemodel"], out))
     det = [n for n in before if types.get(n) == "DetectionOutput"]
     held = max([held] + [_relative(after[n], before[n]) for n in before if n not in det])
-    DEVIATIONS[(model.name, engine)] = (rep.output_deviation, held)
+    DEVIATIONS[(model.name, engine)] = (rep.output_deviation, held, rep.flatness_before, rep.flatness_after)
     if rep.inexact_layers:  # not homogeneous: the report must say whether it held
         assert rep.function_preserved == (rep.output_deviation <= TOL)
         return
@@ -307,5 +307,6 @@ def test_deviations_were_measured():
     """Prints the measured deviations (run with -s); fails only if no rescale ran before it."""
     if not DEVIATIONS:
         pytest.skip("no rescale test ran in this session")
-    for (name, engine), (batch, held) in sorted(DEVIATIONS.items()):
-        print(f"{name:18s} {engine:6s} batch {batch:.2e} held-out {held:.2e}")
+    for (name, engine), (batch, held, before, after) in sorted(DEVIATIONS.items()):
+        print(f"{name:18s} {engine:6s} deviation: batch {batch:.2e} held-out {held:.2e}; "
+              f"flatness {before:.3g} -> {after:.3g}")
