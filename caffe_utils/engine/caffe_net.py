@@ -24,6 +24,7 @@ import numpy as np
 
 from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
+from caffe_utils.engine.numpy_net import _never_consumed
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 
@@ -307,7 +308,12 @@ class CaffeNet:
 
     @property
     def outputs(self) -> List[str]:
-        return list(self._net.outputs)
+        """Caffe's net outputs in the numpy engine's order, the net's (pycaffe sorts them by
+        name): the between-layer stage draws one random top gradient per output in this order,
+        so that a seed gives both engines the same."""
+        theirs = list(self._net.outputs)
+        ours = [o for o in _never_consumed(self.net_param) if o in theirs]
+        return ours + [o for o in theirs if o not in ours]
 
     @property
     def layers(self):
