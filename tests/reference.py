@@ -173,6 +173,37 @@ def check_against_caffe(tmp_path: Path, prototxt: str, inputs: Optional[Mapping[
     return {"ours": ours, "caffe": ref, "layerwise": False}
 
 
+def _feed(cnet, fed: Optional[Mapping[str, np.ndarray]]) -> None:
+    """Set the stand-in inputs of :func:`check_with_stand_ins` (again: in-place layers change them)."""
+    for blob, value in (fed or {}).items():
+        cnet.blobs[blob].data[...] = value
+
+
+def _caffe_snapshots(cnet, outputs: Sequence[str], rng: np.random.RandomState,
+                     skip_blobs: Sequence[str]) -> Dict[str, dict]:
+    """Caffe's net run forward and then backward (random diffs on ``outputs``) one layer at a
+    time: each layer's bottoms and tops before and after it, data then diffs."""
+    snaps: Dict[str, dict] = {}
+    for i, name in enumerate(cnet._layer_names):
+        bnames = list(cnet.bottom_names[name])
+        before = [np.array(cnet.blobs[b].data) for b in bnames]
+        cnet._forward(i, i)
+        snaps[name] = {"bottom": before, "top": [np.array(cnet.blobs[t].data) for t in cnet.top_names[name]]}
+    for name in outputs:
+        if name not in skip_blobs:
+            cnet.blobs[name].diff[...] = rng.standard_normal(cnet.blobs[name].data.shape)
+    for blobs in cnet.params.values():
+        for b in blobs:
+            b.diff[...] = 0
+    for i in range(len(cnet.layers) - 1, -1, -1):
+        name = cnet._layer_names[i]
+        top_diff = [np.array(cnet.blobs[t].diff) for t in cnet.top_names[name]]
+        cnet._backward(i, i)
+        snaps[name]["top_diff"] = top_diff
+        snaps[name]["bottom_diff"] = [np.array(cnet.blobs[b].diff) for b in cnet.bottom_names[name]]
+    return snaps
+
+
 def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random.RandomState,
                     skip_blobs: Sequence[str] = (), fed: Optional[Mapping[str, np.ndarray]] = None) -> None:
     """Compare a whole net layer by layer on Caffe's own intermediate values.
@@ -186,34 +217,13 @@ def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random
     """
     from caffe_utils.layers.base import Blob
     cnet = ref._net
-
-    def feed() -> None:  # stand-in inputs (see check_with_stand_ins), before in-place layers ran
-        for blob, value in (fed or {}).items():
-            cnet.blobs[blob].data[...] = value
     ours.forward()
-    feed()
+    _feed(cnet, fed)
     cnet.forward()
     for name in ours.outputs:
         assert_blob_close(name, "data (end to end)", ours.blobs[name].data, cnet.blobs[name].data, rtol_fwd)
-    feed()
-    snaps: Dict[str, dict] = {}
-    for i, name in enumerate(cnet._layer_names):
-        bnames = list(cnet.bottom_names[name])
-        before = [np.array(cnet.blobs[b].data) for b in bnames]
-        cnet._forward(i, i)
-        snaps[name] = {"bottom": before, "top": [np.array(cnet.blobs[t].data) for t in cnet.top_names[name]]}
-    for name in ours.outputs:
-        if name not in skip_blobs:
-            cnet.blobs[name].diff[...] = rng.standard_normal(cnet.blobs[name].data.shape)
-    for blobs in cnet.params.values():
-        for b in blobs:
-            b.diff[...] = 0
-    for i in range(len(cnet.layers) - 1, -1, -1):
-        name = cnet._layer_names[i]
-        top_diff = [np.array(cnet.blobs[t].diff) for t in cnet.top_names[name]]
-        cnet._backward(i, i)
-        snaps[name]["top_diff"] = top_diff
-        snaps[name]["bottom_diff"] = [np.array(cnet.blobs[b].diff) for b in cnet.bottom_names[name]]
+    _feed(cnet, fed)
+    snaps = _caffe_snapshots(cnet, ours.outputs, rng, skip_blobs)
     for li, (layer, lname) in enumerate(zip(ours.layers, ours.layer_names)):
         snap = snaps[lname]
         if not snap["bottom"]:
