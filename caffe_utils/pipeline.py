@@ -166,6 +166,8 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = _prepare(net_param, cfg.sample, cfg.prototxt)
     net = _open_prepared(prepared, engine, cfg.gpu, opts.batch_size, opts.seed)
+    if hasattr(net, "check_backward"):
+        net.check_backward()  # the rates are measured backward: refused now, not after stage 2
     loaded = load_weights(net, cfg.weights) if cfg.weights else set()
     sample = load_images(cfg.prototxt, cfg.sample, opts.seed, prepared, note, progress)
     report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)

@@ -173,8 +173,39 @@ def check_against_caffe(tmp_path: Path, prototxt: str, inputs: Optional[Mapping[
     return {"ours": ours, "caffe": ref, "layerwise": False}
 
 
+def _feed(cnet, fed: Optional[Mapping[str, np.ndarray]]) -> None:
+    """Set the stand-in inputs of :func:`check_with_stand_ins` (again: in-place layers change them)."""
+    for blob, value in (fed or {}).items():
+        cnet.blobs[blob].data[...] = value
+
+
+def _caffe_snapshots(cnet, outputs: Sequence[str], rng: np.random.RandomState,
+                     skip_blobs: Sequence[str]) -> Dict[str, dict]:
+    """Caffe's net run forward and then backward (random diffs on ``outputs``) one layer at a
+    time: each layer's bottoms and tops before and after it, data then diffs."""
+    snaps: Dict[str, dict] = {}
+    for i, name in enumerate(cnet._layer_names):
+        bnames = list(cnet.bottom_names[name])
+        before = [np.array(cnet.blobs[b].data) for b in bnames]
+        cnet._forward(i, i)
+        snaps[name] = {"bottom": before, "top": [np.array(cnet.blobs[t].data) for t in cnet.top_names[name]]}
+    for name in outputs:
+        if name not in skip_blobs:
+            cnet.blobs[name].diff[...] = rng.standard_normal(cnet.blobs[name].data.shape)
+    for blobs in cnet.params.values():
+        for b in blobs:
+            b.diff[...] = 0
+    for i in range(len(cnet.layers) - 1, -1, -1):
+        name = cnet._layer_names[i]
+        top_diff = [np.array(cnet.blobs[t].diff) for t in cnet.top_names[name]]
+        cnet._backward(i, i)
+        snaps[name]["top_diff"] = top_diff
+        snaps[name]["bottom_diff"] = [np.array(cnet.blobs[b].diff) for b in cnet.bottom_names[name]]
+    return snaps
+
+
 def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random.RandomState,
-                    skip_blobs: Sequence[str] = ()) -> None:
+                    skip_blobs: Sequence[str] = (), fed: Optional[Mapping[str, np.ndarray]] = None) -> None:
     """Compare a whole net layer by layer on Caffe's own intermediate values.
 
     Caffe runs forward and then backward one layer at a time; before and after each of its
@@ -187,27 +218,12 @@ def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random
     from caffe_utils.layers.base import Blob
     cnet = ref._net
     ours.forward()
+    _feed(cnet, fed)
     cnet.forward()
     for name in ours.outputs:
         assert_blob_close(name, "data (end to end)", ours.blobs[name].data, cnet.blobs[name].data, rtol_fwd)
-    snaps: Dict[str, dict] = {}
-    for i, name in enumerate(cnet._layer_names):
-        bnames = list(cnet.bottom_names[name])
-        before = [np.array(cnet.blobs[b].data) for b in bnames]
-        cnet._forward(i, i)
-        snaps[name] = {"bottom": before, "top": [np.array(cnet.blobs[t].data) for t in cnet.top_names[name]]}
-    for name in ours.outputs:
-        if name not in skip_blobs:
-            cnet.blobs[name].diff[...] = rng.standard_normal(cnet.blobs[name].data.shape)
-    for blobs in cnet.params.values():
-        for b in blobs:
-            b.diff[...] = 0
-    for i in range(len(cnet.layers) - 1, -1, -1):
-        name = cnet._layer_names[i]
-        top_diff = [np.array(cnet.blobs[t].diff) for t in cnet.top_names[name]]
-        cnet._backward(i, i)
-        snaps[name]["top_diff"] = top_diff
-        snaps[name]["bottom_diff"] = [np.array(cnet.blobs[b].diff) for b in cnet.bottom_names[name]]
+    _feed(cnet, fed)
+    snaps = _caffe_snapshots(cnet, ours.outputs, rng, skip_blobs)
     for li, (layer, lname) in enumerate(zip(ours.layers, ours.layer_names)):
         snap = snaps[lname]
         if not snap["bottom"]:
@@ -236,3 +252,41 @@ def check_layerwise(ours, ref, rtol_fwd: float, rtol_grad: float, rng: np.random
         for j, p in enumerate(layer.blobs):
             assert_blob_close(f"{lname}[{j}]", "param diff", p.diff, cnet.params[lname][j].diff, rtol_grad)
             p.diff[...] = saved[j]
+
+
+def check_with_stand_ins(tmp_path: Path, prototxt: str, inputs: Mapping[str, np.ndarray], weights: Path,
+                         missing: Sequence[str], rtol_fwd: float = 1e-4, rtol_grad: float = 1e-3) -> List[str]:
+    """Compare the numpy engine with pycaffe on every layer pycaffe has, in a net with layers
+    of the ``missing`` types (which pycaffe lacks). pycaffe gets a twin of the net where each of
+    those layers is an Input of its top's shape, fed with what the numpy engine computed there;
+    :func:`check_layerwise` then compares each other layer, forward and backward, on Caffe's
+    own values. Returns the layers stood in for."""
+    require_caffe()
+    from caffe_utils import netio
+    from caffe_utils.engine.caffe_net import CaffeNet
+    ours_path, twin_path = Path(tmp_path) / "net.prototxt", Path(tmp_path) / "twin.prototxt"
+    ours_path.write_text(prototxt)
+    ours = Net(ours_path)
+    ours.copy_from(weights)
+    for name, value in inputs.items():
+        ours.blobs[name].data[...] = value
+    twin = netio.read_net(netio.parse_net_text(prototxt))
+    fed: Dict[str, np.ndarray] = {}
+    stood_in = []
+    for lp in twin.layer:
+        if lp.type not in missing:
+            continue
+        ours.forward(end=lp.name)  # its tops before any in-place layer after it
+        fed.update({t: np.array(ours.blobs[t].data) for t in lp.top})
+        stand_in = type(lp)(name=lp.name, type="Input", top=list(lp.top))
+        for t in lp.top:
+            stand_in.input_param.shape.add().dim.extend(ours.blobs[t].data.shape)
+        lp.CopyFrom(stand_in)
+        stood_in.append(lp.name)
+    twin_path.write_text(netio.net_to_text(twin))
+    ref = CaffeNet(twin_path)
+    ref.copy_from(weights)  # the stood-in layers' weights are not in the twin: Caffe skips them
+    for name, value in inputs.items():
+        ref.blobs[name].data[...] = value
+    check_layerwise(ours, ref, rtol_fwd, rtol_grad, np.random.RandomState(0), fed=fed)
+    return stood_in

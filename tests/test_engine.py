@@ -222,3 +222,19 @@ def test_data_layer_tops_are_fed(tmp_path):
     net = Net(p, "TRAIN", input_shapes={"data": (4, 3, 9, 9), "label": (4, 7, 7)})
     assert net.blobs["conv"].data.shape == (4, 2, 7, 7)
     assert net.inputs == ["data", "label"] and net.outputs == ["loss"]
+
+
+def test_both_engines_list_the_outputs_in_the_nets_order(tmp_path, caffe):
+    """pycaffe sorts a net's outputs by name; the engines list them in the net's order, so the
+    random top gradients that a seed draws per output (stage 3) are the same on both (SSD's
+    mbox_loc and mbox_conf_flatten got each other's on pycaffe)."""
+    p = _write(tmp_path, """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "z" type: "InnerProduct" bottom: "data" top: "z" inner_product_param { num_output: 2 } }
+layer { name: "m" type: "InnerProduct" bottom: "data" top: "m" inner_product_param { num_output: 3 } }
+layer { name: "relu" type: "ReLU" bottom: "z" top: "z" }
+layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 4 } }
+""")
+    assert list(caffe.Net(str(p), caffe.TEST).outputs) == ["a", "m", "z"]
+    assert eng.open_net(str(p), engine="numpy").outputs == ["m", "z", "a"]
+    assert eng.open_net(str(p), engine="caffe").outputs == ["m", "z", "a"]

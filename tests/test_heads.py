@@ -92,3 +92,59 @@ def test_pycaffe_probe_accepts_a_net_that_needs_its_batch(caffe, tmp_path):
                  'layer { name: "fc" type: "InnerProduct" bottom: "r" top: "fc" inner_product_param { num_output: 3 } }\n')
     net = open_net(str(p), engine="caffe")
     assert net.blobs["r"].data.shape == (4, 72)
+
+
+UPSAMPLED = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "up" type: "Upsample" bottom: "conv1" top: "up" upsample_param { scale: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "up" top: "conv2" convolution_param { num_output: 2 kernel_size: 1 } }
+"""
+
+
+def test_pycaffe_engine_refuses_a_backward_that_passes_no_gradient(caffe, tmp_path):
+    """brocolli-caffe's Upsample has an empty CPU backward (``Backward_cpu(...) {}`` in its
+    upsample_layer.hpp): no abort, but conv1 would get no gradient through it. The engine finds
+    it by running that layer's backward alone at build time and refuses a backward through it;
+    the numpy engine has the gradient."""
+    from caffe_utils.engine import open_net
+    from caffe_utils.errors import EngineError
+    p = tmp_path / "up.prototxt"
+    p.write_text(UPSAMPLED)
+    net = open_net(str(p), engine="caffe")
+    assert net.no_gradient_layers == ["up"]
+    net.forward()  # forward-only use stays allowed
+    with pytest.raises(EngineError) as err:
+        net.backward()
+    msg = str(err.value)
+    assert "'up' (Upsample)" in msg and "--engine numpy" in msg and "\n" not in msg
+    net.check_backward(start="conv2", end="conv2")  # a backward that stops above it is fine
+    ours = open_net(str(p), engine="numpy")
+    rng = np.random.RandomState(0)
+    for blobs in ours.params.values():
+        for b in blobs:
+            b.data[...] = rng.standard_normal(b.data.shape)
+    ours.blobs["data"].data[...] = rng.standard_normal(ours.blobs["data"].shape)
+    ours.forward()
+    ours.blobs["conv2"].diff[...] = 1
+    ours.backward()
+    assert np.any(ours.params["conv1"][0].diff)
+
+
+def test_cli_refuses_an_upsample_net_on_pycaffe_in_one_line(caffe, tmp_path, photos):
+    from click.testing import CliRunner
+    from magic_init import cli
+    p = tmp_path / "up.prototxt"
+    p.write_text(UPSAMPLED)
+    out = tmp_path / "up.caffemodel"
+    base = [str(p), "-o", str(out), "-d", photos, "-n", "4", "--batch-size", "4", "--engine", "caffe"]
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "'up' (Upsample)" in lines[0] and "--engine numpy" in lines[0], res.output
+    assert not out.exists()
+    # the numpy engine initializes it
+    res = CliRunner().invoke(cli, base[:-1] + ["numpy", "-q"])
+    assert res.exit_code == 0, res.output
+    assert out.exists()

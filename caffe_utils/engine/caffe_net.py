@@ -24,6 +24,7 @@ import numpy as np
 
 from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
+from caffe_utils.engine.numpy_net import _never_consumed
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 
@@ -77,6 +78,9 @@ def _fatal_message(log: str) -> str:
 
 #: layer types whose backward Caffe does not implement: it aborts the process (glog FATAL)
 NO_BACKWARD = {"DetectionOutput", "DetectionEvaluate", "Threshold", "ArgMax"}
+#: layer types that some Caffe builds register with an empty CPU backward, which passes no
+#: gradient and raises nothing (brocolli-caffe's Upsample, a deploy-only port): probed per net
+MAYBE_NO_GRADIENT = {"Upsample"}
 
 
 def _exercise(caffe, prototxt: str, phase: int, one_image: bool) -> None:
@@ -252,8 +256,29 @@ class CaffeNet:
         #: adapter builds with ``force_backward: true``, so backward always computes them here;
         #: False only tells that the caller does not read them (the numpy engine then skips them)
         self.input_diffs = True
+        #: layers whose backward in this Caffe build passes no gradient (:meth:`_passes_no_gradient`)
+        self.no_gradient_layers = [n for i, (n, layer) in enumerate(zip(self._net._layer_names, self._net.layers))
+                                   if layer.type in MAYBE_NO_GRADIENT and self._passes_no_gradient(i)]
         if weights is not None:
             self.copy_from(weights)
+
+    def _passes_no_gradient(self, i: int) -> bool:
+        """Whether layer ``i``'s backward leaves its bottom's diff at zero for a top diff of ones
+        (an empty ``Backward_cpu``). Only that layer runs; the diffs are zero again afterwards."""
+        name = self._net._layer_names[i]
+        tops = [self._net.blobs[t] for t in self._net.top_names[name]]
+        bottoms = [self._net.blobs[b] for b in self._net.bottom_names[name]]
+        if not tops or not bottoms:
+            return False
+        for b in bottoms:
+            b.diff[...] = 0
+        for t in tops:
+            t.diff[...] = 1
+        self._net._backward(i, i)
+        silent = not any(np.any(b.diff) for b in bottoms)
+        for b in tops + bottoms:
+            b.diff[...] = 0
+        return silent
 
     def _check_memory(self) -> None:
         """Refuse a net whose blobs and parameters (data and diff, float32) cannot fit in this
@@ -283,7 +308,12 @@ class CaffeNet:
 
     @property
     def outputs(self) -> List[str]:
-        return list(self._net.outputs)
+        """Caffe's net outputs in the numpy engine's order, the net's (pycaffe sorts them by
+        name): the between-layer stage draws one random top gradient per output in this order,
+        so that a seed gives both engines the same."""
+        theirs = list(self._net.outputs)
+        ours = [o for o in _never_consumed(self.net_param) if o in theirs]
+        return ours + [o for o in theirs if o not in ours]
 
     @property
     def layers(self):
@@ -303,9 +333,10 @@ class CaffeNet:
     def forward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
         return self._net.forward(start=start, end=end, **kwargs)
 
-    def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
-        """pycaffe's backward, refused (an :class:`EngineError` naming the layer) where it would
-        reach a layer whose backward Caffe lacks: Caffe would abort the process."""
+    def check_backward(self, start: Optional[str] = None, end: Optional[str] = None) -> None:
+        """Refuse (an :class:`EngineError` naming the layer) a backward from ``start`` to ``end``
+        that would reach a layer whose backward Caffe lacks (Caffe would abort the process) or
+        whose backward in this build passes no gradient (the gradients would be silently wrong)."""
         names = list(self._net._layer_names)
         first = names.index(start) if start else len(names) - 1
         last = names.index(end) if end else 0
@@ -314,6 +345,14 @@ class CaffeNet:
             if layer.type in NO_BACKWARD:
                 raise EngineError(f"layer '{names[i]}' ({layer.type}) has no backward in Caffe, which would abort; "
                                   "remove it from the net (or end the net before it) or use --engine numpy")
+            if names[i] in self.no_gradient_layers:
+                raise EngineError(f"layer '{names[i]}' ({layer.type}) has an empty backward in this Caffe build "
+                                  "(it passes no gradient), so the between-layer stage would be wrong; "
+                                  "use --engine numpy")
+
+    def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
+        """pycaffe's backward, refused where :meth:`check_backward` refuses it."""
+        self.check_backward(start, end)
         return self._net.backward(start=start, end=end, **kwargs)
 
     def set_data(self, name: str, data: np.ndarray) -> None:

