@@ -162,3 +162,16 @@ def test_bench_engine_fails_loudly(tmp_path):
                          capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert res.returncode == 1
     assert "numpy: failed:" in res.stderr and "No module named" not in res.stderr
+
+
+def test_bench_corpus_generators_default_to_the_reduced_nets():
+    """The sizes the benchmarks pass to resnet50 / mobilenet_v1 leave the CI corpus's text as it was."""
+    import corpus
+    assert corpus.resnet50() == corpus.resnet50((2, 1, 1, 1), (4, 8, 16, 32), 8, 64, 100)
+    for dw in ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise"):
+        assert corpus.mobilenet_v1(dw) == corpus.mobilenet_v1(dw, width_div=8, pairs_512=1, size=64, classes=100)
+    full = corpus.mobilenet_v1(width_div=1, pairs_512=5, size=224, classes=1000)
+    assert full.count('/dw/bn"') == 13 and "dim: 224" in full and "num_output: 1000" in full
+    full = corpus.resnet50((3, 4, 6, 3), (64, 128, 256, 512), 64, 224, 1000)
+    assert full.count('name: "bn') == 1 + 16 * 3 + 4  # bn_conv1, 16 blocks of 3, 4 projections
+    assert "num_output: 2048" in full and "pool: AVE kernel_size: 7" in full
