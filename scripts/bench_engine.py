@@ -130,14 +130,16 @@ def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) 
     with benchrun.worktree_at(args.compare) as old_tree:
         for engine in engines:
             try:
+                where = f"at {rev}"
                 old = _job(engine, old_tree, args, path)
+                where = "on this tree"
                 new = _job(engine, ROOT, args, path)
             except benchrun.WorkerFailed as exc:
-                print(f"{engine}: failed: {exc}", file=sys.stderr)
+                print(f"{engine} {where}: failed: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            print(f"{engine:6s} {rev}: {_times(old, floor_s)}")
-            print(f"{engine:6s} this tree: {_times(new, floor_s)}")
+            print(f"{engine:6s} at {rev}: {_times(old, floor_s)}")
+            print(f"{engine:6s} on this tree: {_times(new, floor_s)}")
             print(f"{engine:6s} ratio new/old: {new['best_s'] / old['best_s']:.2f}")
     return 1 if failed else 0
 
@@ -156,7 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         floor_s = _floor(path, args.batch)
         engines = benchrun.available_engines(args.engine)
         if args.compare:
-            return _compare(args, engines, path, floor_s)
+            try:
+                return _compare(args, engines, path, floor_s)
+            except benchrun.WorkerFailed as exc:  # no worktree at REV
+                print(f"--compare: failed: {exc}", file=sys.stderr)
+                return 1
         return _run_engines(args, engines, path, floor_s)
 
 

@@ -151,10 +151,12 @@ def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) 
     with benchrun.worktree_at(args.compare) as old_tree:
         for engine in engines:
             try:
+                where = f"at {rev}"
                 old = _job(engine, old_tree, args, path)
+                where = "on this tree"
                 new = _job(engine, ROOT, args, path)
             except benchrun.WorkerFailed as exc:
-                print(f"{engine}: failed: {exc}", file=sys.stderr)
+                print(f"{engine} {where}: failed: {exc}", file=sys.stderr)
                 failed += 1
                 continue
             _report(f"{engine} at {rev}", old, floor_s)
@@ -183,7 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         floor_s = _floor(path, args.images)
         engines = benchrun.available_engines(args.engine)
         if args.compare:
-            return _compare(args, engines, path, floor_s)
+            try:
+                return _compare(args, engines, path, floor_s)
+            except benchrun.WorkerFailed as exc:  # no worktree at REV
+                print(f"--compare: failed: {exc}", file=sys.stderr)
+                return 1
         return _run_engines(args, engines, path, floor_s)
 
 

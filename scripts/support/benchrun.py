@@ -40,6 +40,7 @@ def _corpus():
     import importlib.util
     spec = importlib.util.spec_from_file_location("magic_init_bench_corpus", ROOT / "tests" / "corpus.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -102,9 +102,9 @@ def report_floor(prototxt: str, images: int, job: str) -> Optional[float]:
         return None
     flops = (1 + BACKWARD_FACTOR) * fwd
     rate = sgemm_rate()
-    print(f"{job}: {flops / 1e9:.2f} GFLOP (forward {fwd / 1e9:.2f}); {COUNTING}")
+    print(f"{job}: {flops / 1e9:.4g} GFLOP (forward {fwd / 1e9:.4g}); {COUNTING}")
     print(f"sgemm: {rate:.1f} GFLOP/s measured now (numpy float32 1024x1024 matmul, best of repeats); "
-          f"GEMM floor {floor_seconds(flops, rate):.3f} s")
+          f"GEMM floor {floor_seconds(flops, rate):.4g} s")
     return floor_seconds(flops, rate)
 
 
