@@ -151,19 +151,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from scripts.support import benchrun
+    from scripts.support import benchrun, floor
     with tempfile.TemporaryDirectory() as tmp:
         label, path = benchrun.resolve_net(args.net, Path(tmp))
         print(f"net: {label}; batch {args.batch}; repeat {args.repeat}")
         floor_s = _floor(path, args.batch)
         engines = benchrun.available_engines(args.engine)
-        if args.compare:
+        if not args.compare:
+            status = _run_engines(args, engines, path, floor_s)
+        else:
             try:
-                return _compare(args, engines, path, floor_s)
+                status = _compare(args, engines, path, floor_s)
             except benchrun.WorkerFailed as exc:  # no worktree at REV
                 print(f"--compare: failed: {exc}", file=sys.stderr)
                 return 1
-        return _run_engines(args, engines, path, floor_s)
+    if floor_s is not None:
+        floor.report_rate_again()
+    return status
 
 
 if __name__ == "__main__":

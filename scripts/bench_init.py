@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    from scripts.support import benchrun
+    from scripts.support import benchrun, floor
     from scripts.support.datasets import skimage_photos
     args.data = args.data or str(skimage_photos()[0].parent)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,13 +184,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{args.iterations} between-layer round(s), damping {args.damping:g}")
         floor_s = _floor(path, args.images)
         engines = benchrun.available_engines(args.engine)
-        if args.compare:
+        if not args.compare:
+            status = _run_engines(args, engines, path, floor_s)
+        else:
             try:
-                return _compare(args, engines, path, floor_s)
+                status = _compare(args, engines, path, floor_s)
             except benchrun.WorkerFailed as exc:  # no worktree at REV
                 print(f"--compare: failed: {exc}", file=sys.stderr)
                 return 1
-        return _run_engines(args, engines, path, floor_s)
+    if floor_s is not None:
+        floor.report_rate_again()
+    return status
 
 
 if __name__ == "__main__":

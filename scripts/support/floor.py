@@ -108,6 +108,12 @@ def report_floor(prototxt: str, images: int, job: str) -> Optional[float]:
     return floor_seconds(flops, rate)
 
 
+def report_rate_again() -> None:
+    """Print the sgemm rate measured again after the jobs: on a shared machine the two differ by
+    what other load came and went, which is how far the floor multiples can be trusted."""
+    print(f"sgemm again after the jobs: {sgemm_rate():.1f} GFLOP/s (the floor multiples use the first rate)")
+
+
 def floor_seconds(flops: float, rate_gflops: float) -> float:
     """The time ``flops`` take at ``rate_gflops``: the job's GEMM floor."""
     return flops / (rate_gflops * 1e9)
