@@ -75,6 +75,7 @@ def worker(engine: str, net_path: str, batch: int, repeat: int) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line (``--worker`` is the parent's call of a job's process)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, "
                                                       "mobilenet_v1")
@@ -87,23 +88,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _floor(path: str, batch: int) -> Optional[float]:
+    """Print the job's GEMM FLOPs and the sgemm rate; the floor in seconds (None: not counted)."""
     from scripts.support import floor
     return floor.report_floor(path, batch, f"job: one forward + one backward of {batch} image(s)")
 
 
-def _job(engine: str, tree: Path, args, path: str) -> dict:
+def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
+    """The worker's result for ``engine`` on ``tree``'s caffe_utils (raises WorkerFailed)."""
     from scripts.support import benchrun
     return benchrun.run_worker(__file__, tree, ["--worker", engine, "--net", path, "--batch", str(args.batch),
                                                 "--repeat", str(args.repeat)])
 
 
 def _times(r: dict, floor_s: Optional[float]) -> str:
+    """One job's best time, its runs, peak RSS and floor multiple, as one line's text."""
     runs = ", ".join(f"{t:.3f}" for t in r["times_s"][1:])
     mult = f"; {r['best_s'] / floor_s:.2f}x the GEMM floor" if floor_s else ""
     return f"best {r['best_s']:.3f} s (runs: {runs}); peak RSS {r['peak_rss_mb']:.0f} MB{mult}"
 
 
-def _run_engines(args, engines: Sequence[str], path: str, floor_s: Optional[float]) -> int:
+def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
+                 floor_s: Optional[float]) -> int:
+    """Each engine on this tree, then the pycaffe/numpy ratio; exit 1 when any engine fails."""
     from scripts.support.benchrun import WorkerFailed
     results: Dict[str, dict] = {}
     failed = []
@@ -122,7 +128,8 @@ def _run_engines(args, engines: Sequence[str], path: str, floor_s: Optional[floa
     return 1 if failed else 0
 
 
-def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) -> int:
+def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
+             floor_s: Optional[float]) -> int:
     """Each engine on commit ``args.compare`` and then on this tree; exit 1 when any run fails."""
     from scripts.support import benchrun
     rev = benchrun.short_rev(args.compare)
@@ -145,6 +152,7 @@ def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark (or, with ``--worker``, one job); the exit status."""
     args = _parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.net, args.batch, args.repeat)))

@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run_config(pipeline, args, output: str):
+def _run_config(pipeline, args: argparse.Namespace, output: str) -> object:
     """The pipeline's RunConfig for this job, in the API of the tree the worker imported: since
-    commit 0f57e36 the sample and the options are sub-records, before that the fields were flat."""
+    commit 284119e the sample and the options are sub-records, before that the fields were flat."""
     names = {f.name for f in fields(pipeline.RunConfig)}
     if "options" in names:
         from caffe_utils.magic import InitOptions
@@ -49,7 +49,7 @@ def _run_config(pipeline, args, output: str):
                               iterations=args.iterations, damping=args.damping)
 
 
-def worker(args) -> dict:
+def worker(args: argparse.Namespace) -> dict:
     """Run the initialization of ``args`` on engine ``args.worker`` in this process.
 
     Imports only ``caffe_utils`` (found through PYTHONPATH), so that ``--compare`` can run it
@@ -78,7 +78,7 @@ def worker(args) -> dict:
             "rounds": res.report.iterations, "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
 
 
-def _option_defaults():
+def _option_defaults() -> type:
     """The tool's defaults (the worker is always given every value, so another tree's defaults
     never change the job)."""
     from caffe_utils.magic import InitOptions
@@ -86,6 +86,7 @@ def _option_defaults():
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line (``--worker`` is the parent's call of a job's process)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, "
                                                       "mobilenet_v1")
@@ -104,11 +105,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _floor(path: str, images: int) -> Optional[float]:
+    """Print the job's GEMM FLOPs and the sgemm rate; the floor in seconds (None: not counted)."""
     from scripts.support import floor
     return floor.report_floor(path, images, f"floor: one forward + one backward of the {images} images")
 
 
-def _job(engine: str, tree: Path, args, path: str) -> dict:
+def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
+    """The worker's result for ``engine`` on ``tree``'s caffe_utils (raises WorkerFailed)."""
     from scripts.support import benchrun
     argv = ["--worker", engine, "--net", path, "--images", str(args.images), "--batch-size", str(args.batch_size),
             "--init", args.init, "--data", args.data, "--iterations", str(args.iterations),
@@ -117,6 +120,7 @@ def _job(engine: str, tree: Path, args, path: str) -> dict:
 
 
 def _report(label: str, r: dict, floor_s: Optional[float]) -> None:
+    """Print one job's time, memory, floor multiple, flatness and stage times."""
     mult = f"; {r['total_s'] / floor_s:.1f}x the GEMM floor" if floor_s else ""
     before, after = r["flatness"]
     print(f"{label}: end to end {r['total_s']:.2f} s; peak RSS {r['peak_rss_mb']:.0f} MB{mult}; flatness "
@@ -125,7 +129,9 @@ def _report(label: str, r: dict, floor_s: Optional[float]) -> None:
         print(f"    {stage:<16s} {seconds:7.2f} s")
 
 
-def _run_engines(args, engines: Sequence[str], path: str, floor_s: Optional[float]) -> int:
+def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
+                 floor_s: Optional[float]) -> int:
+    """Each engine on this tree, then the pycaffe/numpy ratio; exit 1 when any engine fails."""
     from scripts.support.benchrun import WorkerFailed
     results: Dict[str, dict] = {}
     failed = 0
@@ -143,7 +149,8 @@ def _run_engines(args, engines: Sequence[str], path: str, floor_s: Optional[floa
     return 1 if failed else 0
 
 
-def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) -> int:
+def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
+             floor_s: Optional[float]) -> int:
     """Each engine on commit ``args.compare`` and then on this tree; exit 1 when any run fails."""
     from scripts.support import benchrun
     rev = benchrun.short_rev(args.compare)
@@ -162,12 +169,15 @@ def _compare(args, engines: Sequence[str], path: str, floor_s: Optional[float]) 
             _report(f"{engine} at {rev}", old, floor_s)
             _report(f"{engine} on this tree", new, floor_s)
             ratio = new["total_s"] / old["total_s"]
-            met = "" if args.target is None else f" (target {args.target:g}: {'met' if ratio <= args.target else 'not met'})"
+            met = ""
+            if args.target is not None:
+                met = f" (target {args.target:g}: {'met' if ratio <= args.target else 'not met'})"
             print(f"{engine} ratio new/old: {ratio:.2f}{met}")
     return 1 if failed else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark (or, with ``--worker``, one job); the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--worker" not in argv and str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # the parent imports this checkout; a worker, PYTHONPATH's tree
