@@ -4,7 +4,7 @@
     python scripts/bench_init.py [--net caffenet|googlenet|vgg16|resnet50|mobilenet_v1|FILE]
                                  [--images 160] [--engine numpy|caffe|both] [--init kmeans]
                                  [--data FOLDER] [--iterations 10] [--damping 0.5]
-                                 [--compare REV [--target RATIO]]
+                                 [--compare REV [--repeat 1] [--target RATIO]]
 
 Photos default to the ones scikit-image installs (reused with different crops when there are
 fewer than --images). Each engine's job runs in its own process; for each the script prints the
@@ -16,7 +16,8 @@ initialization runs more passes than that one) at the sgemm rate measured in the
 
 ``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
 tree, back to back, and prints both times and the ratio new/old (``--target`` says whether the
-ratio is at most RATIO). Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
+ratio is at most RATIO); ``--repeat N`` runs the two trees N times in turns and compares each
+one's fastest run. Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
 importable.
 """
 from __future__ import annotations
@@ -99,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--iterations", type=int, default=defaults.iterations, help="between-layer rounds")
     ap.add_argument("--damping", type=float, default=defaults.damping, help="between-layer damping alpha")
     ap.add_argument("--compare", metavar="REV", help="also run commit REV (a temporary git worktree), back to back")
+    ap.add_argument("--repeat", type=int, default=1, help="with --compare: runs of each tree, in turns; the "
+                                                            "fastest of each counts")
     ap.add_argument("--target", type=float, help="with --compare: the largest ratio new/old that meets the target")
     ap.add_argument("--worker", choices=["numpy", "caffe"], help=argparse.SUPPRESS)
     return ap
@@ -149,26 +152,45 @@ def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
     return 1 if failed else 0
 
 
+def _alternate(engine: str, trees: Dict[str, Path], args: argparse.Namespace, path: str) -> Dict[str, dict]:
+    """Each tree's fastest of ``args.repeat`` runs of the job, the trees taking turns (so load that
+    comes and goes on a shared machine falls on both alike); raises WorkerFailed naming the tree."""
+    from scripts.support.benchrun import WorkerFailed
+    best: Dict[str, dict] = {}
+    runs: Dict[str, List[float]] = {where: [] for where in trees}
+    for _ in range(args.repeat):
+        for where, tree in trees.items():
+            try:
+                r = _job(engine, tree, args, path)
+            except WorkerFailed as exc:
+                raise WorkerFailed(f"{where}: failed: {exc}") from exc
+            runs[where].append(r["total_s"])
+            if where not in best or r["total_s"] < best[where]["total_s"]:
+                best[where] = r
+    for where, r in best.items():
+        r["runs_s"] = runs[where]
+    return best
+
+
 def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
              floor_s: Optional[float]) -> int:
-    """Each engine on commit ``args.compare`` and then on this tree; exit 1 when any run fails."""
+    """Each engine on commit ``args.compare`` and on this tree, in turns; exit 1 when any run fails."""
     from scripts.support import benchrun
     rev = benchrun.short_rev(args.compare)
     failed = 0
     with benchrun.worktree_at(args.compare) as old_tree:
         for engine in engines:
             try:
-                where = f"at {rev}"
-                old = _job(engine, old_tree, args, path)
-                where = "on this tree"
-                new = _job(engine, ROOT, args, path)
+                best = _alternate(engine, {f"at {rev}": old_tree, "on this tree": ROOT}, args, path)
             except benchrun.WorkerFailed as exc:
-                print(f"{engine} {where}: failed: {exc}", file=sys.stderr)
+                print(f"{engine} {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            _report(f"{engine} at {rev}", old, floor_s)
-            _report(f"{engine} on this tree", new, floor_s)
-            ratio = new["total_s"] / old["total_s"]
+            for where, r in best.items():
+                _report(f"{engine} {where}", r, floor_s)
+                if len(r["runs_s"]) > 1:
+                    print(f"    (fastest of runs: {', '.join(f'{t:.2f}' for t in r['runs_s'])} s)")
+            ratio = best["on this tree"]["total_s"] / best[f"at {rev}"]["total_s"]
             met = ""
             if args.target is not None:
                 met = f" (target {args.target:g}: {'met' if ratio <= args.target else 'not met'})"

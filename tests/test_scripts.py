@@ -267,3 +267,7 @@ def test_bench_init_compare_against_head(tmp_path, capsys):
     assert "magic-init-compare-" not in trees
     assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--compare", "no-such-rev"]) == 1
     assert "--compare: failed: git worktree add no-such-rev" in capsys.readouterr().err
+    assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--iterations", "1", "--compare", "HEAD",
+                     "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(fastest of runs: ") == 2 and "numpy ratio new/old:" in out
