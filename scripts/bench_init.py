@@ -165,6 +165,8 @@ def _alternate(engine: str, trees: Dict[str, Path], args: argparse.Namespace, pa
             except WorkerFailed as exc:
                 raise WorkerFailed(f"{where}: failed: {exc}") from exc
             runs[where].append(r["total_s"])
+            if args.repeat > 1:
+                print(f"{engine} {where}, run {len(runs[where])} of {args.repeat}: {r['total_s']:.2f} s", flush=True)
             if where not in best or r["total_s"] < best[where]["total_s"]:
                 best[where] = r
     for where, r in best.items():

@@ -271,3 +271,4 @@ def test_bench_init_compare_against_head(tmp_path, capsys):
                      "--repeat", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("(fastest of runs: ") == 2 and "numpy ratio new/old:" in out
+    assert "numpy on this tree, run 2 of 2: " in out
