@@ -1,73 +1,234 @@
 #!/usr/bin/env python3
-"""Benchmark: the whole CaffeNet k-means initialization, with the time of each stage.
+"""Benchmark: a whole initialization (default CaffeNet k-means from 160 images), with each stage's time.
 
-    python scripts/bench_init.py [--net models/caffenet/deploy.prototxt] [--images 160]
-                                 [--engine numpy] [--init kmeans] [--data FOLDER]
-                                 [--iterations 10] [--damping 0.5]
+    python scripts/bench_init.py [--net caffenet|googlenet|vgg16|resnet50|mobilenet_v1|FILE]
+                                 [--images 160] [--engine numpy|caffe|both] [--init kmeans]
+                                 [--data FOLDER] [--iterations 10] [--damping 0.5]
+                                 [--compare REV [--repeat 1] [--target RATIO]]
 
 Photos default to the ones scikit-image installs (reused with different crops when there are
-fewer than --images). Prints the end-to-end time, each stage's time, the peak resident memory
-and the ratio to the 15 s target for this 2-core kind of machine.
+fewer than --images). Each engine's job runs in its own process; for each the script prints the
+end-to-end time, each stage's time, the peak resident memory, the flatness of the
+initialization batch before and after, and the time as a multiple of a GEMM floor: the GEMM
+FLOPs of one forward and one backward of every image (see scripts/support/floor.py; the
+initialization runs more passes than that one) at the sgemm rate measured in the same run.
+``--engine both`` adds the ratio pycaffe time / numpy time.
+
+``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
+tree, back to back, and prints both times and the ratio new/old (``--target`` says whether the
+ratio is at most RATIO); ``--repeat N`` runs the two trees N times in turns and compares each
+one's fastest run. Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
+importable.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-TARGET_S = 15.0
 
 
-def main() -> int:
-    from scripts.support.datasets import skimage_photos
-    from caffe_utils.magic import InitOptions
-    from caffe_utils.pipeline import RunConfig, SampleSpec, run
+def _run_config(pipeline, args: argparse.Namespace, output: str) -> object:
+    """The pipeline's RunConfig for this job, in the API of the tree the worker imported: since
+    commit 284119e the sample and the options are sub-records, before that the fields were flat."""
+    names = {f.name for f in fields(pipeline.RunConfig)}
+    if "options" in names:
+        from caffe_utils.magic import InitOptions
+        options = InitOptions(init=args.init, iterations=args.iterations, damping=args.damping,
+                              batch_size=args.batch_size)
+        return pipeline.RunConfig(prototxt=args.net, output=output, engine=args.worker, options=options,
+                                  sample=pipeline.SampleSpec(data=args.data, images=args.images))
+    return pipeline.RunConfig(prototxt=args.net, output=output, data=args.data, images=args.images,
+                              batch_size=args.batch_size, engine=args.worker, init=args.init,
+                              iterations=args.iterations, damping=args.damping)
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--net", default=str(ROOT / "models" / "caffenet" / "deploy.prototxt"))
-    ap.add_argument("--images", type=int, default=SampleSpec.images)
-    ap.add_argument("--batch-size", type=int, default=InitOptions.batch_size)
-    ap.add_argument("--engine", default="numpy", choices=["numpy", "caffe", "auto"])
-    ap.add_argument("--init", default=InitOptions.init)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--iterations", type=int, default=InitOptions.iterations, help="between-layer rounds")
-    ap.add_argument("--damping", type=float, default=InitOptions.damping, help="between-layer damping alpha")
-    args = ap.parse_args()
-    data = args.data or str(skimage_photos()[0].parent)
-    stages = {}
+
+def worker(args: argparse.Namespace) -> dict:
+    """Run the initialization of ``args`` on engine ``args.worker`` in this process.
+
+    Imports only ``caffe_utils`` (found through PYTHONPATH), so that ``--compare`` can run it
+    against another commit's tree."""
+    import caffe_utils
+    from caffe_utils import pipeline
+    stages: Dict[str, List[float]] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         now = time.perf_counter()
-        first, _ = stages.get(stage, (now, now))
-        stages[stage] = (first, now)
+        stages.setdefault(stage, [now, now])[1] = now
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        options = InitOptions(init=args.init, iterations=args.iterations, damping=args.damping,
-                              batch_size=args.batch_size)
-        res = run(RunConfig(prototxt=args.net, output=str(Path(tmp) / "out.caffemodel"),
-                            sample=SampleSpec(data=data, images=args.images), options=options, engine=args.engine),
-                  progress=progress)
+        res = pipeline.run(_run_config(pipeline, args, str(Path(tmp) / "out.caffemodel")), progress=progress)
         total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"net: {args.net}; engine: {res.engine}; init: {args.init}; images: {args.images} "
-          f"({res.images_used} distinct photos)")
     order = sorted(stages.items(), key=lambda kv: kv[1][0])
-    prev = t0
-    for stage, (first, last) in order:
-        print(f"  {stage:<16s} {last - prev:7.2f} s")
+    prev, split = t0, []
+    for stage, (_, last) in order:
+        split.append((stage, last - prev))
         prev = last
-    print(f"  {'(the rest)':<16s} {t0 + total - prev:7.2f} s")
-    print(f"end to end: {total:.2f} s; peak RSS {peak:.0f} MB; flatness {res.report.flatness_before:.3g} -> "
-          f"{res.report.flatness_after:.3g} in {res.report.iterations} round(s) of damping {args.damping:g}")
-    print(f"ratio to the {TARGET_S:.0f} s target: {total / TARGET_S:.2f} ({'met' if total <= TARGET_S else 'not met'})")
-    return 0
+    split.append(("(the rest)", t0 + total - prev))
+    return {"engine": res.engine, "total_s": total, "stages": split, "images_used": res.images_used,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "flatness": [res.report.flatness_before, res.report.flatness_after],
+            "rounds": res.report.iterations, "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
+
+
+def _option_defaults() -> type:
+    """The tool's defaults (the worker is always given every value, so another tree's defaults
+    never change the job)."""
+    from caffe_utils.magic import InitOptions
+    return InitOptions
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (``--worker`` is the parent's call of a job's process)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, "
+                                                      "mobilenet_v1")
+    defaults = _option_defaults()
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    ap.add_argument("--engine", default="numpy", choices=["numpy", "caffe", "both"])
+    ap.add_argument("--init", default=defaults.init)
+    ap.add_argument("--data", default=None, help="a folder of photos (default: scikit-image's)")
+    ap.add_argument("--iterations", type=int, default=defaults.iterations, help="between-layer rounds")
+    ap.add_argument("--damping", type=float, default=defaults.damping, help="between-layer damping alpha")
+    ap.add_argument("--compare", metavar="REV", help="also run commit REV (a temporary git worktree), back to back")
+    ap.add_argument("--repeat", type=int, default=1, help="with --compare: runs of each tree, in turns; the "
+                                                            "fastest of each counts")
+    ap.add_argument("--target", type=float, help="with --compare: the largest ratio new/old that meets the target")
+    ap.add_argument("--worker", choices=["numpy", "caffe"], help=argparse.SUPPRESS)
+    return ap
+
+
+def _floor(path: str, images: int) -> Optional[float]:
+    """Print the job's GEMM FLOPs and the sgemm rate; the floor in seconds (None: not counted)."""
+    from scripts.support import floor
+    return floor.report_floor(path, images, f"floor: one forward + one backward of the {images} images")
+
+
+def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
+    """The worker's result for ``engine`` on ``tree``'s caffe_utils (raises WorkerFailed)."""
+    from scripts.support import benchrun
+    argv = ["--worker", engine, "--net", path, "--images", str(args.images), "--batch-size", str(args.batch_size),
+            "--init", args.init, "--data", args.data, "--iterations", str(args.iterations),
+            "--damping", str(args.damping)]
+    return benchrun.run_worker(__file__, tree, argv)
+
+
+def _report(label: str, r: dict, floor_s: Optional[float]) -> None:
+    """Print one job's time, memory, floor multiple, flatness and stage times."""
+    mult = f"; {r['total_s'] / floor_s:.1f}x the GEMM floor" if floor_s else ""
+    before, after = r["flatness"]
+    print(f"{label}: end to end {r['total_s']:.2f} s; peak RSS {r['peak_rss_mb']:.0f} MB{mult}; flatness "
+          f"{before:.3g} -> {after:.3g} in {r['rounds']} round(s); {r['images_used']} distinct photos")
+    for stage, seconds in r["stages"]:
+        print(f"    {stage:<16s} {seconds:7.2f} s")
+
+
+def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
+                 floor_s: Optional[float]) -> int:
+    """Each engine on this tree, then the pycaffe/numpy ratio; exit 1 when any engine fails."""
+    from scripts.support.benchrun import WorkerFailed
+    results: Dict[str, dict] = {}
+    failed = 0
+    for engine in engines:
+        try:
+            results[engine] = _job(engine, ROOT, args, path)
+        except WorkerFailed as exc:
+            print(f"{engine}: failed: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        _report(engine, results[engine], floor_s)
+    if len(results) == 2:
+        ratio = results["caffe"]["total_s"] / results["numpy"]["total_s"]
+        print(f"speed ratio pycaffe/numpy: {ratio:.2f} ({'numpy faster' if ratio >= 1 else 'pycaffe faster'})")
+    return 1 if failed else 0
+
+
+def _alternate(engine: str, trees: Dict[str, Path], args: argparse.Namespace, path: str) -> Dict[str, dict]:
+    """Each tree's fastest of ``args.repeat`` runs of the job, the trees taking turns (so load that
+    comes and goes on a shared machine falls on both alike); raises WorkerFailed naming the tree."""
+    from scripts.support.benchrun import WorkerFailed
+    best: Dict[str, dict] = {}
+    runs: Dict[str, List[float]] = {where: [] for where in trees}
+    for _ in range(args.repeat):
+        for where, tree in trees.items():
+            try:
+                r = _job(engine, tree, args, path)
+            except WorkerFailed as exc:
+                raise WorkerFailed(f"{where}: failed: {exc}") from exc
+            runs[where].append(r["total_s"])
+            if args.repeat > 1:
+                print(f"{engine} {where}, run {len(runs[where])} of {args.repeat}: {r['total_s']:.2f} s", flush=True)
+            if where not in best or r["total_s"] < best[where]["total_s"]:
+                best[where] = r
+    for where, r in best.items():
+        r["runs_s"] = runs[where]
+    return best
+
+
+def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
+             floor_s: Optional[float]) -> int:
+    """Each engine on commit ``args.compare`` and on this tree, in turns; exit 1 when any run fails."""
+    from scripts.support import benchrun
+    rev = benchrun.short_rev(args.compare)
+    failed = 0
+    with benchrun.worktree_at(args.compare) as old_tree:
+        for engine in engines:
+            try:
+                best = _alternate(engine, {f"at {rev}": old_tree, "on this tree": ROOT}, args, path)
+            except benchrun.WorkerFailed as exc:
+                print(f"{engine} {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            for where, r in best.items():
+                _report(f"{engine} {where}", r, floor_s)
+                if len(r["runs_s"]) > 1:
+                    print(f"    (fastest of runs: {', '.join(f'{t:.2f}' for t in r['runs_s'])} s)")
+            ratio = best["on this tree"]["total_s"] / best[f"at {rev}"]["total_s"]
+            met = ""
+            if args.target is not None:
+                met = f" (target {args.target:g}: {'met' if ratio <= args.target else 'not met'})"
+            print(f"{engine} ratio new/old: {ratio:.2f}{met}")
+    return 1 if failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark (or, with ``--worker``, one job); the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--worker" not in argv and str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the parent imports this checkout; a worker, PYTHONPATH's tree
+    args = _parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    from scripts.support import benchrun, floor
+    from scripts.support.datasets import skimage_photos
+    args.data = args.data or str(skimage_photos()[0].parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        label, path = benchrun.resolve_net(args.net, Path(tmp))
+        print(f"net: {label}; init: {args.init}; images: {args.images}; batch size {args.batch_size}; "
+              f"{args.iterations} between-layer round(s), damping {args.damping:g}")
+        floor_s = _floor(path, args.images)
+        engines = benchrun.available_engines(args.engine)
+        if not args.compare:
+            status = _run_engines(args, engines, path, floor_s)
+        else:
+            try:
+                status = _compare(args, engines, path, floor_s)
+            except benchrun.WorkerFailed as exc:  # no worktree at REV
+                print(f"--compare: failed: {exc}", file=sys.stderr)
+                return 1
+    if floor_s is not None:
+        floor.report_rate_again()
+    return status
 
 
 if __name__ == "__main__":

@@ -335,15 +335,23 @@ def resnet18() -> str:
     return n.text()
 
 
-def resnet50() -> str:
+def resnet50(blocks: Sequence[int] = (2, 1, 1, 1), widths: Sequence[int] = (4, 8, 16, 32), stem: int = 8,
+             size: int = 64, classes: int = 100) -> str:
     """ResNet-50 (He et al. 2015) as in the authors' Caffe release: bottleneck blocks 1x1-3x3-1x1
     without conv biases, BatchNorm (use_global_stats) + Scale after each conv, the stride on the
     first 1x1 (branch2a) of res3a/res4a/res5a, projection branch1 in each stage's first block,
-    identity shortcuts after; blocks per stage 2-1-1-1 instead of 3-4-6-3, widths / 16, 64 px."""
-    n = Net("ResNet-50", (1, 3, 64, 64))
-    x = _resnet_stem(n)
-    for stage, (mid, blocks) in zip((2, 3, 4, 5), ((4, 2), (8, 1), (16, 1), (32, 1))):
-        for i in range(blocks):
+    identity shortcuts after; blocks per stage 2-1-1-1 instead of 3-4-6-3, widths / 16, 64 px.
+
+    ``blocks`` (per stage), ``widths`` (each stage's bottleneck width; outputs are 4x), ``stem``
+    (conv1's width), ``size`` (input px, a multiple of 32) and ``classes`` let the benchmarks emit
+    the published net: ``resnet50((3, 4, 6, 3), (64, 128, 256, 512), 64, 224, 1000)``."""
+    n = Net("ResNet-50", (1, 3, size, size))
+    x = n.conv("conv1", "data", stem, 7, stride=2, pad=3)
+    n.bn_scale("bn_conv1", "scale_conv1", x)
+    n.relu("conv1_relu", x)
+    x = n.pool("pool1", x, "MAX", 3, 2)
+    for stage, mid, count in zip((2, 3, 4, 5), widths, blocks):
+        for i in range(count):
             b = f"{stage}{'abcdef'[i]}"
             stride = 2 if i == 0 and stage != 2 else 1
             short = x
@@ -360,7 +368,9 @@ def resnet50() -> str:
             n.bn_scale(f"bn{b}_branch2c", f"scale{b}_branch2c", y)
             x = n.eltwise(f"res{b}", [short, y])
             n.relu(f"res{b}_relu", x)
-    _resnet_head(n, x, 2)
+    x = n.pool("pool5", x, "AVE", size // 32, 1)
+    x = n.fc("fc1000", x, classes)
+    n.softmax("prob", x)
     return n.text()
 
 
@@ -434,20 +444,26 @@ def densenet121() -> str:
 MOBILENET_V1 = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (1024, 2), (1024, 1)]
 
 
-def mobilenet_v1(dw_type: str = "Convolution") -> str:
+def mobilenet_v1(dw_type: str = "Convolution", width_div: int = 8, pairs_512: int = 1, size: int = 64,
+                 classes: int = 100) -> str:
     """MobileNet v1 (Howard et al. 2017, Table 1) as in its BatchNorm Caffe port: 3x3/2 conv1, then
     depthwise 3x3 + pointwise 1x1 pairs, each conv followed by BatchNorm + Scale + ReLU, global
     pool and a 1x1-conv classifier. ``dw_type`` "Convolution" writes the depthwise convs as
     ``group: C`` (with ``engine: CAFFE``), or as the fork types "DepthwiseConvolution" /
-    "ConvolutionDepthwise". Widths / 8, one of the five 512-wide pairs, 64 px."""
-    n = Net("MobileNet", (1, 3, 64, 64))
-    x = n.conv("conv1", "data", 4, 3, stride=2, pad=1, bias=False)
+    "ConvolutionDepthwise". Widths / 8, one of the five 512-wide pairs, 64 px.
+
+    ``width_div``, ``pairs_512`` (how many of the stride-1 512-wide pairs conv5_1..conv5_5 are
+    written), ``size`` and ``classes`` let the benchmarks emit the published net:
+    ``mobilenet_v1(width_div=1, pairs_512=5, size=224, classes=1000)``."""
+    n = Net("MobileNet", (1, 3, size, size))
+    x = n.conv("conv1", "data", 32 // width_div, 3, stride=2, pad=1, bias=False)
     n.bn_scale("conv1/bn", "conv1/scale", x)
     n.relu("relu1", x)
-    cin = 4
-    names = ["2_1", "2_2", "3_1", "3_2", "4_1", "4_2", "5_1", "5_6", "6"]
-    for tag, (width, stride) in zip(names, MOBILENET_V1):
-        width //= 8
+    cin = 32 // width_div
+    names = ["2_1", "2_2", "3_1", "3_2", "4_1", "4_2"] + [f"5_{i}" for i in range(1, pairs_512 + 1)] + ["5_6", "6"]
+    layout = MOBILENET_V1[:6] + [MOBILENET_V1[6]] * pairs_512 + MOBILENET_V1[7:]
+    for tag, (width, stride) in zip(names, layout):
+        width //= width_div
         if dw_type == "Convolution":
             x = n.conv(f"conv{tag}/dw", x, cin, 3, stride=stride, pad=1, group=cin, bias=False, engine="CAFFE")
         else:
@@ -459,7 +475,7 @@ def mobilenet_v1(dw_type: str = "Convolution") -> str:
         n.relu(f"relu{tag}/sep", x)
         cin = width
     x = n.pool("pool6", x, "AVE", global_pooling=True)
-    x = n.conv("fc7", x, 100, 1)
+    x = n.conv("fc7", x, classes, 1)
     n.softmax("prob", x)
     return n.text()
 

@@ -162,3 +162,113 @@ def test_bench_engine_fails_loudly(tmp_path):
                          capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert res.returncode == 1
     assert "numpy: failed:" in res.stderr and "No module named" not in res.stderr
+
+
+def test_bench_corpus_generators_default_to_the_reduced_nets():
+    """The sizes the benchmarks pass to resnet50 / mobilenet_v1 leave the CI corpus's text as it was."""
+    import corpus
+    assert corpus.resnet50() == corpus.resnet50((2, 1, 1, 1), (4, 8, 16, 32), 8, 64, 100)
+    for dw in ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise"):
+        assert corpus.mobilenet_v1(dw) == corpus.mobilenet_v1(dw, width_div=8, pairs_512=1, size=64, classes=100)
+    full = corpus.mobilenet_v1(width_div=1, pairs_512=5, size=224, classes=1000)
+    assert full.count('/dw/bn"') == 13 and "dim: 224" in full and "num_output: 1000" in full
+    full = corpus.resnet50((3, 4, 6, 3), (64, 128, 256, 512), 64, 224, 1000)
+    assert full.count('name: "bn') == 1 + 16 * 3 + 4  # bn_conv1, 16 blocks of 3, 4 projections
+    assert "num_output: 2048" in full and "pool: AVE kernel_size: 7" in full
+
+
+#: conv 3->4 3x3 pad 1 on 8x8, grouped 1x1 conv 4->4 (2 groups), deconv 4->2 2x2 stride 2, FC 512->10
+_TINY_GEMM_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+        convolution_param { num_output: 4 kernel_size: 1 group: 2 weight_filler { type: "xavier" } } }
+layer { name: "d3" type: "Deconvolution" bottom: "c2" top: "d3"
+        convolution_param { num_output: 2 kernel_size: 2 stride: 2 weight_filler { type: "xavier" } } }
+layer { name: "fc" type: "InnerProduct" bottom: "d3" top: "fc"
+        inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+"""
+#: 2*M*N*K per layer: c1 2*4*64*27, c2 2 groups of 2*2*64*2, d3 2*(2*2*2)*64*4, fc 2*10*1*512
+_TINY_GEMM_FLOPS = {"c1": 13824, "c2": 1024, "d3": 4096, "fc": 10240}
+
+
+def _tiny_net(tmp_path, text=_TINY_GEMM_NET) -> str:
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(text)
+    return str(path)
+
+
+def test_bench_flops_by_hand(tmp_path):
+    from caffe_utils.engine import open_net
+    from scripts.support import floor
+    net = open_net(_tiny_net(tmp_path), engine="numpy", input_shapes={"data": (3, 3, 8, 8)})
+    assert {name: f for name, _, f in floor.forward_flops(net)} == {k: 3 * v for k, v in _TINY_GEMM_FLOPS.items()}
+    assert floor.prototxt_forward_flops(_tiny_net(tmp_path)) == sum(_TINY_GEMM_FLOPS.values())  # one image
+    assert floor.floor_seconds(2e9, 4.0) == 0.5
+    assert 0.1 < floor.sgemm_rate(n=128, seconds=0.05) < 1e5
+
+
+def test_bench_full_size_nets_have_the_published_cost(tmp_path):
+    """The named nets' forward GEMM cost matches their papers' multiply-adds (x2 for FLOPs):
+    ResNet-50 3.8e9 (He et al. Table 1), MobileNet v1 569e6 (Howard et al. Table 8)."""
+    from scripts.support import benchrun, floor
+    for name, madds in (("resnet50", 3.8e9), ("mobilenet_v1", 569e6)):
+        label, path = benchrun.resolve_net(name, tmp_path)
+        assert label == f"{name} (full size)" and Path(path).parent == tmp_path
+        assert floor.prototxt_forward_flops(path) == pytest.approx(2 * madds, rel=0.03)
+    assert benchrun.resolve_net("caffenet", tmp_path)[1].endswith("models/caffenet/deploy.prototxt")
+
+
+def test_bench_engine_prints_the_floor_and_both_engines(tmp_path, capsys):
+    from caffe_utils.schema import pycaffe_importable
+    assert _script("bench_engine").main(["--net", _tiny_net(tmp_path), "--batch", "2", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{3 * 2 * sum(_TINY_GEMM_FLOPS.values()) / 1e9:.4g} GFLOP" in out
+    assert "sgemm:" in out and "GFLOP/s" in out
+    assert "numpy  forward+backward, batch 2" in out and "x the GEMM floor" in out
+    assert ("speed ratio pycaffe/numpy" in out) if pycaffe_importable() else ("caffe: skipped" in out)
+    if not (ROOT / ".git").exists():
+        return  # --compare needs a git checkout
+    assert _script("bench_engine").main(["--net", _tiny_net(tmp_path), "--batch", "1", "--repeat", "1",
+                                         "--engine", "numpy", "--compare", "HEAD"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy  at " in out and "numpy  on this tree: best" in out and "numpy  ratio new/old:" in out
+
+
+def test_bench_init_both_engines_and_failure(tmp_path, capsys):
+    from caffe_utils.schema import pycaffe_importable
+    mod = _script("bench_init")
+    assert mod.main(["--net", _tiny_net(tmp_path), "--images", "4", "--iterations", "1", "--engine", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "floor: one forward + one backward of the 4 images" in out and "sgemm:" in out
+    assert "numpy: end to end" in out and "x the GEMM floor" in out and "within-layer" in out
+    assert ("speed ratio pycaffe/numpy" in out) if pycaffe_importable() else ("caffe: skipped" in out)
+    bad = _tiny_net(tmp_path, _TINY_GEMM_NET.replace("num_output: 4 kernel_size: 3", "num_output: 0 kernel_size: 3"))
+    assert mod.main(["--net", bad, "--images", "2", "--iterations", "1"]) == 1
+    assert "numpy: failed:" in capsys.readouterr().err
+
+
+def test_bench_init_compare_against_head(tmp_path, capsys):
+    """--compare HEAD runs the job on a temporary worktree of HEAD, then here, and removes the worktree."""
+    import subprocess
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    mod = _script("bench_init")
+    assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--iterations", "1", "--compare", "HEAD",
+                     "--target", "100"]) == 0
+    out = capsys.readouterr().out
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert f"numpy at {head}: end to end" in out and "numpy on this tree: end to end" in out
+    assert "numpy ratio new/old:" in out and "(target 100: met)" in out
+    trees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "magic-init-compare-" not in trees
+    assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--compare", "no-such-rev"]) == 1
+    assert "--compare: failed: git worktree add no-such-rev" in capsys.readouterr().err
+    assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--iterations", "1", "--compare", "HEAD",
+                     "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(fastest of runs: ") == 2 and "numpy ratio new/old:" in out
+    assert "numpy on this tree, run 2 of 2: " in out
