@@ -287,3 +287,38 @@ def test_plan_builder_dispatches_on_registered_rules(tmp_path):
     from caffe_utils.magic.prepare import DATA_LAYERS
     missing = set(supported_types()) - set(scale_rules.RULES) - set(DATA_LAYERS)
     assert missing == {"Tile", "Python"}
+
+
+def test_broyden_correction_makes_the_model_reproduce_the_measured_step(tmp_path):
+    """After a measured round, the corrected model predicts exactly the rates measured for
+    the step it took (the secant condition), and nothing for a step orthogonal to it."""
+    net, plan = _chain(tmp_path)
+    energies = _energies(net, plan)
+    model = solve.RateModel(plan, energies)
+    rho = np.zeros(len(plan.affine) + 1)
+    rho[plan.group_of["a"]], rho[plan.group_of["b"]] = 0.4, -0.2
+    predicted = model.predict(rho)
+    measured = solve.Energies({n: g * (1.5 if n == "b" else 1.0) for n, g in predicted.grad.items()},
+                              predicted.weight, predicted.degrees)
+    corrected = solve.RateModel(plan, energies, between._broyden(model, rho, predicted, measured))
+    logs, _ = corrected.log_rates(rho)
+    np.testing.assert_allclose(np.exp(logs), [measured.rates()[n] for n in plan.affine], rtol=1e-9)
+    other = np.zeros_like(rho)
+    other[plan.group_of["a"]], other[plan.group_of["b"]] = 0.2, 0.4
+    np.testing.assert_allclose(corrected.log_rates(other)[0], model.log_rates(other)[0], atol=1e-12)
+
+
+def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):
+    net = _net(tmp_path, CHAIN)
+    plan = scale_plan.build_plan(net)
+    before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
+    deg = between.forward_estimating_degrees(net, plan.degree_layers)
+    best = between._Best(None, 2.0)
+    for r in (1.7, 0.4):
+        scale = {plan.group_of["c1"]: r}
+        scale_plan.apply_scales(net, plan, scale, deg)
+        best.applied.append((scale, deg))
+    best.restore(net, plan)
+    for n, blobs in net.params.items():
+        for b, ref in zip(blobs, before[n]):
+            np.testing.assert_allclose(b.data, ref, rtol=1e-6, err_msg=n)

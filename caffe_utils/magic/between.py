@@ -153,15 +153,21 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
 
 def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, first: Energies) -> Energies:
     """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
-    is within ``tolerance`` of a common one, at most ``iterations`` rounds; the last energies."""
+    is within ``tolerance`` of a common one, at most ``iterations`` rounds; the last energies.
+    Behind inexact layers the rounds can wander once the rescaling has pushed those layers far
+    from where they pass a scale like a power: the net ends at the flattest round measured
+    (the later rescalings undone), and three rounds without a flatter one end the rounds."""
     net, opts, report = ctx.net, ctx.opts, ctx.report
     exact = not plan.degree_layers
     correction = None
+    best = _Best(now, measure.flatness(_trained(plan, now.rates())))
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
         rates = _trained(plan, now.rates())
         if _flat(rates, opts.tolerance):
             report.converged = True
+            break
+        if it - best.round > 3:
             break
         rho, model = _step(plan, passes, now, opts.damping, correction)
         predicted = model.predict(rho)
@@ -169,8 +175,9 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
         if not measure.flatness(_trained(plan, predicted.rates())) < measure.flatness(rates) * (1 - 1e-6):
             break  # the model's optimum: no rescaling flattens the rates further
-        apply_scales(net, plan, {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0},
-                     model.energies.degrees)
+        scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
+        apply_scales(net, plan, scale, model.energies.degrees)
+        best.applied.append((scale, model.energies.degrees))
         report.iterations = it
         if exact:
             now, first = predicted, predicted_first
@@ -180,11 +187,34 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             correction = _broyden(model, rho, predicted, now)
             report.rounds.append(RoundReport(_trained(plan, predicted.rates()), _trained(plan, now.rates())))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
-    else:
-        report.converged = _flat(_trained(plan, now.rates()), opts.tolerance)
+        best.offer(it, now, report.flatness_rounds[-1])
     ctx.tick("between-layer", opts.iterations, opts.iterations)
+    if best.applied and best.flatness < measure.flatness(_trained(plan, now.rates())):
+        now = best.restore(net, plan)
+        report.flatness_rounds.append(best.flatness)
+    report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance)
     report.passes = passes.measured
     return now
+
+
+class _Best:
+    """The flattest state stage 3's rounds reached, and the rescalings applied since."""
+
+    def __init__(self, now: Energies, flatness: float) -> None:
+        self.round, self.now, self.flatness = 0, now, flatness
+        self.applied: List[Tuple[Dict[int, float], Dict[str, float]]] = []
+
+    def offer(self, it: int, now: Energies, flatness: float) -> None:
+        if flatness < self.flatness:
+            self.round, self.now, self.flatness = it, now, flatness
+            self.applied = []
+
+    def restore(self, net, plan: ScalePlan) -> Energies:
+        """Undo the later rescalings, last first, each with the degrees it was applied with."""
+        for scale, degrees in reversed(self.applied):
+            apply_scales(net, plan, {g: 1.0 / r for g, r in scale.items()}, degrees)
+        self.applied = []
+        return self.now
 
 
 def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: Energies) -> np.ndarray:
@@ -292,9 +322,9 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
 def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
     ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
-    ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J and a fixed
-    random direction u (forward differences): how a gradient through it scales (``e = d``
-    for a homogeneous f). Both clipped to [-3, 3]."""
+    ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J along a
+    fixed random direction u (forward differences): how a gradient through it scales
+    (``e = d`` for a homogeneous f). Both clipped to [-3, 3]."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}
     lps = {lp.name: lp for lp in net.net_param.layer}
@@ -307,8 +337,9 @@ def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float],
         lp = lps[names[i]]
         x = np.array(net.blobs[lp.bottom[0]].data)
         f, gain = step(names[i], x)
-        y2, j2 = _response(net, lp, names[i], x * f)
-        y1, j1 = _response(net, lp, names[i], x)  # last: the blobs hold the real output
+        u = np.random.RandomState(0).standard_normal(x.shape).astype(np.float32)
+        y2, j2 = _response(net, lp, names[i], x * f, u)
+        y1, j1 = _response(net, lp, names[i], x, u)  # last: the blobs hold the real output
         degrees[names[i]] = _clip_degree(math.log(y2 / y1) / math.log(gain) if y1 > 0 and y2 > 0 else 1.0)
         e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
         back[names[i]] = _clip_degree(e)
@@ -318,11 +349,10 @@ def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float],
     return degrees, back
 
 
-def _response(net, lp, name: str, x: np.ndarray, u_seed: int = 0) -> Tuple[float, float]:
+def _response(net, lp, name: str, x: np.ndarray, u: np.ndarray) -> Tuple[float, float]:
     """Layer ``lp``'s output's centred norm at input ``x``, and the norm of its derivative
-    along a fixed random direction (a forward difference of relative size 1e-3); the layer's
-    top holds ``f(x)`` afterwards."""
-    u = np.random.RandomState(u_seed).standard_normal(x.shape).astype(np.float32)
+    along the unit-variance direction ``u`` (a forward difference of relative size 1e-3); the
+    layer's top holds ``f(x)`` afterwards."""
     h = np.float32(1e-3 * math.sqrt(float(np.mean(np.square(x, dtype=np.float64)))) or 1e-3)
     top = net.blobs[lp.top[0]]
     net.set_data(lp.bottom[0], x + h * u)
