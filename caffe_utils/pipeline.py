@@ -393,7 +393,13 @@ def format_report(result: RunResult) -> str:
     lines.insert(1, "  ".join("-" * wd for wd in widths))
     lines.append("")
     lines.append(f"change-rate flatness (max/min): {_fmt(r.flatness_before)} before, {_fmt(r.flatness_after)} after "
-                 f"{r.iterations} between-layer iteration(s){' (converged)' if r.converged else ''}")
+                 f"{r.iterations} between-layer round(s), {r.passes} of them measured"
+                 f"{' (converged)' if r.converged else ''}")
+    for i, rnd in enumerate(r.rounds, 1):
+        measured = "" if rnd.flatness_measured is None else f", measured {_fmt(rnd.flatness_measured)}"
+        lines.append(f"  round {i}: flatness predicted {_fmt(rnd.flatness_predicted)}{measured}")
+    if r.frozen_layers:
+        lines.append(f"not counted in the flatness (lr_mult 0, they do not learn): {', '.join(r.frozen_layers)}")
     if r.pinned_layers:
         lines.append(f"not rescaled (their outputs reach the net's output): {', '.join(r.pinned_layers)}")
     if r.inexact_layers:
