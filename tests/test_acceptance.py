@@ -37,8 +37,10 @@ def test_rescaling_open_nsfw_keeps_probabilities(caffe, nsfw_model, tmp_path):
     assert np.std(probs[0][:, 1]) > 1e-3  # the photos give different outputs: a real test
 
 
-@pytest.mark.parametrize("init", ["kmeans", "gaussian"])
+@pytest.mark.parametrize("init", ["kmeans", "gaussian", "xavier", "msra", "orthogonal", "pca", "zca"])
 def test_numpy_and_caffe_engines_give_the_same_model(caffe, tmp_path, init):
+    """The continuous initializations give the same caffemodel on both engines within rtol 1e-3
+    (issue 4's decision); on this small net k-means does too."""
     from nets import SMALL
     proto = tmp_path / "small.prototxt"
     proto.write_text(SMALL)

@@ -15,7 +15,7 @@ def test_help_documents_options_and_defaults():
     assert res.exit_code == 0
     for text in ("--weights", "--data", "--images", "default: 160", "--init", "kmeans", "--no-within",
                  "--no-between", "--beta", "default: 0.1", "--iterations", "default: 10", "--damping",
-                 "default: 0.5", "--zero-classifier", "--engine", "--gpu", "--seed", "--report", "--quiet",
+                 "default: 1.0", "--zero-classifier", "--engine", "--gpu", "--seed", "--report", "--quiet",
                  "orthogonal", "--reinit", "--mem-limit"):
         assert text in res.output, text
 
