@@ -112,8 +112,9 @@ def _num_threads() -> int:
     return max(1, min(n, 8))
 
 
-def _parallel(work: Callable[[slice], None], n: int, total: int) -> None:
-    """Run ``work(slice)`` over a partition of ``range(n)``, in threads when ``total`` is big."""
+def parallel(work: Callable[[slice], None], n: int, total: int) -> None:
+    """Run ``work(slice)`` over a partition of ``range(n)``, in threads when ``total`` (the
+    elements the work touches) is big. The parts must not write to the same memory."""
     global _POOL
     nt = min(_num_threads(), n)
     if nt <= 1 or total < _PARALLEL_MIN:
@@ -124,6 +125,19 @@ def _parallel(work: Callable[[slice], None], n: int, total: int) -> None:
     bounds = [round(k * n / nt) for k in range(nt + 1)]
     for f in [_POOL.submit(work, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
         f.result()
+
+
+def tap_range(size: int, out: int, offset: int, stride: int) -> Tuple[slice, slice]:
+    """One kernel tap along one axis: the output positions ``r`` (of ``out``) whose input
+    ``r*stride + offset`` lies inside ``[0, size)``, and those inputs, as ``(out_slice,
+    in_slice)`` (empty slices when there are none). Positions outside read zero (padding), so a
+    kernel that clips its taps this way needs no padded copy of its input."""
+    r0 = max(0, -(offset // stride))
+    r1 = min(out, (size - 1 - offset) // stride + 1)
+    if r1 <= r0:
+        return slice(0, 0), slice(0, 0)
+    i0 = r0 * stride + offset
+    return slice(r0, r1), slice(i0, i0 + (r1 - r0 - 1) * stride + 1, stride)
 
 
 def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:
@@ -160,7 +174,7 @@ def im2col_batch(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPa
                 else:
                     col[part, i, j] = xt[part, :, rows[i], cols[j]]
 
-    _parallel(work, N if by_image else C, col.size)
+    parallel(work, N if by_image else C, col.size)
     return col.reshape(C * kh * kw, N * oh * ow)
 
 
@@ -198,7 +212,7 @@ def col2im_batch(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: In
                 else:
                     xt[part, :, rows[i], cols[j]] += col[part, i, j]
 
-    _parallel(work, N if by_image else C, col.size)
+    parallel(work, N if by_image else C, col.size)
     if Hp == H and Wp == W:
         return xp
     return xp[:, :, ph:ph + H, pw:pw + W]

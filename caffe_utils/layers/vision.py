@@ -3,13 +3,20 @@ Deconvolution, InnerProduct.
 
 Each follows Caffe's CPU implementation (BVLC ``*_layer.cpp``): parameter rules, shapes,
 rounding, padding conventions and what backward computes. Convolutions run on many images at
-once: :func:`~caffe_utils.layers.im2col.im2col_batch` builds one column matrix
-``(C*kh*kw, n*outH*outW)`` for a chunk of ``n`` images (as many as fit in :data:`COL_BUDGET`
-elements) and each group is one float32 matrix product; large temporaries live in reusable
-scratch buffers (so the layers are not thread-safe). Backward adds into bottom and parameter
-diffs, as the engine's protocol requires (Caffe overwrites bottom diffs; the net zeroes them).
-:func:`conv_geometry` reads a ConvolutionParameter's 2-D kernel, pad, stride and dilation the
-way Caffe does, for this module and for the initialization.
+once, by one of three kernels (:attr:`Convolution.path`):
+
+* 1x1 kernels without padding and depthwise convolutions (one input channel per group) need no
+  column matrix: :mod:`.conv_kernels` runs them as GEMMs on the input planes and as a direct
+  stencil;
+* everything else (and Deconvolution): :func:`~caffe_utils.layers.im2col.im2col_batch` builds
+  one column matrix ``(C*kh*kw, n*outH*outW)`` for a chunk of ``n`` images (as many as fit in
+  :data:`COL_BUDGET` elements) and all groups are one stacked float32 matrix product.
+
+Large temporaries live in reusable scratch buffers (so the layers are not thread-safe).
+Backward adds into bottom and parameter diffs, as the engine's protocol requires (Caffe
+overwrites bottom diffs; the net zeroes them). :func:`conv_geometry` reads a
+ConvolutionParameter's 2-D kernel, pad, stride and dilation the way Caffe does, for this module
+and for the initialization.
 
 Pooling is in :mod:`.pooling`, LRN in :mod:`.normalization`.
 
@@ -23,6 +30,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forward, is_depthwise,
+                                             is_pointwise, pointwise_backward, pointwise_forward)
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, scratch
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
@@ -190,25 +199,23 @@ class _BaseConvolution(Layer):
         return im2col_batch(x, *self._conv_args(), out=scratch("col", c * kh * kw * n * oh * ow))
 
     def _gemm_forward(self, x: Optional[np.ndarray], col: Optional[np.ndarray] = None) -> np.ndarray:
-        """Convolution of conv-input ``x`` (or of its columns ``col``): (conv_out, N*oh*ow)."""
+        """Convolution of conv-input ``x`` (or of its columns ``col``): (conv_out, N*oh*ow).
+        All groups are one stacked matrix product."""
         G = self.group
         if col is None:
             col = self._im2col(x)
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
-        mg, kg = w.shape[1], w.shape[2]
-        out = scratch("out", self.conv_out * col.shape[1]).reshape(self.conv_out, col.shape[1])
-        for g in range(G):
-            np.matmul(w[g], col[g * kg:(g + 1) * kg], out=out[g * mg:(g + 1) * mg])
-        return out
+        out = scratch("out", self.conv_out * col.shape[1]).reshape(G, w.shape[1], col.shape[1])
+        np.matmul(w, col.reshape(G, w.shape[2], -1), out=out)
+        return out.reshape(self.conv_out, -1)
 
     def _gemm_backward_data(self, y: np.ndarray, in_shape) -> np.ndarray:
         """Transpose convolution of rows ``y`` (conv_out, N*oh*ow): conv-input shaped view."""
         G = self.group
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         mg, kg = w.shape[1], w.shape[2]
-        col = scratch("col", G * kg * y.shape[1]).reshape(G * kg, y.shape[1])
-        for g in range(G):
-            np.matmul(w[g].T, y[g * mg:(g + 1) * mg], out=col[g * kg:(g + 1) * kg])
+        col = scratch("col", G * kg * y.shape[1]).reshape(G, kg, y.shape[1])
+        np.matmul(w.transpose(0, 2, 1), y.reshape(G, mg, -1), out=col)
         n, c, h, wd = in_shape
         (ph, pw) = self.pad
         size = n * c * (h + 2 * ph + self.stride[0] + self.dilation[0] * self.kernel[0]) * \
@@ -220,8 +227,9 @@ class _BaseConvolution(Layer):
         G = self.group
         wd = self.blobs[0].diff.reshape(G, self.conv_out // G, -1)
         mg, kg = wd.shape[1], wd.shape[2]
-        for g in range(G):
-            gemm_accumulate(wd[g], y[g * mg:(g + 1) * mg], col[g * kg:(g + 1) * kg].T)
+        t = scratch("gemm", wd.size).reshape(wd.shape)
+        np.matmul(y.reshape(G, mg, -1), col.reshape(G, kg, -1).transpose(0, 2, 1), out=t)
+        wd += t
 
     @staticmethod
     def _to_rows(a: np.ndarray) -> np.ndarray:
@@ -246,23 +254,47 @@ class Convolution(_BaseConvolution):
         (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self._conv_args()
         return conv_out_size(h, kh, ph, sh, dh), conv_out_size(w, kw, pw, sw, dw)
 
+    @property
+    def path(self) -> str:
+        """The kernel this layer runs: "depthwise" (a direct stencil, :mod:`.conv_kernels`),
+        "pointwise" (1x1 without padding: GEMMs on the input planes) or "im2col"."""
+        if is_depthwise(self.channels, self.group):
+            return "depthwise"
+        if is_pointwise(self.kernel, self.pad):
+            return "pointwise"
+        return "im2col"
+
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
+        w, path = self.blobs[0].data, self.path
         for b, t in zip(bottom, top):
-            for s in self._image_chunks(t.data.shape):
-                y = t.data[s]
-                y[...] = self._from_rows(self._gemm_forward(b.data[s]), y.shape)
+            if path == "pointwise":
+                pointwise_forward(b.data, w, self.group, self.stride, t.data)
+            elif path == "depthwise":
+                depthwise_forward(b.data, w, self._conv_args(), t.data)
+            else:
+                for s in self._image_chunks(t.data.shape):
+                    y = t.data[s]
+                    y[...] = self._from_rows(self._gemm_forward(b.data[s]), y.shape)
             if self.bias_term:
                 t.data += self.blobs[1].data[None, :, None, None]
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
+        w, dw, path = self.blobs[0].data, self.blobs[0].diff, self.path
         for i, (t, b) in enumerate(zip(top, bottom)):
             if self.bias_term:
                 self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3), dtype=DTYPE)
+            dx = b.diff if propagate_down[i] else None
+            if path == "pointwise":
+                pointwise_backward(b.data, w, t.diff, self.group, self.stride, dx, dw)
+                continue
+            if path == "depthwise":
+                depthwise_backward(b.data, w, t.diff, self._conv_args(), dx, dw)
+                continue
             for s in self._image_chunks(t.diff.shape):
                 dy = self._to_rows(t.diff[s])
                 self._gemm_weight(self._im2col(b.data[s]), dy)
-                if propagate_down[i]:
-                    b.diff[s] += self._gemm_backward_data(dy, b.data[s].shape)
+                if dx is not None:
+                    dx[s] += self._gemm_backward_data(dy, b.data[s].shape)
 
 
 @register

@@ -1,0 +1,208 @@
+"""Convolution kernels of the numpy engine that need no column matrix.
+
+:class:`~caffe_utils.layers.vision.Convolution` picks one of these for the shapes where im2col
+is wasted work, and the general im2col + GEMM path (:mod:`.im2col`) for the rest:
+
+* **pointwise** (1x1 kernel, no padding): the input already is the column matrix. Each image's
+  ``(C, H*W)`` plane (subsampled first when the stride is above 1) is multiplied by the
+  ``(M, C)`` weights with one stacked ``np.matmul`` over images and groups, writing straight into
+  the top; the gradients are the transposed products. Where the planes are small, the batch is
+  first laid out as one ``(C, N*H*W)`` matrix so that BLAS gets one large product instead of
+  many thin ones.
+* **depthwise** (``group == channels``, one input channel per group, any channel multiplier):
+  a direct stencil, the sum over the ``kh*kw`` taps of a shifted (strided, dilated) slice of the
+  input times each channel's tap weight. Taps reaching into the padding are clipped rather than
+  padded, and the work goes in blocks of images and channels small enough to stay in cache,
+  split over threads (numpy releases the GIL in the elementwise loops).
+
+Both follow the engine's protocol: the forward pass overwrites the top, backward adds (``+=``)
+into the bottom and weight diffs. Results agree with Caffe's im2col + GEMM up to float32
+rounding (the sums run in another order); ``tests/oracles.py``'s direct loops are the reference.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from caffe_utils.layers.im2col import parallel, scratch, tap_range
+
+Pair = Tuple[int, int]
+
+#: elements of one depthwise block's output (with the tap products, it stays in L2 cache)
+BLOCK = 1 << 16
+#: below this many output positions per image, pointwise convolutions use one batch-wide GEMM
+SMALL_PLANE = 400
+
+
+def is_pointwise(kernel: Pair, pad: Pair) -> bool:
+    """Whether a convolution is a 1x1 kernel without padding (dilation then plays no part)."""
+    return kernel == (1, 1) and pad == (0, 0)
+
+
+def is_depthwise(channels: int, group: int) -> bool:
+    """Whether every group convolves exactly one input channel (and there is more than one)."""
+    return group > 1 and group == channels
+
+
+# ---- pointwise ------------------------------------------------------------------------------
+
+def _planes(x: np.ndarray, stride: Pair, name: str) -> np.ndarray:
+    """``x`` (n, C, H, W) as (n, C, P) at the given stride: a view, or a subsampled copy in the
+    scratch buffer ``name``."""
+    n, c = x.shape[:2]
+    if stride == (1, 1):
+        return x.reshape(n, c, -1)
+    v = x[:, :, ::stride[0], ::stride[1]]
+    out = scratch(name, v.size).reshape(v.shape)
+    np.copyto(out, v)
+    return out.reshape(n, c, -1)
+
+
+def _rows(a: np.ndarray, name: str) -> np.ndarray:
+    """(n, C, P) -> contiguous (C, n*P) copy in scratch buffer ``name``."""
+    n, c, p = a.shape
+    r = scratch(name, a.size).reshape(c, n, p)
+    np.copyto(r, a.transpose(1, 0, 2))
+    return r.reshape(c, n * p)
+
+
+def pointwise_forward(x: np.ndarray, w: np.ndarray, group: int, stride: Pair, y: np.ndarray) -> None:
+    """Write the 1x1 convolution of ``x`` (n, C, H, W) with weights ``w`` (M, C/group, 1, 1)
+    into ``y`` (n, M, oh, ow), which must be C-contiguous."""
+    n, m = y.shape[:2]
+    xp = _planes(x, stride, "pw_in")
+    p = xp.shape[2]
+    wg = w.reshape(group, m // group, -1)
+    cg = wg.shape[2]
+    if group == 1 and p < SMALL_PLANE and n > 1:
+        out = scratch("pw_out", m * n * p).reshape(m, n * p)
+        np.matmul(wg[0], _rows(xp, "pw_rows"), out=out)
+        np.copyto(y.reshape(n, m, p), out.reshape(m, n, p).transpose(1, 0, 2))
+        return
+    np.matmul(wg, xp.reshape(n, group, cg, p), out=y.reshape(n, group, m // group, p))
+
+
+def pointwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, group: int, stride: Pair,
+                       dx: Optional[np.ndarray], dw: np.ndarray) -> None:
+    """Add the gradients of :func:`pointwise_forward` for top diff ``dy``: into ``dw`` (the
+    weight diff) and, unless ``dx`` is None, into ``dx`` (the bottom diff, shaped as ``x``)."""
+    n, m = dy.shape[:2]
+    xp = _planes(x, stride, "pw_in")
+    c, p = xp.shape[1], xp.shape[2]
+    mg, cg = m // group, c // group
+    dyp = dy.reshape(n, m, p)
+    dwg = dw.reshape(group, mg, cg)
+    wg = w.reshape(group, mg, cg)
+    if group == 1 and (p < SMALL_PLANE or n * m * c > x.size + dy.size) and n > 1:
+        dyr = _rows(dyp, "pw_rows")
+        t = scratch("pw_w", m * c).reshape(m, c)
+        np.matmul(dyr, _rows(xp, "pw_rows2").T, out=t)
+        dwg[0] += t
+        if dx is not None:
+            g = scratch("pw_out", c * n * p).reshape(c, n * p)
+            np.matmul(wg[0].T, dyr, out=g)
+            _add_strided(dx, g.reshape(c, n, p).transpose(1, 0, 2), stride)
+        return
+    t = scratch("pw_w", n * m * cg).reshape(n, group, mg, cg)
+    np.matmul(dyp.reshape(n, group, mg, p), xp.reshape(n, group, cg, p).transpose(0, 1, 3, 2), out=t)
+    dwg += t.sum(axis=0)
+    if dx is not None:
+        g = scratch("pw_out", n * c * p).reshape(n, group, cg, p)
+        np.matmul(wg.transpose(0, 2, 1), dyp.reshape(n, group, mg, p), out=g)
+        _add_strided(dx, g.reshape(n, c, p), stride)
+
+
+def _add_strided(dx: np.ndarray, g: np.ndarray, stride: Pair) -> None:
+    """``dx[:, :, ::sh, ::sw] += g`` for ``g`` shaped (n, C, P) over the strided positions."""
+    v = dx[:, :, ::stride[0], ::stride[1]]
+    v += g.reshape(v.shape)
+
+
+# ---- depthwise ------------------------------------------------------------------------------
+
+def _taps(shape: Sequence[int], out_hw: Pair, kernel: Pair, pad: Pair, stride: Pair,
+          dilation: Pair) -> List[Tuple[int, int, slice, slice, slice, slice]]:
+    """Every kernel tap ``(i, j)`` that reads inside the input, with its output rows/cols and
+    the input rows/cols they read: ``(i, j, out_rows, out_cols, in_rows, in_cols)``."""
+    H, W = shape[2], shape[3]
+    rows = [(i,) + tap_range(H, out_hw[0], i * dilation[0] - pad[0], stride[0]) for i in range(kernel[0])]
+    cols = [(j,) + tap_range(W, out_hw[1], j * dilation[1] - pad[1], stride[1]) for j in range(kernel[1])]
+    return [(i, j, ro, co, ri, ci) for i, ro, ri in rows if ro.stop > ro.start
+            for j, co, ci in cols if co.stop > co.start]
+
+
+def _blocks(n: int, c: int, per_channel: int) -> List[Tuple[slice, slice]]:
+    """(images, channels) blocks of at most about :data:`BLOCK` output elements."""
+    per_image = c * per_channel
+    if per_image <= BLOCK:
+        step = max(1, BLOCK // per_image)
+        return [(slice(a, min(n, a + step)), slice(0, c)) for a in range(0, n, step)]
+    cb = max(1, BLOCK // per_channel)
+    return [(slice(a, a + 1), slice(b, min(c, b + cb))) for a in range(n) for b in range(0, c, cb)]
+
+
+def _block_size(blocks: List[Tuple[slice, slice]], per_channel: int) -> int:
+    """Elements of the largest block's output."""
+    return max((ns.stop - ns.start) * (cs.stop - cs.start) for ns, cs in blocks) * per_channel
+
+
+def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray) -> None:
+    """Write the depthwise convolution of ``x`` (n, C, H, W) with weights ``w`` (C*mult, 1, kh,
+    kw) into ``y`` (n, C*mult, oh, ow). ``geometry``: (kernel, pad, stride, dilation)."""
+    n, c = x.shape[:2]
+    mult = w.shape[0] // c
+    oh, ow = y.shape[2:]
+    taps = _taps(x.shape, (oh, ow), *geometry)
+    w5 = w.reshape(c, mult, geometry[0][0], geometry[0][1])
+    y5 = y.reshape(n, c, mult, oh, ow)
+    blocks = _blocks(n, c, mult * oh * ow)
+    size = _block_size(blocks, mult * oh * ow)
+
+    def work(part: slice) -> None:
+        tmp = np.empty(size, x.dtype)
+        for ns, cs in blocks[part]:
+            yb = y5[ns, cs]
+            yb[...] = 0
+            for i, j, ro, co, ri, ci in taps:
+                xv = x[ns, cs, ri, ci][:, :, None]
+                t = tmp[:yb[..., ro, co].size].reshape(yb[..., ro, co].shape)
+                np.multiply(xv, w5[cs, :, i, j][None, :, :, None, None], out=t)
+                yv = yb[..., ro, co]
+                yv += t
+
+    parallel(work, len(blocks), y.size)
+
+
+def depthwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, geometry,
+                       dx: Optional[np.ndarray], dw: np.ndarray) -> None:
+    """Add the gradients of :func:`depthwise_forward` for top diff ``dy`` into ``dw`` and,
+    unless ``dx`` is None, into ``dx`` (shaped as ``x``)."""
+    n, c = x.shape[:2]
+    mult = w.shape[0] // c
+    kh, kw = geometry[0]
+    oh, ow = dy.shape[2:]
+    taps = _taps(x.shape, (oh, ow), *geometry)
+    w5 = w.reshape(c, mult, kh, kw)
+    dy5 = dy.reshape(n, c, mult, oh, ow)
+    blocks = _blocks(n, c, mult * oh * ow)
+    partial = np.zeros((len(blocks), c, mult, kh, kw), np.float32)
+    size = _block_size(blocks, mult * oh * ow)
+
+    def work(part: slice) -> None:
+        tmp = np.empty(size, x.dtype)
+        for b in range(part.start, part.stop):
+            ns, cs = blocks[b]
+            for i, j, ro, co, ri, ci in taps:
+                dyv = dy5[ns, cs][..., ro, co]
+                t = tmp[:dyv.size].reshape(dyv.shape)
+                np.multiply(dyv, x[ns, cs, ri, ci][:, :, None], out=t)
+                partial[b, cs, :, i, j] = t.reshape(t.shape[:3] + (-1,)).sum(axis=(0, 3))
+                if dx is None:
+                    continue
+                np.multiply(dyv, w5[cs, :, i, j][None, :, :, None, None], out=t)
+                dxv = dx[ns, cs, ri, ci]
+                dxv += t[:, :, 0] if mult == 1 else t.sum(axis=2)
+
+    parallel(work, len(blocks), dy.size)
+    dw += partial.sum(axis=0).reshape(dw.shape)

@@ -1,0 +1,149 @@
+"""Tests of the convolution fast paths (caffe_utils/layers/conv_kernels.py) and of the stacked
+group GEMM of the im2col path: each against the direct loops of ``tests/oracles.py`` and by
+finite differences, at several geometries, group counts and channel multipliers, with the
+block and thread splits forced on.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caffe_utils.layers import conv_kernels
+from caffe_utils.layers import im2col as i2c
+from tests.gradcheck import check_gradients
+from tests.oracles import naive_conv, naive_conv_backward
+from tests.test_layers_vision import close, fwd_bwd, make_layer
+
+
+def _check_conv(shape, cp, k, p, s, d, group, path, kind="Convolution"):
+    """Forward, backward data and backward weight against the 7-loop oracle."""
+    layer, bottom, top = make_layer(f'name: "c" type: "{kind}" convolution_param {{ {cp} }}', [shape])
+    assert layer.path == path
+    w = layer.blobs[0].data.copy()
+    b = layer.blobs[1].data.copy() if len(layer.blobs) > 1 else None
+    (y,), (dy,) = fwd_bwd(layer, bottom, top)
+    x = bottom[0].data
+    close(y, naive_conv(x, w, b, k, p, s, d, group))
+    dx, dwt, db = naive_conv_backward(x, w, dy, k, p, s, d, group)
+    close(bottom[0].diff, dx)
+    close(layer.blobs[0].diff, dwt)
+    if b is not None:
+        close(layer.blobs[1].diff, db)
+    return layer, bottom, top
+
+
+POINTWISE_CASES = [
+    # (bottom shape, convolution_param text, stride, group)
+    ((2, 6, 5, 4), "num_output: 4 kernel_size: 1", 1, 1),
+    ((3, 4, 7, 6), "num_output: 5 kernel_size: 1 stride: 2", 2, 1),
+    ((2, 3, 8, 7), "num_output: 2 kernel_size: 1 stride_h: 2 stride_w: 3 bias_term: false", (2, 3), 1),
+    ((2, 6, 5, 5), "num_output: 4 kernel_size: 1 group: 2", 1, 2),
+    ((2, 6, 6, 5), "num_output: 9 kernel_size: 1 group: 3 stride: 2", 2, 3),
+    ((1, 3, 4, 4), "num_output: 2 kernel_size: 1 dilation: 3", 1, 1),
+]
+
+
+@pytest.mark.parametrize("small_plane", [0, 10 ** 6])
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=[c[1] for c in POINTWISE_CASES])
+def test_pointwise_matches_direct_loops(monkeypatch, case, small_plane):
+    """Both ways of the 1x1 path: per-image stacked GEMMs, and one batch-wide GEMM on rows."""
+    monkeypatch.setattr(conv_kernels, "SMALL_PLANE", small_plane)
+    shape, cp, s, group = case
+    _check_conv(shape, cp, 1, 0, s, 1, group, "pointwise")
+
+
+def test_one_by_one_with_padding_is_not_pointwise():
+    _check_conv((2, 3, 4, 5), "num_output: 2 kernel_size: 1 pad: 1", 1, 1, 1, 1, 1, "im2col")
+
+
+DEPTHWISE_CASES = [
+    # (bottom shape, convolution_param text, kernel, pad, stride, dilation, group)
+    ((2, 4, 7, 6), "num_output: 4 kernel_size: 3 pad: 1 group: 4", 3, 1, 1, 1, 4),
+    ((2, 5, 9, 8), "num_output: 5 kernel_size: 3 pad: 1 stride: 2 group: 5 bias_term: false", 3, 1, 2, 1, 5),
+    ((2, 3, 6, 7), "num_output: 6 kernel_size: 3 pad: 1 group: 3", 3, 1, 1, 1, 3),          # multiplier 2
+    ((1, 2, 9, 7), "num_output: 6 kernel_h: 3 kernel_w: 2 pad_h: 2 pad_w: 0 stride_h: 2 stride_w: 1 "
+     "dilation: 2 group: 2", (3, 2), (2, 0), (2, 1), 2, 2),                                   # multiplier 3
+    ((2, 3, 5, 5), "num_output: 3 kernel_size: 3 pad: 2 group: 3", 3, 2, 1, 1, 3),           # taps all in pad
+    ((1, 3, 2, 3), "num_output: 3 kernel_size: 3 stride: 2 group: 3", 3, 0, 2, 1, 3),       # C truncation
+    ((2, 4, 5, 6), "num_output: 4 kernel_size: 1 stride: 2 group: 4", 1, 0, 2, 1, 4),       # 1x1 depthwise
+    ((2, 3, 6, 6), "num_output: 3 kernel_size: 5 pad: 2 stride: 3 group: 3", 5, 2, 3, 1, 3),
+]
+
+
+@pytest.mark.parametrize("split", ["whole", "blocks"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[c[1] for c in DEPTHWISE_CASES])
+def test_depthwise_matches_direct_loops(monkeypatch, case, split):
+    """The direct stencil; with ``blocks``, tiny blocks (images and channel ranges) in 2 threads."""
+    if split == "blocks":
+        monkeypatch.setattr(conv_kernels, "BLOCK", 7)
+        monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+        monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    shape, cp, k, p, s, d, group = case
+    _check_conv(shape, cp, k, p, s, d, group, "depthwise")
+
+
+@pytest.mark.parametrize("kind", ["DepthwiseConvolution", "ConvolutionDepthwise"])
+def test_depthwise_fork_types_take_the_stencil(kind):
+    _check_conv((2, 3, 6, 5), "num_output: 3 kernel_size: 3 pad: 1 stride: 2 group: 3", 3, 1, 2, 1, 3,
+                "depthwise", kind)
+
+
+GROUPED_CASES = [
+    # (bottom shape, convolution_param text, kernel, pad, stride, dilation, group): im2col path
+    ((2, 6, 6, 5), "num_output: 6 kernel_size: 3 pad: 1 group: 3", 3, 1, 1, 1, 3),           # 2 in/group
+    ((2, 8, 5, 6), "num_output: 12 kernel_size: 3 stride: 2 pad: 1 group: 4", 3, 1, 2, 1, 4),
+    ((1, 4, 7, 7), "num_output: 2 kernel_size: 2 dilation: 2 group: 2", 2, 0, 1, 2, 2),
+    ((2, 3, 5, 5), "num_output: 6 kernel_size: 3 group: 1", 3, 0, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[c[1] for c in GROUPED_CASES])
+def test_grouped_im2col_matches_direct_loops(case):
+    """Groups of several input channels: one stacked GEMM over the group axis."""
+    shape, cp, k, p, s, d, group = case
+    _check_conv(shape, cp, k, p, s, d, group, "im2col")
+
+
+@pytest.mark.parametrize("cp, shape, path", [
+    ("num_output: 4 kernel_size: 1 stride: 2 group: 2", (2, 4, 5, 6), "pointwise"),
+    ("num_output: 6 kernel_size: 1", (2, 3, 4, 4), "pointwise"),
+    ("num_output: 6 kernel_size: 3 pad: 1 stride: 2 group: 3", (2, 3, 6, 5), "depthwise"),
+    ("num_output: 3 kernel_h: 3 kernel_w: 2 dilation: 2 pad: 1 group: 3 bias_term: false", (1, 3, 6, 5),
+     "depthwise"),
+    ("num_output: 6 kernel_size: 3 pad: 1 group: 3", (2, 6, 5, 4), "im2col"),
+])
+def test_fast_path_gradients(cp, shape, path):
+    layer, bottom, top = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [shape])
+    assert layer.path == path
+    assert check_gradients(layer, bottom, top, max_checks=60) > 0
+
+
+@pytest.mark.parametrize("cp, shape", [
+    ("num_output: 4 kernel_size: 1 stride: 2", (2, 3, 5, 5)),
+    ("num_output: 6 kernel_size: 3 pad: 1 group: 3", (2, 3, 5, 5)),
+])
+def test_fast_paths_add_into_diffs(cp, shape):
+    """Backward adds (+=): a second backward doubles the diffs; without propagate_down the
+    bottom diff stays as it was while the weight diff still grows."""
+    layer, bottom, top = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [shape])
+    fwd_bwd(layer, bottom, top)
+    g_w, g_x = layer.blobs[0].diff.copy(), bottom[0].diff.copy()
+    layer.backward(top, [True], bottom)
+    close(layer.blobs[0].diff, 2 * g_w, 1e-6)
+    close(bottom[0].diff, 2 * g_x, 1e-6)
+    layer.backward(top, [False], bottom)
+    close(layer.blobs[0].diff, 3 * g_w, 1e-6)
+    close(bottom[0].diff, 2 * g_x, 1e-6)
+
+
+def test_tap_range_clips_to_the_input():
+    # size 5, 3 outputs at stride 2 from offset -1: inputs -1, 1, 3 -> outputs 1..2 read 1, 3
+    assert i2c.tap_range(5, 3, -1, 2) == (slice(1, 3), slice(1, 4, 2))
+    assert i2c.tap_range(5, 3, 1, 2) == (slice(0, 2), slice(1, 4, 2))   # inputs 1, 3, 5 (5 outside)
+    o, _ = i2c.tap_range(2, 2, 4, 1)
+    assert o.stop <= o.start                                           # all outside: empty
+    for size, out, offset, stride in [(7, 4, -2, 2), (6, 6, 0, 1), (3, 5, -3, 1), (9, 3, 2, 3)]:
+        o, i = i2c.tap_range(size, out, offset, stride)
+        want = [r for r in range(out) if 0 <= r * stride + offset < size]
+        assert list(range(out))[o] == want
+        assert list(range(size))[i] == [r * stride + offset for r in want]
