@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils.layers import conv_kernels
+from caffe_utils.layers import conv_kernels, vision
 from caffe_utils.layers import im2col as i2c
 from tests.gradcheck import check_gradients
 from tests.oracles import naive_conv, naive_conv_backward
@@ -43,11 +43,11 @@ POINTWISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("small_plane", [0, 10 ** 6])
+@pytest.mark.parametrize("budget", [1, 1 << 25])
 @pytest.mark.parametrize("case", POINTWISE_CASES, ids=[c[1] for c in POINTWISE_CASES])
-def test_pointwise_matches_direct_loops(monkeypatch, case, small_plane):
-    """Both ways of the 1x1 path: per-image stacked GEMMs, and one batch-wide GEMM on rows."""
-    monkeypatch.setattr(conv_kernels, "SMALL_PLANE", small_plane)
+def test_pointwise_matches_direct_loops(monkeypatch, case, budget):
+    """The 1x1 path, on the whole batch at once and (budget 1) one image at a time."""
+    monkeypatch.setattr(vision, "COL_BUDGET", budget)
     shape, cp, s, group = case
     _check_conv(shape, cp, 1, 0, s, 1, group, "pointwise")
 

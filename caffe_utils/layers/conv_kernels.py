@@ -3,12 +3,12 @@
 :class:`~caffe_utils.layers.vision.Convolution` picks one of these for the shapes where im2col
 is wasted work, and the general im2col + GEMM path (:mod:`.im2col`) for the rest:
 
-* **pointwise** (1x1 kernel, no padding): the input already is the column matrix. Each image's
-  ``(C, H*W)`` plane (subsampled first when the stride is above 1) is multiplied by the
-  ``(M, C)`` weights with one stacked ``np.matmul`` over images and groups, writing straight into
-  the top; the gradients are the transposed products. Where the planes are small, the batch is
-  first laid out as one ``(C, N*H*W)`` matrix so that BLAS gets one large product instead of
-  many thin ones.
+* **pointwise** (1x1 kernel, no padding): the input already is the column matrix. The batch is
+  laid out as one ``(C, N*H*W)`` matrix (subsampled in the same copy when the stride is above
+  1) and multiplied by the ``(M, C)`` weights, all groups in one stacked ``np.matmul``: one
+  large product per group rather than one per image, which keeps BLAS efficient on small planes
+  and costs one transposing copy each way. The bias is added in the copy back; the bottom
+  gradient is added straight into the bottom diff (no col2im).
 * **depthwise** (``group == channels``, one input channel per group, any channel multiplier):
   a direct stencil, the sum over the ``kh*kw`` taps of a shifted (strided, dilated) slice of the
   input times each channel's tap weight. Taps reaching into the padding are clipped rather than
@@ -31,8 +31,6 @@ Pair = Tuple[int, int]
 
 #: elements of one depthwise block's output (with the tap products, it stays in L2 cache)
 BLOCK = 1 << 16
-#: below this many output positions per image, pointwise convolutions use one batch-wide GEMM
-SMALL_PLANE = 400
 
 
 def is_pointwise(kernel: Pair, pad: Pair) -> bool:
@@ -47,76 +45,51 @@ def is_depthwise(channels: int, group: int) -> bool:
 
 # ---- pointwise ------------------------------------------------------------------------------
 
-def _planes(x: np.ndarray, stride: Pair, name: str) -> np.ndarray:
-    """``x`` (n, C, H, W) as (n, C, P) at the given stride: a view, or a subsampled copy in the
-    scratch buffer ``name``."""
-    n, c = x.shape[:2]
-    if stride == (1, 1):
-        return x.reshape(n, c, -1)
-    v = x[:, :, ::stride[0], ::stride[1]]
-    out = scratch(name, v.size).reshape(v.shape)
-    np.copyto(out, v)
-    return out.reshape(n, c, -1)
+def _rows(a: np.ndarray, stride: Pair, name: str) -> np.ndarray:
+    """``a`` (n, C, H, W) at the given stride as a contiguous (C, n*P) matrix in the scratch
+    buffer ``name``: one transposing (and subsampling) copy."""
+    v = a if stride == (1, 1) else a[:, :, ::stride[0], ::stride[1]]
+    n, c, h, w = v.shape
+    r = scratch(name, v.size).reshape(c, n, h, w)
+    np.copyto(r, v.transpose(1, 0, 2, 3))
+    return r.reshape(c, n * h * w)
 
 
-def _rows(a: np.ndarray, name: str) -> np.ndarray:
-    """(n, C, P) -> contiguous (C, n*P) copy in scratch buffer ``name``."""
-    n, c, p = a.shape
-    r = scratch(name, a.size).reshape(c, n, p)
-    np.copyto(r, a.transpose(1, 0, 2))
-    return r.reshape(c, n * p)
-
-
-def pointwise_forward(x: np.ndarray, w: np.ndarray, group: int, stride: Pair, y: np.ndarray) -> None:
+def pointwise_forward(x: np.ndarray, w: np.ndarray, group: int, stride: Pair, y: np.ndarray,
+                      bias: Optional[np.ndarray] = None) -> None:
     """Write the 1x1 convolution of ``x`` (n, C, H, W) with weights ``w`` (M, C/group, 1, 1)
-    into ``y`` (n, M, oh, ow), which must be C-contiguous."""
+    (plus ``bias`` (M,), if given) into ``y`` (n, M, oh, ow)."""
     n, m = y.shape[:2]
-    xp = _planes(x, stride, "pw_in")
-    p = xp.shape[2]
+    xr = _rows(x, stride, "pw_in")
     wg = w.reshape(group, m // group, -1)
-    cg = wg.shape[2]
-    if group == 1 and p < SMALL_PLANE and n > 1:
-        out = scratch("pw_out", m * n * p).reshape(m, n * p)
-        np.matmul(wg[0], _rows(xp, "pw_rows"), out=out)
-        np.copyto(y.reshape(n, m, p), out.reshape(m, n, p).transpose(1, 0, 2))
-        return
-    np.matmul(wg, xp.reshape(n, group, cg, p), out=y.reshape(n, group, m // group, p))
+    out = scratch("pw_out", m * xr.shape[1]).reshape(group, m // group, xr.shape[1])
+    np.matmul(wg, xr.reshape(group, wg.shape[2], -1), out=out)
+    res = out.reshape(m, n, -1).transpose(1, 0, 2)
+    y3 = y.reshape(n, m, -1)
+    if bias is None:
+        np.copyto(y3, res)
+    else:
+        np.add(res, bias[None, :, None], out=y3)
 
 
 def pointwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, group: int, stride: Pair,
                        dx: Optional[np.ndarray], dw: np.ndarray) -> None:
     """Add the gradients of :func:`pointwise_forward` for top diff ``dy``: into ``dw`` (the
     weight diff) and, unless ``dx`` is None, into ``dx`` (the bottom diff, shaped as ``x``)."""
-    n, m = dy.shape[:2]
-    xp = _planes(x, stride, "pw_in")
-    c, p = xp.shape[1], xp.shape[2]
+    n, m, oh, ow = dy.shape
+    c = x.shape[1]
     mg, cg = m // group, c // group
-    dyp = dy.reshape(n, m, p)
-    dwg = dw.reshape(group, mg, cg)
-    wg = w.reshape(group, mg, cg)
-    if group == 1 and (p < SMALL_PLANE or n * m * c > x.size + dy.size) and n > 1:
-        dyr = _rows(dyp, "pw_rows")
-        t = scratch("pw_w", m * c).reshape(m, c)
-        np.matmul(dyr, _rows(xp, "pw_rows2").T, out=t)
-        dwg[0] += t
-        if dx is not None:
-            g = scratch("pw_out", c * n * p).reshape(c, n * p)
-            np.matmul(wg[0].T, dyr, out=g)
-            _add_strided(dx, g.reshape(c, n, p).transpose(1, 0, 2), stride)
+    dyr = _rows(dy, (1, 1), "pw_dy").reshape(group, mg, -1)
+    xr = _rows(x, stride, "pw_in").reshape(group, cg, -1)
+    t = scratch("pw_w", m * cg).reshape(group, mg, cg)
+    np.matmul(dyr, xr.transpose(0, 2, 1), out=t)
+    dw += t.reshape(dw.shape)
+    if dx is None:
         return
-    t = scratch("pw_w", n * m * cg).reshape(n, group, mg, cg)
-    np.matmul(dyp.reshape(n, group, mg, p), xp.reshape(n, group, cg, p).transpose(0, 1, 3, 2), out=t)
-    dwg += t.sum(axis=0)
-    if dx is not None:
-        g = scratch("pw_out", n * c * p).reshape(n, group, cg, p)
-        np.matmul(wg.transpose(0, 2, 1), dyp.reshape(n, group, mg, p), out=g)
-        _add_strided(dx, g.reshape(n, c, p), stride)
-
-
-def _add_strided(dx: np.ndarray, g: np.ndarray, stride: Pair) -> None:
-    """``dx[:, :, ::sh, ::sw] += g`` for ``g`` shaped (n, C, P) over the strided positions."""
-    v = dx[:, :, ::stride[0], ::stride[1]]
-    v += g.reshape(v.shape)
+    g = scratch("pw_out", c * dyr.shape[2]).reshape(group, cg, -1)
+    np.matmul(w.reshape(group, mg, cg).transpose(0, 2, 1), dyr, out=g)
+    v = dx if stride == (1, 1) else dx[:, :, ::stride[0], ::stride[1]]
+    v += g.reshape(c, n, oh, ow).transpose(1, 0, 2, 3)
 
 
 # ---- depthwise ------------------------------------------------------------------------------
@@ -147,9 +120,11 @@ def _block_size(blocks: List[Tuple[slice, slice]], per_channel: int) -> int:
     return max((ns.stop - ns.start) * (cs.stop - cs.start) for ns, cs in blocks) * per_channel
 
 
-def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray) -> None:
+def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray,
+                      bias: Optional[np.ndarray] = None) -> None:
     """Write the depthwise convolution of ``x`` (n, C, H, W) with weights ``w`` (C*mult, 1, kh,
-    kw) into ``y`` (n, C*mult, oh, ow). ``geometry``: (kernel, pad, stride, dilation)."""
+    kw) (plus ``bias`` (C*mult,), if given) into ``y`` (n, C*mult, oh, ow). ``geometry``:
+    (kernel, pad, stride, dilation)."""
     n, c = x.shape[:2]
     mult = w.shape[0] // c
     oh, ow = y.shape[2:]
@@ -163,7 +138,7 @@ def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray) -> 
         tmp = np.empty(size, x.dtype)
         for ns, cs in blocks[part]:
             yb = y5[ns, cs]
-            yb[...] = 0
+            yb[...] = 0 if bias is None else bias.reshape(c, mult, 1, 1)[cs]
             for i, j, ro, co, ri, ci in taps:
                 xv = x[ns, cs, ri, ci][:, :, None]
                 t = tmp[:yb[..., ro, co].size].reshape(yb[..., ro, co].shape)

@@ -182,12 +182,12 @@ class _BaseConvolution(Layer):
     # "rows", "img"), each used by one step at a time.
 
     def _image_chunks(self, conv_out_shape) -> List[slice]:
-        """Slices of the batch whose column matrix fits in :data:`COL_BUDGET` elements
-        (at least one image each). ``conv_out_shape``: shape of the convolution's output side
+        """Slices of the batch whose column matrix and GEMM output each fit in
+        :data:`COL_BUDGET` elements (at least one image each). ``conv_out_shape``: shape of the convolution's output side
         (top for Convolution, bottom for Deconvolution)."""
         n = int(conv_out_shape[0])
-        per_image = self.conv_in * self.kernel[0] * self.kernel[1] * \
-            int(conv_out_shape[2]) * int(conv_out_shape[3])
+        rows = max(self.conv_in * self.kernel[0] * self.kernel[1], self.conv_out)
+        per_image = rows * int(conv_out_shape[2]) * int(conv_out_shape[3])
         step = max(1, COL_BUDGET // max(per_image, 1))
         return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -266,17 +266,20 @@ class Convolution(_BaseConvolution):
 
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         w, path = self.blobs[0].data, self.path
+        bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
-            if path == "pointwise":
-                pointwise_forward(b.data, w, self.group, self.stride, t.data)
-            elif path == "depthwise":
-                depthwise_forward(b.data, w, self._conv_args(), t.data)
-            else:
-                for s in self._image_chunks(t.data.shape):
-                    y = t.data[s]
-                    y[...] = self._from_rows(self._gemm_forward(b.data[s]), y.shape)
-            if self.bias_term:
-                t.data += self.blobs[1].data[None, :, None, None]
+            if path == "depthwise":
+                depthwise_forward(b.data, w, self._conv_args(), t.data, bias)
+                continue
+            for s in self._image_chunks(t.data.shape):
+                if path == "pointwise":
+                    pointwise_forward(b.data[s], w, self.group, self.stride, t.data[s], bias)
+                    continue
+                rows = self._from_rows(self._gemm_forward(b.data[s]), t.data[s].shape)
+                if bias is None:
+                    t.data[s] = rows
+                else:
+                    np.add(rows, bias[None, :, None, None], out=t.data[s])
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         w, dw, path = self.blobs[0].data, self.blobs[0].diff, self.path
@@ -284,13 +287,14 @@ class Convolution(_BaseConvolution):
             if self.bias_term:
                 self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3), dtype=DTYPE)
             dx = b.diff if propagate_down[i] else None
-            if path == "pointwise":
-                pointwise_backward(b.data, w, t.diff, self.group, self.stride, dx, dw)
-                continue
             if path == "depthwise":
                 depthwise_backward(b.data, w, t.diff, self._conv_args(), dx, dw)
                 continue
             for s in self._image_chunks(t.diff.shape):
+                if path == "pointwise":
+                    pointwise_backward(b.data[s], w, t.diff[s], self.group, self.stride,
+                                       None if dx is None else dx[s], dw)
+                    continue
                 dy = self._to_rows(t.diff[s])
                 self._gemm_weight(self._im2col(b.data[s]), dy)
                 if dx is not None:
