@@ -1,18 +1,19 @@
-"""Tests of the convolution fast paths (caffe_utils/layers/conv_kernels.py) and of the stacked
-group GEMM of the im2col path: each against the direct loops of ``tests/oracles.py`` and by
-finite differences, at several geometries, group counts and channel multipliers, with the
-block and thread splits forced on.
+"""Tests of the numpy engine's fast kernels: the convolution paths of
+caffe_utils/layers/conv_kernels.py, the stacked group GEMM of the im2col path and Pooling's
+clipped window taps: each against the direct loops of ``tests/oracles.py`` and by finite
+differences, at several geometries, group counts, channel multipliers, paddings and roundings,
+with the block and thread splits forced on.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from caffe_utils.layers import conv_kernels, vision
+from caffe_utils.layers import conv_kernels, pooling, vision
 from caffe_utils.layers import im2col as i2c
 from tests.gradcheck import check_gradients
-from tests.oracles import naive_conv, naive_conv_backward
-from tests.test_layers_vision import close, fwd_bwd, make_layer
+from tests.oracles import naive_conv, naive_conv_backward, naive_pool, naive_pool_backward
+from tests.test_layers_vision import POOL_CASES, _distinct, close, fwd_bwd, make_layer, pool_floor_text
 
 
 def _check_conv(shape, cp, k, p, s, d, group, path, kind="Convolution"):
@@ -147,3 +148,77 @@ def test_tap_range_clips_to_the_input():
         want = [r for r in range(out) if 0 <= r * stride + offset < size]
         assert list(range(out))[o] == want
         assert list(range(size))[i] == [r * stride + offset for r in want]
+
+
+# ------------------------------------------------------------------------------------------
+# Pooling: clipped window taps, block by block
+# ------------------------------------------------------------------------------------------
+
+def _check_pool(shape, pp, method, k, p, s, ceil=True, ntop=1):
+    layer, bottom, top = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: {method} {pp} }}',
+                                    [shape], ntop=ntop)
+    tops, dys = fwd_bwd(layer, bottom, top)
+    ref, mask = naive_pool(bottom[0].data, method, k, p, s, ceil)
+    close(tops[0], ref, 1e-6)
+    if ntop > 1:
+        np.testing.assert_array_equal(tops[1], mask)
+    close(bottom[0].diff, naive_pool_backward(shape, dys[0], method, k, p, s, mask), 1e-6)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c[1] for c in POOL_CASES])
+def test_pooling_in_blocks_and_threads(monkeypatch, method, case):
+    """Tiny blocks (channel ranges of one image, and several images) split over 2 threads."""
+    monkeypatch.setattr(pooling, "BLOCK", 5)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    shape, pp, k, p, s = case
+    _check_pool(shape, pp, method, k, p, s)
+
+
+FLOOR_CASES = [
+    # (shape, kernel, pad, stride) with floor rounding
+    ((2, 3, 7, 7), 2, 1, 2),
+    ((1, 2, 9, 8), 4, 2, 2),
+    ((2, 2, 8, 9), 3, 0, 2),
+    ((1, 3, 6, 7), (3, 2), (1, 1), (2, 3)),
+]
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("case", FLOOR_CASES, ids=[str(c) for c in FLOOR_CASES])
+def test_pooling_floor_rounding_with_pads(method, case):
+    shape, k, p, s = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    ph, pw = (p, p) if isinstance(p, int) else p
+    sh, sw = (s, s) if isinstance(s, int) else s
+    pp = (f"kernel_h: {kh} kernel_w: {kw} pad_h: {ph} pad_w: {pw} stride_h: {sh} stride_w: {sw} "
+          f"{pool_floor_text()}")
+    _check_pool(shape, pp, method, (kh, kw), (ph, pw), (sh, sw), ceil=False)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_global_pooling_matches_caffe_loops(method):
+    _check_pool((2, 3, 4, 5), "global_pooling: true", method, (4, 5), 0, 1)
+
+
+def test_max_pooling_mask_top_routes_the_gradient():
+    _check_pool((2, 2, 7, 6), "kernel_size: 3 stride: 2 pad: 1", "MAX", 3, 1, 2, ntop=2)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_pooling_backward_adds_into_the_bottom_diff(method):
+    layer, bottom, top = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: {method} kernel_size: 3 '
+                                    f'stride: 2 pad: 1 }}', [(2, 3, 7, 8)])
+    fwd_bwd(layer, bottom, top)
+    g = bottom[0].diff.copy()
+    layer.backward(top, [True], bottom)
+    close(bottom[0].diff, 2 * g, 1e-6)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_pooling_floor_gradients(method):
+    text = (f'name: "p" type: "Pooling" pooling_param {{ pool: {method} kernel_size: 3 stride: 2 pad: 1 '
+            f'{pool_floor_text()} }}')
+    layer, bottom, top = make_layer(text, [(1, 2, 8, 9)], init=_distinct)
+    assert check_gradients(layer, bottom, top, step=1e-2, kink_range=0.0) > 0

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from caffe_utils.layers.im2col import blocks as tile_blocks
 from caffe_utils.layers.im2col import parallel, scratch, tap_range
 
 Pair = Tuple[int, int]
@@ -105,16 +106,6 @@ def _taps(shape: Sequence[int], out_hw: Pair, kernel: Pair, pad: Pair, stride: P
             for j, co, ci in cols if co.stop > co.start]
 
 
-def _blocks(n: int, c: int, per_channel: int) -> List[Tuple[slice, slice]]:
-    """(images, channels) blocks of at most about :data:`BLOCK` output elements."""
-    per_image = c * per_channel
-    if per_image <= BLOCK:
-        step = max(1, BLOCK // per_image)
-        return [(slice(a, min(n, a + step)), slice(0, c)) for a in range(0, n, step)]
-    cb = max(1, BLOCK // per_channel)
-    return [(slice(a, a + 1), slice(b, min(c, b + cb))) for a in range(n) for b in range(0, c, cb)]
-
-
 def _block_size(blocks: List[Tuple[slice, slice]], per_channel: int) -> int:
     """Elements of the largest block's output."""
     return max((ns.stop - ns.start) * (cs.stop - cs.start) for ns, cs in blocks) * per_channel
@@ -131,7 +122,7 @@ def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray,
     taps = _taps(x.shape, (oh, ow), *geometry)
     w5 = w.reshape(c, mult, geometry[0][0], geometry[0][1])
     y5 = y.reshape(n, c, mult, oh, ow)
-    blocks = _blocks(n, c, mult * oh * ow)
+    blocks = tile_blocks(n, c, mult * oh * ow, BLOCK)
     size = _block_size(blocks, mult * oh * ow)
 
     def work(part: slice) -> None:
@@ -160,7 +151,7 @@ def depthwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, geometry,
     taps = _taps(x.shape, (oh, ow), *geometry)
     w5 = w.reshape(c, mult, kh, kw)
     dy5 = dy.reshape(n, c, mult, oh, ow)
-    blocks = _blocks(n, c, mult * oh * ow)
+    blocks = tile_blocks(n, c, mult * oh * ow, BLOCK)
     partial = np.zeros((len(blocks), c, mult, kh, kw), np.float32)
     size = _block_size(blocks, mult * oh * ow)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -138,6 +138,20 @@ def tap_range(size: int, out: int, offset: int, stride: int) -> Tuple[slice, sli
         return slice(0, 0), slice(0, 0)
     i0 = r0 * stride + offset
     return slice(r0, r1), slice(i0, i0 + (r1 - r0 - 1) * stride + 1, stride)
+
+
+def blocks(n: int, c: int, per_channel: int, budget: int) -> List[Tuple[slice, slice]]:
+    """(images, channels) blocks of an (n, c, ...) array whose per-channel planes have
+    ``per_channel`` elements, each of at most about ``budget`` elements (whole images together
+    where they fit, else channel ranges of one image; at least one channel). Kernels that work
+    block by block keep their temporaries small and in cache, and the blocks, being disjoint,
+    can go to different threads (:func:`parallel`)."""
+    per_image = c * per_channel
+    if per_image <= budget:
+        step = max(1, budget // max(per_image, 1))
+        return [(slice(a, min(n, a + step)), slice(0, c)) for a in range(0, n, step)]
+    cb = max(1, budget // max(per_channel, 1))
+    return [(slice(a, a + 1), slice(b, min(c, b + cb))) for a in range(n) for b in range(0, c, cb)]
 
 
 def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:
