@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils.layers import conv_kernels, pooling, vision
+from caffe_utils.layers import blas, conv_kernels, pooling, vision
 from caffe_utils.layers import im2col as i2c
 from tests.gradcheck import check_gradients
 from tests.oracles import naive_conv, naive_conv_backward, naive_pool, naive_pool_backward
-from tests.test_layers_vision import POOL_CASES, _distinct, close, fwd_bwd, make_layer, pool_floor_text
+from tests.test_layers_vision import F, POOL_CASES, _distinct, close, fwd_bwd, make_layer, pool_floor_text
 
 
 def _check_conv(shape, cp, k, p, s, d, group, path, kind="Convolution"):
@@ -222,3 +222,53 @@ def test_pooling_floor_gradients(method):
             f'{pool_floor_text()} }}')
     layer, bottom, top = make_layer(text, [(1, 2, 8, 9)], init=_distinct)
     assert check_gradients(layer, bottom, top, step=1e-2, kink_range=0.0) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# BLAS helpers: products split over threads, one BLAS thread each
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def split_blas(monkeypatch):
+    """Every product goes through the threaded split, on 2 threads."""
+    monkeypatch.setattr(blas, "LONG_MIN", 0)
+    monkeypatch.setattr(blas, "_num_threads", lambda: 2)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+
+
+def test_split_products_match_matmul(split_blas):
+    rng = np.random.RandomState(7)
+    a, b = rng.standard_normal((5, 1030)).astype(F), rng.standard_normal((3, 1030)).astype(F)
+    close(blas.matmul_nt_long(a, b, np.empty((5, 3), F)), a.astype(np.float64) @ b.T.astype(np.float64), 1e-5)
+    w, x = rng.standard_normal((4, 6)).astype(F), rng.standard_normal((6, 1100)).astype(F)
+    close(blas.matmul_cols(w, x, np.empty((4, 1100), F)), w.astype(np.float64) @ x, 1e-5)
+    dy = rng.standard_normal((4, 1100)).astype(F)
+    close(blas.matmul_cols(w.T, dy, np.empty((6, 1100), F)), w.T.astype(np.float64) @ dy, 1e-5)
+
+
+def test_one_blas_thread_restores_the_count():
+    api = blas._numpy_openblas()
+    if api is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS found in this process")
+    before = api[1]()
+    with pytest.raises(RuntimeError):
+        with blas.one_blas_thread() as single:
+            assert single and api[1]() == 1
+            raise RuntimeError
+    assert api[1]() == before
+
+
+@pytest.mark.parametrize("cp, shape, path", [
+    ("num_output: 5 kernel_size: 3 pad: 1 stride: 2", (3, 4, 40, 36), "im2col"),
+    ("num_output: 6 kernel_size: 1", (2, 5, 30, 31), "pointwise"),
+])
+def test_convolution_with_split_products(split_blas, cp, shape, path):
+    layer, bottom, top = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [shape])
+    assert layer.path == path
+    w, b = layer.blobs[0].data.copy(), layer.blobs[1].data.copy()
+    (y,), (dy,) = fwd_bwd(layer, bottom, top)
+    k, p, s = (3, 1, 2) if path == "im2col" else (1, 0, 1)
+    close(y, naive_conv(bottom[0].data, w, b, k, p, s, 1, 1))
+    dx, dwt, _ = naive_conv_backward(bottom[0].data, w, dy, k, p, s, 1, 1)
+    close(bottom[0].diff, dx)
+    close(layer.blobs[0].diff, dwt)

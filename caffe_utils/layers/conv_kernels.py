@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from caffe_utils.layers.blas import matmul_cols, matmul_nt_long
 from caffe_utils.layers.im2col import blocks as tile_blocks
 from caffe_utils.layers.im2col import parallel, scratch, tap_range
 
@@ -64,7 +65,10 @@ def pointwise_forward(x: np.ndarray, w: np.ndarray, group: int, stride: Pair, y:
     xr = _rows(x, stride, "pw_in")
     wg = w.reshape(group, m // group, -1)
     out = scratch("pw_out", m * xr.shape[1]).reshape(group, m // group, xr.shape[1])
-    np.matmul(wg, xr.reshape(group, wg.shape[2], -1), out=out)
+    if group == 1:
+        matmul_cols(wg[0], xr, out[0])
+    else:
+        np.matmul(wg, xr.reshape(group, wg.shape[2], -1), out=out)
     res = out.reshape(m, n, -1).transpose(1, 0, 2)
     y3 = y.reshape(n, m, -1)
     if bias is None:
@@ -83,12 +87,16 @@ def pointwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, group: int,
     dyr = _rows(dy, (1, 1), "pw_dy").reshape(group, mg, -1)
     xr = _rows(x, stride, "pw_in").reshape(group, cg, -1)
     t = scratch("pw_w", m * cg).reshape(group, mg, cg)
-    np.matmul(dyr, xr.transpose(0, 2, 1), out=t)
+    for g in range(group):
+        matmul_nt_long(dyr[g], xr[g], t[g])
     dw += t.reshape(dw.shape)
     if dx is None:
         return
     g = scratch("pw_out", c * dyr.shape[2]).reshape(group, cg, -1)
-    np.matmul(w.reshape(group, mg, cg).transpose(0, 2, 1), dyr, out=g)
+    if group == 1:
+        matmul_cols(w.reshape(mg, cg).T, dyr[0], g[0])
+    else:
+        np.matmul(w.reshape(group, mg, cg).transpose(0, 2, 1), dyr, out=g)
     v = dx if stride == (1, 1) else dx[:, :, ::stride[0], ::stride[1]]
     v += g.reshape(c, n, oh, ow).transpose(1, 0, 2, 3)
 

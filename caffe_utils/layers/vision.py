@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.blas import matmul_cols, matmul_nt_long
 from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forward, is_depthwise,
                                              is_pointwise, pointwise_backward, pointwise_forward)
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, scratch
@@ -206,7 +207,10 @@ class _BaseConvolution(Layer):
             col = self._im2col(x)
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         out = scratch("out", self.conv_out * col.shape[1]).reshape(G, w.shape[1], col.shape[1])
-        np.matmul(w, col.reshape(G, w.shape[2], -1), out=out)
+        if G == 1:
+            matmul_cols(w[0], col, out[0])
+        else:
+            np.matmul(w, col.reshape(G, w.shape[2], -1), out=out)
         return out.reshape(self.conv_out, -1)
 
     def _gemm_backward_data(self, y: np.ndarray, in_shape) -> np.ndarray:
@@ -215,7 +219,10 @@ class _BaseConvolution(Layer):
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         mg, kg = w.shape[1], w.shape[2]
         col = scratch("col", G * kg * y.shape[1]).reshape(G, kg, y.shape[1])
-        np.matmul(w.transpose(0, 2, 1), y.reshape(G, mg, -1), out=col)
+        if G == 1:
+            matmul_cols(w[0].T, y, col[0])
+        else:
+            np.matmul(w.transpose(0, 2, 1), y.reshape(G, mg, -1), out=col)
         n, c, h, wd = in_shape
         (ph, pw) = self.pad
         size = n * c * (h + 2 * ph + self.stride[0] + self.dilation[0] * self.kernel[0]) * \
@@ -223,12 +230,15 @@ class _BaseConvolution(Layer):
         return col2im_batch(col, in_shape, *self._conv_args(), out=scratch("img", size))
 
     def _gemm_weight(self, col: np.ndarray, y: np.ndarray) -> None:
-        """Add d(weights) for conv-input columns ``col`` and conv-output gradient rows ``y``."""
+        """Add d(weights) for conv-input columns ``col`` and conv-output gradient rows ``y``
+        (a long reduction per group: :func:`~caffe_utils.layers.blas.matmul_nt_long`)."""
         G = self.group
         wd = self.blobs[0].diff.reshape(G, self.conv_out // G, -1)
         mg, kg = wd.shape[1], wd.shape[2]
         t = scratch("gemm", wd.size).reshape(wd.shape)
-        np.matmul(y.reshape(G, mg, -1), col.reshape(G, kg, -1).transpose(0, 2, 1), out=t)
+        yg, cg = y.reshape(G, mg, -1), col.reshape(G, kg, -1)
+        for g in range(G):
+            matmul_nt_long(yg[g], cg[g], t[g])
         wd += t
 
     @staticmethod
