@@ -1,18 +1,20 @@
 """Tests of the numpy engine's fast kernels: the convolution paths of
-caffe_utils/layers/conv_kernels.py, the stacked group GEMM of the im2col path and Pooling's
-clipped window taps: each against the direct loops of ``tests/oracles.py`` and by finite
-differences, at several geometries, group counts, channel multipliers, paddings and roundings,
-with the block and thread splits forced on.
+caffe_utils/layers/conv_kernels.py, the stacked group GEMM of the im2col path, the threaded
+BLAS splits (layers/blas.py), Pooling's clipped window taps and LRN's blocked running sums.
+Each is checked against the direct loops of ``tests/oracles.py`` and by finite differences, at
+several geometries, group counts, channel multipliers, paddings and roundings, with the block
+and thread splits forced on.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from caffe_utils.layers import blas, conv_kernels, pooling, vision
+from caffe_utils.layers import blas, conv_kernels, normalization, pooling, vision
 from caffe_utils.layers import im2col as i2c
 from tests.gradcheck import check_gradients
-from tests.oracles import naive_conv, naive_conv_backward, naive_pool, naive_pool_backward
+from tests.oracles import (naive_conv, naive_conv_backward, naive_lrn_across, naive_lrn_within, naive_pool,
+                           naive_pool_backward)
 from tests.test_layers_vision import F, POOL_CASES, _distinct, close, fwd_bwd, make_layer, pool_floor_text
 
 
@@ -272,3 +274,43 @@ def test_convolution_with_split_products(split_blas, cp, shape, path):
     dx, dwt, _ = naive_conv_backward(bottom[0].data, w, dy, k, p, s, 1, 1)
     close(bottom[0].diff, dx)
     close(layer.blobs[0].diff, dwt)
+
+
+# ------------------------------------------------------------------------------------------
+# LRN: running channel sums, block by block
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["whole", "blocks"])
+@pytest.mark.parametrize("size, alpha, beta, k, C", [(5, 1e-2, 0.75, 1.0, 7), (3, 0.5, 0.6, 2.0, 2),
+                                                     (5, 0.3, 0.75, 1.0, 3), (1, 0.3, 1.2, 1.5, 3),
+                                                     (7, 2.0, 0.5, 0.5, 9)])
+def test_lrn_across_channels_in_blocks(monkeypatch, split, size, alpha, beta, k, C):
+    """ACROSS_CHANNELS against the loop oracle, whole-batch and one image per block in 2 threads
+    (windows wider than the channel count included)."""
+    if split == "blocks":
+        monkeypatch.setattr(normalization, "LRN_BLOCK", 1)
+        monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+        monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    layer, bottom, top = make_layer(f'name: "n" type: "LRN" lrn_param {{ local_size: {size} alpha: {alpha} '
+                                    f'beta: {beta} k: {k} }}', [(3, C, 4, 5)])
+    (y,), (dy,) = fwd_bwd(layer, bottom, top)
+    ref, dx = naive_lrn_across(bottom[0].data, dy, size, alpha, beta, k)
+    close(y, ref)
+    close(bottom[0].diff, dx)
+    g = bottom[0].diff.copy()
+    layer.backward(top, [True], bottom)                  # adds into the bottom diff
+    close(bottom[0].diff, 2 * g, 1e-6)
+    assert check_gradients(layer, bottom, top, max_checks=60) > 0
+
+
+@pytest.mark.parametrize("size, alpha, beta", [(3, 0.5, 0.75), (5, 2.0, 0.5)])
+def test_lrn_within_channel_in_blocks(monkeypatch, size, alpha, beta):
+    """WITHIN_CHANNEL rides on AVE pooling's blocks: forced tiny, in 2 threads."""
+    monkeypatch.setattr(pooling, "BLOCK", 3)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    layer, bottom, top = make_layer(f'name: "n" type: "LRN" lrn_param {{ local_size: {size} alpha: {alpha} '
+                                    f'beta: {beta} norm_region: WITHIN_CHANNEL }}', [(2, 3, 5, 6)])
+    layer.forward(bottom, top)
+    close(top[0].data, naive_lrn_within(bottom[0].data, size, alpha, beta))
+    assert check_gradients(layer, bottom, top, max_checks=60) > 0
