@@ -32,7 +32,7 @@ from caffe_utils.layers.im2col import parallel, scratch, tap_range
 Pair = Tuple[int, int]
 
 #: elements of one depthwise block's output (with the tap products, it stays in L2 cache)
-BLOCK = 1 << 16
+BLOCK = 1 << 18
 
 
 def is_pointwise(kernel: Pair, pad: Pair) -> bool:
