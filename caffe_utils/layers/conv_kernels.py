@@ -31,7 +31,7 @@ from caffe_utils.layers.im2col import parallel, scratch, tap_range
 
 Pair = Tuple[int, int]
 
-#: elements of one depthwise block's output (with the tap products, it stays in L2 cache)
+#: elements of one depthwise block's output (cache-sized: the block and its tap products)
 BLOCK = 1 << 18
 
 

@@ -184,8 +184,8 @@ class _BaseConvolution(Layer):
 
     def _image_chunks(self, conv_out_shape) -> List[slice]:
         """Slices of the batch whose column matrix and GEMM output each fit in
-        :data:`COL_BUDGET` elements (at least one image each). ``conv_out_shape``: shape of the convolution's output side
-        (top for Convolution, bottom for Deconvolution)."""
+        :data:`COL_BUDGET` elements (at least one image each). ``conv_out_shape``: shape of
+        the convolution's output side (top for Convolution, bottom for Deconvolution)."""
         n = int(conv_out_shape[0])
         rows = max(self.conv_in * self.kernel[0] * self.kernel[1], self.conv_out)
         per_image = rows * int(conv_out_shape[2]) * int(conv_out_shape[3])
