@@ -314,3 +314,19 @@ def test_lrn_within_channel_in_blocks(monkeypatch, size, alpha, beta):
     layer.forward(bottom, top)
     close(top[0].data, naive_lrn_within(bottom[0].data, size, alpha, beta))
     assert check_gradients(layer, bottom, top, max_checks=60) > 0
+
+
+@pytest.mark.parametrize("ipp", ["num_output: 7", "num_output: 5 transpose: true"])
+def test_inner_product_in_threaded_row_blocks(monkeypatch, split_blas, ipp):
+    """InnerProduct's products (forward as (w @ x.T).T, gradients in row blocks on threads)."""
+    monkeypatch.setattr(vision, "_GEMM_CHUNK", 8)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    layer, bottom, top = make_layer(f'name: "ip" type: "InnerProduct" inner_product_param {{ {ipp} }}',
+                                    [(3, 4, 2, 3)])
+    (y,), (dy,) = fwd_bwd(layer, bottom, top)
+    x = bottom[0].data.reshape(3, -1).astype(np.float64)
+    w = layer.blobs[0].data.astype(np.float64)
+    wnk = w.T if "transpose" in ipp else w
+    close(y, x @ wnk.T + layer.blobs[1].data)
+    close(bottom[0].diff.reshape(3, -1), dy @ wnk)
+    close(layer.blobs[0].diff, (dy.T @ x).T if "transpose" in ipp else dy.T @ x)

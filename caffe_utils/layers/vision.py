@@ -30,10 +30,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
-from caffe_utils.layers.blas import matmul_cols, matmul_nt_long
+from caffe_utils.layers.blas import matmul_cols, matmul_nt_long, one_blas_thread
 from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forward, is_depthwise,
                                              is_pointwise, pointwise_backward, pointwise_forward)
-from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, scratch
+from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, parallel, scratch
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
 COL_BUDGET = 1 << 25
@@ -43,20 +43,31 @@ _GEMM_CHUNK = 1 << 22  # elements of the temporary product in gemm_accumulate
 def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """``c += a @ b`` in place (2-D float32), like Caffe's accumulating gemm (beta = 1).
 
-    The product goes through a bounded reusable scratch buffer, a block of rows at a time, so
-    no large temporary is allocated (and page-faulted) per call. (scipy's ``sgemm`` could
-    accumulate in place, but it links a second OpenBLAS whose threads fight numpy's.)
+    The product goes through bounded reusable scratch buffers, a block of rows at a time, so
+    no large temporary is allocated (and page-faulted) per call; the blocks go to threads with
+    one BLAS thread each (InnerProduct's weight gradient, the one user, is a product of small
+    inner dimension whose cost is writing ``c``). (scipy's ``sgemm`` could accumulate in place,
+    but it links a second OpenBLAS whose threads fight numpy's.)
     """
     m, n = c.shape
     if c.size == 0:
         return
     rows = max(1, min(m, _GEMM_CHUNK // max(n, 1)))
-    tmp = scratch("gemm", rows * n).reshape(rows, n)
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        t = tmp[:r1 - r0]
-        np.matmul(a[r0:r1], b, out=t)
-        c[r0:r1] += t
+    starts = list(range(0, m, rows))
+
+    def work(part: slice) -> None:
+        tmp = scratch(f"gemm{part.start}", rows * n).reshape(rows, n)
+        for r0 in starts[part]:
+            r1 = min(m, r0 + rows)
+            t = tmp[:r1 - r0]
+            np.matmul(a[r0:r1], b, out=t)
+            c[r0:r1] += t
+
+    if len(starts) == 1:
+        work(slice(0, 1))
+        return
+    with one_blas_thread():
+        parallel(work, len(starts), c.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +424,14 @@ class InnerProduct(Layer):
         x = bottom[0].data.reshape(-1, self.K)
         w = self.blobs[0].data
         y = top[0].data.reshape(-1, self.N)
-        np.matmul(x, w if self.transpose else w.T, out=y)
+        if self.transpose:
+            np.matmul(x, w, out=y)
+        else:
+            # (w @ x.T).T: OpenBLAS runs this orientation of the skinny product (a few images
+            # against large weights) several times faster than x @ w.T
+            yt = scratch("ip_out", y.size).reshape(self.N, -1)
+            matmul_cols(w, x.T, yt)
+            np.copyto(y, yt.T)
         if self.bias_term:
             y += self.blobs[1].data
 
@@ -428,4 +446,7 @@ class InnerProduct(Layer):
             self.blobs[1].diff += dy.sum(axis=0, dtype=DTYPE)
         if propagate_down[0]:
             w = self.blobs[0].data
-            gemm_accumulate(bottom[0].diff.reshape(-1, self.K), dy, w.T if self.transpose else w)
+            dx = bottom[0].diff.reshape(-1, self.K)
+            t = scratch("ip_dx", dx.size).reshape(dx.shape)
+            matmul_cols(dy, w.T if self.transpose else w, t)
+            dx += t
