@@ -248,6 +248,14 @@ def test_split_products_match_matmul(split_blas):
     close(blas.matmul_cols(w.T, dy, np.empty((6, 1100), F)), w.T.astype(np.float64) @ dy, 1e-5)
 
 
+@pytest.mark.parametrize("groups", [2, 6])
+def test_grouped_products_match_matmul(split_blas, groups):
+    """Few groups: one split product each; many: one stacked matmul."""
+    rng = np.random.RandomState(8)
+    a, b = rng.standard_normal((groups, 3, 5)).astype(F), rng.standard_normal((groups, 5, 600)).astype(F)
+    close(blas.matmul_groups(a, b, np.empty((groups, 3, 600), F)), a.astype(np.float64) @ b, 1e-5)
+
+
 def test_one_blas_thread_restores_the_count():
     api = blas._numpy_openblas()
     if api is None:
@@ -260,18 +268,20 @@ def test_one_blas_thread_restores_the_count():
     assert api[1]() == before
 
 
-@pytest.mark.parametrize("cp, shape, path", [
-    ("num_output: 5 kernel_size: 3 pad: 1 stride: 2", (3, 4, 40, 36), "im2col"),
-    ("num_output: 6 kernel_size: 1", (2, 5, 30, 31), "pointwise"),
+@pytest.mark.parametrize("cp, shape, path, group", [
+    ("num_output: 5 kernel_size: 3 pad: 1 stride: 2", (3, 4, 40, 36), "im2col", 1),
+    ("num_output: 6 kernel_size: 3 pad: 1 stride: 2 group: 2", (3, 4, 40, 36), "im2col", 2),
+    ("num_output: 6 kernel_size: 1", (2, 5, 30, 31), "pointwise", 1),
+    ("num_output: 6 kernel_size: 1 group: 3", (2, 6, 30, 31), "pointwise", 3),
 ])
-def test_convolution_with_split_products(split_blas, cp, shape, path):
+def test_convolution_with_split_products(split_blas, cp, shape, path, group):
     layer, bottom, top = make_layer(f'name: "c" type: "Convolution" convolution_param {{ {cp} }}', [shape])
     assert layer.path == path
     w, b = layer.blobs[0].data.copy(), layer.blobs[1].data.copy()
     (y,), (dy,) = fwd_bwd(layer, bottom, top)
     k, p, s = (3, 1, 2) if path == "im2col" else (1, 0, 1)
-    close(y, naive_conv(bottom[0].data, w, b, k, p, s, 1, 1))
-    dx, dwt, _ = naive_conv_backward(bottom[0].data, w, dy, k, p, s, 1, 1)
+    close(y, naive_conv(bottom[0].data, w, b, k, p, s, 1, group))
+    dx, dwt, _ = naive_conv_backward(bottom[0].data, w, dy, k, p, s, 1, group)
     close(bottom[0].diff, dx)
     close(layer.blobs[0].diff, dwt)
 

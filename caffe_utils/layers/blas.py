@@ -118,3 +118,18 @@ def matmul_cols(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
 
         parallel(work, parts, 1 << 62)
     return out
+
+
+#: up to this many groups, a grouped product is one threaded product per group
+FEW_GROUPS = 4
+
+
+def matmul_groups(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[g] = a[g] @ b[g]`` for stacked (G, M, K) and (G, K, N): with few groups each is one
+    :func:`matmul_cols`, with many one stacked ``np.matmul`` (a Python loop over many small
+    groups would cost more than the products)."""
+    if a.shape[0] > FEW_GROUPS:
+        return np.matmul(a, b, out=out)
+    for g in range(a.shape[0]):
+        matmul_cols(a[g], b[g], out[g])
+    return out

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffe_utils.layers.blas import matmul_cols, matmul_nt_long
+from caffe_utils.layers.blas import matmul_groups, matmul_nt_long
 from caffe_utils.layers.im2col import blocks as tile_blocks
 from caffe_utils.layers.im2col import parallel, scratch, tap_range
 
@@ -65,10 +65,7 @@ def pointwise_forward(x: np.ndarray, w: np.ndarray, group: int, stride: Pair, y:
     xr = _rows(x, stride, "pw_in")
     wg = w.reshape(group, m // group, -1)
     out = scratch("pw_out", m * xr.shape[1]).reshape(group, m // group, xr.shape[1])
-    if group == 1:
-        matmul_cols(wg[0], xr, out[0])
-    else:
-        np.matmul(wg, xr.reshape(group, wg.shape[2], -1), out=out)
+    matmul_groups(wg, xr.reshape(group, wg.shape[2], -1), out)
     res = out.reshape(m, n, -1).transpose(1, 0, 2)
     y3 = y.reshape(n, m, -1)
     if bias is None:
@@ -93,10 +90,7 @@ def pointwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, group: int,
     if dx is None:
         return
     g = scratch("pw_out", c * dyr.shape[2]).reshape(group, cg, -1)
-    if group == 1:
-        matmul_cols(w.reshape(mg, cg).T, dyr[0], g[0])
-    else:
-        np.matmul(w.reshape(group, mg, cg).transpose(0, 2, 1), dyr, out=g)
+    matmul_groups(w.reshape(group, mg, cg).transpose(0, 2, 1), dyr, g)
     v = dx if stride == (1, 1) else dx[:, :, ::stride[0], ::stride[1]]
     v += g.reshape(c, n, oh, ow).transpose(1, 0, 2, 3)
 

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
-from caffe_utils.layers.blas import matmul_cols, matmul_nt_long, one_blas_thread
+from caffe_utils.layers.blas import matmul_cols, matmul_groups, matmul_nt_long, one_blas_thread
 from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forward, is_depthwise,
                                              is_pointwise, pointwise_backward, pointwise_forward)
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, parallel, scratch
@@ -212,16 +212,13 @@ class _BaseConvolution(Layer):
 
     def _gemm_forward(self, x: Optional[np.ndarray], col: Optional[np.ndarray] = None) -> np.ndarray:
         """Convolution of conv-input ``x`` (or of its columns ``col``): (conv_out, N*oh*ow).
-        All groups are one stacked matrix product."""
+        All groups in one call (:func:`~caffe_utils.layers.blas.matmul_groups`)."""
         G = self.group
         if col is None:
             col = self._im2col(x)
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         out = scratch("out", self.conv_out * col.shape[1]).reshape(G, w.shape[1], col.shape[1])
-        if G == 1:
-            matmul_cols(w[0], col, out[0])
-        else:
-            np.matmul(w, col.reshape(G, w.shape[2], -1), out=out)
+        matmul_groups(w, col.reshape(G, w.shape[2], -1), out)
         return out.reshape(self.conv_out, -1)
 
     def _gemm_backward_data(self, y: np.ndarray, in_shape) -> np.ndarray:
@@ -230,10 +227,7 @@ class _BaseConvolution(Layer):
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         mg, kg = w.shape[1], w.shape[2]
         col = scratch("col", G * kg * y.shape[1]).reshape(G, kg, y.shape[1])
-        if G == 1:
-            matmul_cols(w[0].T, y, col[0])
-        else:
-            np.matmul(w.transpose(0, 2, 1), y.reshape(G, mg, -1), out=col)
+        matmul_groups(w.transpose(0, 2, 1), y.reshape(G, mg, -1), col)
         n, c, h, wd = in_shape
         (ph, pw) = self.pad
         size = n * c * (h + 2 * ph + self.stride[0] + self.dilation[0] * self.kernel[0]) * \
