@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,8 +112,9 @@ def _num_threads() -> int:
     return max(1, min(n, 8))
 
 
-def _parallel(work: Callable[[slice], None], n: int, total: int) -> None:
-    """Run ``work(slice)`` over a partition of ``range(n)``, in threads when ``total`` is big."""
+def parallel(work: Callable[[slice], None], n: int, total: int) -> None:
+    """Run ``work(slice)`` over a partition of ``range(n)``, in threads when ``total`` (the
+    elements the work touches) is big. The parts must not write to the same memory."""
     global _POOL
     nt = min(_num_threads(), n)
     if nt <= 1 or total < _PARALLEL_MIN:
@@ -124,6 +125,33 @@ def _parallel(work: Callable[[slice], None], n: int, total: int) -> None:
     bounds = [round(k * n / nt) for k in range(nt + 1)]
     for f in [_POOL.submit(work, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
         f.result()
+
+
+def tap_range(size: int, out: int, offset: int, stride: int) -> Tuple[slice, slice]:
+    """One kernel tap along one axis: the output positions ``r`` (of ``out``) whose input
+    ``r*stride + offset`` lies inside ``[0, size)``, and those inputs, as ``(out_slice,
+    in_slice)`` (empty slices when there are none). Positions outside read zero (padding), so a
+    kernel that clips its taps this way needs no padded copy of its input."""
+    r0 = max(0, -(offset // stride))
+    r1 = min(out, (size - 1 - offset) // stride + 1)
+    if r1 <= r0:
+        return slice(0, 0), slice(0, 0)
+    i0 = r0 * stride + offset
+    return slice(r0, r1), slice(i0, i0 + (r1 - r0 - 1) * stride + 1, stride)
+
+
+def blocks(n: int, c: int, per_channel: int, budget: int) -> List[Tuple[slice, slice]]:
+    """(images, channels) blocks of an (n, c, ...) array whose per-channel planes have
+    ``per_channel`` elements, each of at most about ``budget`` elements (whole images together
+    where they fit, else channel ranges of one image; at least one channel). Kernels that work
+    block by block keep their temporaries small and in cache, and the blocks, being disjoint,
+    can go to different threads (:func:`parallel`)."""
+    per_image = c * per_channel
+    if per_image <= budget:
+        step = max(1, budget // max(per_image, 1))
+        return [(slice(a, min(n, a + step)), slice(0, c)) for a in range(0, n, step)]
+    cb = max(1, budget // max(per_channel, 1))
+    return [(slice(a, a + 1), slice(b, min(c, b + cb))) for a in range(n) for b in range(0, c, cb)]
 
 
 def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:
@@ -160,7 +188,7 @@ def im2col_batch(x: np.ndarray, kernel: IntPair, pad: IntPair = 0, stride: IntPa
                 else:
                     col[part, i, j] = xt[part, :, rows[i], cols[j]]
 
-    _parallel(work, N if by_image else C, col.size)
+    parallel(work, N if by_image else C, col.size)
     return col.reshape(C * kh * kw, N * oh * ow)
 
 
@@ -198,7 +226,7 @@ def col2im_batch(col: np.ndarray, shape: Sequence[int], kernel: IntPair, pad: In
                 else:
                     xt[part, :, rows[i], cols[j]] += col[part, i, j]
 
-    _parallel(work, N if by_image else C, col.size)
+    parallel(work, N if by_image else C, col.size)
     if Hp == H and Wp == W:
         return xp
     return xp[:, :, ph:ph + H, pw:pw + W]

@@ -10,8 +10,11 @@ LRN, with Caffe's exact semantics.
   parameter shape is ``bottom.shape[axis:axis + num_axes]`` as in Caffe (a 0-axis blob when
   ``num_axes == 0``). Scale's ``bias_term`` adds a second parameter blob.
 * MVN, like Caffe's, works on blobs of at most 4 axes and outputs a 4-axis blob.
-* LRN: ACROSS_CHANNELS with Caffe's running window sum over channels; WITHIN_CHANNEL as Caffe
-  composes it (square, AVE pooling, power, product), so ``k`` is not used there.
+* LRN: ACROSS_CHANNELS with Caffe's running window sum over channels (each channel's sum is
+  the previous one plus the entering channel minus the leaving one, so the cost does not grow
+  with ``local_size``), in cache-sized blocks of whole images split over threads, so the only
+  blob-sized arrays are the top and the cached ``scale``; WITHIN_CHANNEL as Caffe composes it
+  (square, AVE pooling, power, product), so ``k`` is not used there.
 
 In-place use is supported as in Caffe (BatchNorm keeps its normalised output, Scale a copy of
 its input). Backward adds into diffs (see :mod:`.base`).
@@ -23,10 +26,13 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.im2col import parallel
 from caffe_utils.layers.pooling import ave_pool_backward, ave_pool_forward, pooled_size
 from caffe_utils.layers.structure import canonical_axis
 
 _F = np.float32
+#: elements of one block of whole images in LRN's ACROSS_CHANNELS passes (cache-sized)
+LRN_BLOCK = 1 << 18
 
 
 def _shares(a: Blob, b: Blob) -> bool:
@@ -374,39 +380,55 @@ class LRN(Layer):
                              f"got {shape}")
         top[0].reshape(shape)
 
-    # ---- ACROSS_CHANNELS: scale_c = k + alpha/size * sum_{|c'-c|<=pre_pad} x_c'^2
-    def _channel_window_sum(self, a: np.ndarray, first: np.ndarray, tail_first: bool = False) -> np.ndarray:
-        """Caffe's running window sum over channels: out[:, 0] = first + sum a[:, 0..pre_pad],
-        then out[:, c] = out[:, c-1] + a[:, c+pre_pad] - a[:, c-pre_pad-1] (zero outside;
-        the forward pass adds the head first, the backward pass subtracts the tail first)."""
-        C = a.shape[1]
-        p = self.pre_pad
-        out = np.empty_like(a)
-        cur = first.copy()
+    # ---- ACROSS_CHANNELS: scale_c = k + alpha/size * sum_{|c'-c|<=pre_pad} x_c'^2, one image
+    # at a time (its (C, H*W) temporaries stay in cache; images go to threads)
+    def _channel_window_sum(self, a: np.ndarray, out: np.ndarray, first: float, tail_first: bool = False) -> None:
+        """Caffe's running window sum over the channels of a block of images ``a`` (n, C, P)
+        into ``out``: out[:, 0] = first + sum a[:, 0..pre_pad], then out[:, c] = out[:, c-1] +
+        a[:, c+pre_pad] - a[:, c-pre_pad-1] (zero outside; the forward pass adds the head
+        first, the backward pass subtracts the tail first), in Caffe's order of additions."""
+        C, p = a.shape[1], self.pre_pad
+        out[:, 0] = first
         for c in range(min(p + 1, C)):
-            cur += a[:, c]
-        out[:, 0] = cur
+            out[:, 0] += a[:, c]
         for c in range(1, C):
             head, tail = c + p, c - p - 1
-            if tail_first and tail >= 0:
-                cur -= a[:, tail]
+            steps = [(np.subtract, tail)] if tail >= 0 else []
             if head < C:
-                cur += a[:, head]
-            if not tail_first and tail >= 0:
-                cur -= a[:, tail]
-            out[:, c] = cur
-        return out
+                steps.insert(len(steps) if tail_first else 0, (np.add, head))
+            src = out[:, c - 1]
+            for op, i in steps:
+                op(src, a[:, i], out=out[:, c])
+                src = out[:, c]
+            if not steps:
+                out[:, c] = src
+
+    def _image_blocks(self, shape) -> List[slice]:
+        """Blocks of whole images of about :data:`LRN_BLOCK` elements (at least one image)."""
+        step = max(1, LRN_BLOCK // max(1, _count(shape, 1)))
+        return [slice(i, min(shape[0], i + step)) for i in range(0, shape[0], step)]
 
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         x = bottom[0].data
         if self.within:
             self._within_forward(x, top[0])
             return
-        N, C, H, W = x.shape
-        sq = x * x
-        sq *= DTYPE(self.alpha / self.size)
-        scale = self._channel_window_sum(sq, np.full((N, H, W), self.k, DTYPE))
-        top[0].data[...] = np.power(scale, DTYPE(-self.beta)) * x
+        N, C = x.shape[:2]
+        x3, y3 = x.reshape(N, C, -1), top[0].data.reshape(N, C, -1)
+        scale = self._cache[0] if self._cache and self._cache[0].shape == x3.shape else np.empty(x3.shape, DTYPE)
+        a, k, nb = DTYPE(self.alpha / self.size), self.k, DTYPE(-self.beta)
+
+        blocks = self._image_blocks(x3.shape)
+
+        def work(part: slice) -> None:
+            for n in blocks[part]:
+                sq = np.multiply(x3[n], x3[n])
+                sq *= a
+                self._channel_window_sum(sq, scale[n], k)
+                np.power(scale[n], nb, out=sq)
+                np.multiply(x3[n], sq, out=y3[n])
+
+        parallel(work, len(blocks), x.size)
         self._cache = (scale,)
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
@@ -418,14 +440,27 @@ class LRN(Layer):
             self._within_backward(top[0], bottom[0])
             return
         (scale,) = self._cache
-        x = bottom[0].data
-        dy, y = top[0].diff, top[0].data
-        N, C, H, W = x.shape
-        ratio = dy * y / scale
-        accum = self._channel_window_sum(ratio, np.zeros((N, H, W), DTYPE), tail_first=True)
-        g = dy * np.power(scale, DTYPE(-self.beta))
-        g -= DTYPE(2.0 * self.alpha * self.beta / self.size) * x * accum
-        bottom[0].diff += g
+        N, C = scale.shape[:2]
+        x3, dx3 = bottom[0].data.reshape(N, C, -1), bottom[0].diff.reshape(N, C, -1)
+        dy3, y3 = top[0].diff.reshape(N, C, -1), top[0].data.reshape(N, C, -1)
+        cache_ratio, nb = DTYPE(2.0 * self.alpha * self.beta / self.size), DTYPE(-self.beta)
+
+        blocks = self._image_blocks(scale.shape)
+
+        def work(part: slice) -> None:
+            for n in blocks[part]:
+                ratio = np.multiply(dy3[n], y3[n])
+                accum = np.empty_like(ratio)
+                ratio /= scale[n]
+                self._channel_window_sum(ratio, accum, 0.0, tail_first=True)
+                np.power(scale[n], nb, out=ratio)       # Caffe: dy * scale^-beta
+                ratio *= dy3[n]
+                accum *= x3[n]                          # - cache_ratio * x * accum
+                accum *= cache_ratio
+                ratio -= accum
+                dx3[n] += ratio
+
+        parallel(work, len(blocks), scale.size)
 
     # ---- WITHIN_CHANNEL: Caffe composes split, power(2), AVE pool(size, pad pre_pad),
     # power(shift 1, scale alpha, power -beta) and an eltwise product; k is not used.

@@ -7,17 +7,26 @@ top. The AVE helpers (:func:`pooled_size`, :func:`ave_pool_forward`, :func:`ave_
 are also the pieces of LRN's WITHIN_CHANNEL mode. Backward adds into bottom diffs (see
 :mod:`.base`).
 
+The kernels loop over the window offsets (:func:`window_taps`): each offset is one strided
+slice of the input, clipped to the outputs whose window reads inside the image, so there is no
+padded copy of the input and no padded gradient image; the gradient goes straight into the
+bottom diff. MAX keeps, per output, the offset of its maximum (int8 for windows up to 127
+positions) for the backward pass. The work goes in blocks of images and channels (cache-sized,
+split over threads). Global pooling reduces each plane at once.
+
 Limits (each raises a clear error): STOCHASTIC pooling is not implemented (Caffe's CPU build has
 none either). Pooling reads ``round_mode`` (BVLC) or ``ceil_mode`` (forks such as the one pycaffe
 may come from), whichever the net sets.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.im2col import blocks as tile_blocks
+from caffe_utils.layers.im2col import parallel, tap_range
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -33,20 +42,33 @@ def pooled_size(size: int, kernel: int, pad: int, stride: int, ceil_mode: bool =
     return out
 
 
-def _window_slices(k: int, stride: int, out: int):
-    return [slice(i, i + stride * (out - 1) + 1, stride) for i in range(k)]
+#: elements of one block's output (pooling works block by block, see :func:`.im2col.blocks`)
+BLOCK = 1 << 18
+
+Taps = List[Tuple[int, slice, slice, slice, slice]]
 
 
-def _pad_plane(x: np.ndarray, pad: Tuple[int, int], need: Tuple[int, int], value: float) -> np.ndarray:
-    """``x`` (N, C, H, W) padded by ``pad`` before and up to ``need`` rows/cols in all."""
-    (ph, pw), (nh, nw) = pad, need
-    N, C, H, W = x.shape
-    Hp, Wp = max(nh, ph + H), max(nw, pw + W)
-    if ph == 0 and pw == 0 and Hp == H and Wp == W:
-        return x
-    out = np.full((N, C, Hp, Wp), value, x.dtype)
-    out[:, :, ph:ph + H, pw:pw + W] = x
-    return out
+def window_taps(in_hw: Tuple[int, int], out_hw: Tuple[int, int], kernel, pad, stride) -> Taps:
+    """The window offsets ``(i, j)`` in Caffe's scan order (row, then column) that read inside
+    the input for some output, as ``(i*kw + j, out_rows, out_cols, in_rows, in_cols)``. Window
+    parts in the padding or past the input's end are left out (they read nothing: -inf for MAX,
+    0 for AVE), so no padded copy is needed."""
+    (kh, kw), (ph, pw), (sh, sw) = kernel, pad, stride
+    rows = [tap_range(in_hw[0], out_hw[0], i - ph, sh) for i in range(kh)]
+    cols = [tap_range(in_hw[1], out_hw[1], j - pw, sw) for j in range(kw)]
+    return [(i * kw + j, ro, co, ri, ci) for i, (ro, ri) in enumerate(rows) if ro.stop > ro.start
+            for j, (co, ci) in enumerate(cols) if co.stop > co.start]
+
+
+def _by_blocks(work: Callable[[slice, slice], None], shape, out_hw: Tuple[int, int]) -> None:
+    """Run ``work(images, channels)`` over blocks of an (N, C, ...) problem, in threads."""
+    blocks = tile_blocks(int(shape[0]), int(shape[1]), out_hw[0] * out_hw[1], BLOCK)
+
+    def run(part: slice) -> None:
+        for ns, cs in blocks[part]:
+            work(ns, cs)
+
+    parallel(run, len(blocks), int(np.prod(shape)))
 
 
 def ave_divisor(size: int, kernel: int, pad: int, stride: int, out: int) -> np.ndarray:
@@ -56,34 +78,51 @@ def ave_divisor(size: int, kernel: int, pad: int, stride: int, out: int) -> np.n
     return (end - start).astype(np.int64)
 
 
-def ave_pool_forward(x: np.ndarray, kernel, pad, stride, out) -> np.ndarray:
-    """Caffe AVE pooling of (N, C, H, W): window sums (h then w order) / Caffe's pool_size."""
-    (kh, kw), (ph, pw), (sh, sw), (oh, ow) = kernel, pad, stride, out
+def _divisor(in_hw, kernel, pad, stride, out_hw) -> np.ndarray:
+    """(oh, ow) float32 AVE divisors."""
+    return (ave_divisor(in_hw[0], kernel[0], pad[0], stride[0], out_hw[0])[:, None]
+            * ave_divisor(in_hw[1], kernel[1], pad[1], stride[1], out_hw[1])[None, :]).astype(DTYPE)
+
+
+def ave_pool_forward(x: np.ndarray, kernel, pad, stride, out, top: Optional[np.ndarray] = None) -> np.ndarray:
+    """Caffe AVE pooling of (N, C, H, W) to ``out`` = (oh, ow): window sums (h then w order)
+    divided by Caffe's pool_size. Written into ``top`` (then returned) or a new array."""
     N, C, H, W = x.shape
-    xp = _pad_plane(x, (ph, pw), ((oh - 1) * sh + kh, (ow - 1) * sw + kw), 0.0)
-    rows, cols = _window_slices(kh, sh, oh), _window_slices(kw, sw, ow)
-    acc = np.zeros((N, C, oh, ow), DTYPE)
-    for rs in rows:
-        for cs in cols:
-            acc += xp[:, :, rs, cs]
-    div = (ave_divisor(H, kh, ph, sh, oh)[:, None] * ave_divisor(W, kw, pw, sw, ow)[None, :])
-    acc /= div.astype(DTYPE)
-    return acc
+    y = np.empty((N, C) + tuple(out), DTYPE) if top is None else top
+    taps = window_taps((H, W), out, kernel, pad, stride)
+    div = _divisor((H, W), kernel, pad, stride, out)
+
+    def work(ns: slice, cs: slice) -> None:
+        yb, xb = y[ns, cs], x[ns, cs]
+        yb[...] = 0
+        for _, ro, co, ri, ci in taps:
+            v = yb[:, :, ro, co]
+            v += xb[:, :, ri, ci]
+        yb /= div
+
+    _by_blocks(work, x.shape, out)
+    return y
 
 
-def ave_pool_backward(dy: np.ndarray, in_shape, kernel, pad, stride) -> np.ndarray:
-    """Gradient of :func:`ave_pool_forward` w.r.t. its input (a new array)."""
-    (kh, kw), (ph, pw), (sh, sw) = kernel, pad, stride
+def ave_pool_backward(dy: np.ndarray, in_shape, kernel, pad, stride,
+                      dx: Optional[np.ndarray] = None) -> np.ndarray:
+    """Gradient of :func:`ave_pool_forward` w.r.t. its input: added into ``dx`` (then returned)
+    or into a new zero array."""
     N, C, H, W = in_shape
-    oh, ow = dy.shape[2:]
-    div = (ave_divisor(H, kh, ph, sh, oh)[:, None] * ave_divisor(W, kw, pw, sw, ow)[None, :])
-    t = dy / div.astype(DTYPE)
-    Hp, Wp = max((oh - 1) * sh + kh, ph + H), max((ow - 1) * sw + kw, pw + W)
-    gp = np.zeros((N, C, Hp, Wp), DTYPE)
-    for rs in _window_slices(kh, sh, oh):
-        for cs in _window_slices(kw, sw, ow):
-            gp[:, :, rs, cs] += t
-    return gp[:, :, ph:ph + H, pw:pw + W]
+    out = tuple(dy.shape[2:])
+    g = np.zeros(tuple(in_shape), DTYPE) if dx is None else dx
+    taps = window_taps((H, W), out, kernel, pad, stride)
+    div = _divisor((H, W), kernel, pad, stride, out)
+
+    def work(ns: slice, cs: slice) -> None:
+        t = dy[ns, cs] / div
+        gb = g[ns, cs]
+        for _, ro, co, ri, ci in taps:
+            v = gb[:, :, ri, ci]
+            v += t[:, :, ro, co]
+
+    _by_blocks(work, in_shape, out)
+    return g
 
 
 @register
@@ -166,48 +205,57 @@ class Pooling(Layer):
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         x = bottom[0].data
         if self.method == "AVE":
-            top[0].data[...] = ave_pool_forward(x, self.kernel, self.pad, self.stride, self.out)
+            if self._is_global(x.shape):
+                N, C, H, W = x.shape
+                y = top[0].data.reshape(N, C)
+                np.sum(x.reshape(N, C, H * W), axis=2, dtype=DTYPE, out=y)
+                y /= DTYPE(H * W)
+                return
+            ave_pool_forward(x, self.kernel, self.pad, self.stride, self.out, top=top[0].data)
             return
-        best, code = self._max_forward(x)
-        top[0].data[...] = best
-        self._code = code
+        self._code = self._max_forward(x, top[0].data)
         if len(top) > 1:
-            top[1].data[...] = self._flat_index(code, x.shape[3])
+            top[1].data[...] = self._flat_index(self._code, x.shape[3])
 
     def _is_global(self, shape) -> bool:
         return (self.out == (1, 1) and self.pad == (0, 0)
                 and self.kernel == (int(shape[2]), int(shape[3])))
 
-    def _max_forward(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Caffe MAX pooling: values and, per output, the window offset ``i*kw + j`` of the
-        first maximum in h-then-w scan order (Caffe's strict ``>`` from -FLT_MAX; -1 if none)."""
-        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = self.kernel, self.pad, self.stride, self.out
+    def _max_forward(self, x: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """Caffe MAX pooling into ``best``; returns, per output, the window offset ``i*kw + j``
+        of the first maximum in h-then-w scan order (Caffe's strict ``>`` from -FLT_MAX; -1 if
+        none)."""
+        (kh, kw), (oh, ow) = self.kernel, self.out
         N, C, H, W = x.shape
         K = kh * kw
         ctype = np.int8 if K <= 127 else (np.int16 if K <= 32767 else np.int32)
         if self._is_global(x.shape):
             flat = x.reshape(N, C, H * W)
             code = flat.argmax(axis=2)
-            best = np.take_along_axis(flat, code[..., None], axis=2)[..., 0]
-            none = ~(best > -FLT_MAX)
+            b = np.take_along_axis(flat, code[..., None], axis=2)[..., 0]
+            none = ~(b > -FLT_MAX)
             code[none] = -1
-            best = np.where(none, DTYPE(-FLT_MAX), best)
-            return best.reshape(N, C, 1, 1).astype(DTYPE), code.reshape(N, C, 1, 1).astype(ctype)
-        xp = _pad_plane(x, (ph, pw), ((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf)
-        best = np.full((N, C, oh, ow), -FLT_MAX, DTYPE)
-        code = np.full((N, C, oh, ow), -1, ctype)
-        gt = np.empty((N, C, oh, ow), bool)
-        tmp = np.empty((N, C, oh, ow), ctype)
-        gt_int = gt.view(np.int8)
-        for i, rs in enumerate(_window_slices(kh, sh, oh)):
-            for j, cs in enumerate(_window_slices(kw, sw, ow)):
-                v = xp[:, :, rs, cs]
-                np.greater(v, best, out=gt)
-                np.maximum(best, v, out=best)
-                # offsets only grow, so "set code to kk where v > best" is a maximum
-                np.multiply(gt_int, ctype(i * kw + j), out=tmp, casting="unsafe")
-                np.maximum(code, tmp, out=code)
-        return best, code
+            best[...] = np.where(none, DTYPE(-FLT_MAX), b).reshape(best.shape)
+            return code.reshape(N, C, 1, 1).astype(ctype)
+        taps = window_taps((H, W), self.out, self.kernel, self.pad, self.stride)
+        code = np.empty((N, C, oh, ow), ctype)
+
+        def work(ns: slice, cs: slice) -> None:
+            bb, cb, xb = best[ns, cs], code[ns, cs], x[ns, cs]
+            bb[...] = -FLT_MAX
+            cb[...] = -1
+            gt = np.empty(bb.shape, bool)
+            tmp = np.empty(bb.shape, ctype)
+            for kk, ro, co, ri, ci in taps:
+                v, bv, g, t = xb[:, :, ri, ci], bb[:, :, ro, co], gt[:, :, ro, co], tmp[:, :, ro, co]
+                np.greater(v, bv, out=g)
+                np.maximum(bv, v, out=bv)
+                # offsets only grow, so "set the code to kk where v > best" is a maximum
+                np.multiply(g.view(np.int8), ctype(kk), out=t, casting="unsafe")
+                np.maximum(cb[:, :, ro, co], t, out=cb[:, :, ro, co])
+
+        _by_blocks(work, x.shape, self.out)
+        return code
 
     def _flat_index(self, code: np.ndarray, width: int) -> np.ndarray:
         """Caffe's mask: index ``h*W + w`` of the maximum in its channel plane (-1 if none)."""
@@ -220,39 +268,44 @@ class Pooling(Layer):
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         if not propagate_down[0]:
             return
-        dy = top[0].diff
-        shape = bottom[0].diff.shape
+        dy, dx = top[0].diff, bottom[0].diff
+        N, C, H, W = dx.shape
         if self.method == "AVE":
-            bottom[0].diff += ave_pool_backward(dy, shape, self.kernel, self.pad, self.stride)
+            if self._is_global(dx.shape):
+                dx += dy / DTYPE(H * W)
+                return
+            ave_pool_backward(dy, dx.shape, self.kernel, self.pad, self.stride, dx=dx)
             return
-        N, C, H, W = shape
         if len(top) > 1:   # as Caffe: route through the mask top
             idx = top[1].data.astype(np.int64)
             valid = idx >= 0
-            plane = H * W
-            offs = (np.arange(N * C, dtype=np.int64) * plane).reshape(N, C, 1, 1)
-            g = np.bincount((idx + offs)[valid], weights=dy[valid], minlength=N * C * plane)
-            bottom[0].diff += g.reshape(shape).astype(DTYPE)
+            offs = (np.arange(N * C, dtype=np.int64) * (H * W)).reshape(N, C, 1, 1)
+            np.add.at(dx.reshape(-1), (idx + offs)[valid], dy[valid])
             return
         code = getattr(self, "_code", None)
         if code is None:
             raise self.error("backward called before forward")
-        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = self.kernel, self.pad, self.stride, self.out
-        if self._is_global(shape):
-            c = code.reshape(N, C).astype(np.int64)
-            g = np.zeros((N, C, H * W), DTYPE)
-            ok = c >= 0
-            n_idx, c_idx = np.nonzero(ok)
-            g[n_idx, c_idx, c[ok]] = dy.reshape(N, C)[ok]
-            bottom[0].diff += g.reshape(shape)
+        if self._is_global(dx.shape):
+            c = code.reshape(N * C).astype(np.int64)
+            ok = np.nonzero(c >= 0)[0]
+            dx.reshape(N * C, H * W)[ok, c[ok]] += dy.reshape(N * C)[ok]
             return
-        Hp, Wp = max((oh - 1) * sh + kh, ph + H), max((ow - 1) * sw + kw, pw + W)
-        gp = np.zeros((N, C, Hp, Wp), DTYPE)
-        eq = np.empty(code.shape, bool)
-        tmp = np.empty(code.shape, DTYPE)
-        for i, rs in enumerate(_window_slices(kh, sh, oh)):
-            for j, cs in enumerate(_window_slices(kw, sw, ow)):
-                np.equal(code, i * kw + j, out=eq)
-                np.multiply(dy, eq, out=tmp)
-                gp[:, :, rs, cs] += tmp
-        bottom[0].diff += gp[:, :, ph:ph + H, pw:pw + W]
+        self._max_backward(code, dy, dx)
+
+    def _max_backward(self, code: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> None:
+        """Add each top diff into the bottom diff at its window's maximum, tap by tap (within
+        one tap, different outputs read different inputs, so no sum collides)."""
+        taps = window_taps(dx.shape[2:], self.out, self.kernel, self.pad, self.stride)
+
+        def work(ns: slice, cs: slice) -> None:
+            cb, db, xb = code[ns, cs], dy[ns, cs], dx[ns, cs]
+            eq = np.empty(cb.shape, bool)
+            tmp = np.empty(cb.shape, DTYPE)
+            for kk, ro, co, ri, ci in taps:
+                e, t = eq[:, :, ro, co], tmp[:, :, ro, co]
+                np.equal(cb[:, :, ro, co], kk, out=e)
+                np.multiply(db[:, :, ro, co], e, out=t)
+                dst = xb[:, :, ri, ci]
+                dst += t
+
+        _by_blocks(work, dx.shape, self.out)

@@ -3,13 +3,20 @@ Deconvolution, InnerProduct.
 
 Each follows Caffe's CPU implementation (BVLC ``*_layer.cpp``): parameter rules, shapes,
 rounding, padding conventions and what backward computes. Convolutions run on many images at
-once: :func:`~caffe_utils.layers.im2col.im2col_batch` builds one column matrix
-``(C*kh*kw, n*outH*outW)`` for a chunk of ``n`` images (as many as fit in :data:`COL_BUDGET`
-elements) and each group is one float32 matrix product; large temporaries live in reusable
-scratch buffers (so the layers are not thread-safe). Backward adds into bottom and parameter
-diffs, as the engine's protocol requires (Caffe overwrites bottom diffs; the net zeroes them).
-:func:`conv_geometry` reads a ConvolutionParameter's 2-D kernel, pad, stride and dilation the
-way Caffe does, for this module and for the initialization.
+once, by one of three kernels (:attr:`Convolution.path`):
+
+* 1x1 kernels without padding and depthwise convolutions (one input channel per group) need no
+  column matrix: :mod:`.conv_kernels` runs them as GEMMs on the input planes and as a direct
+  stencil;
+* everything else (and Deconvolution): :func:`~caffe_utils.layers.im2col.im2col_batch` builds
+  one column matrix ``(C*kh*kw, n*outH*outW)`` for a chunk of ``n`` images (as many as fit in
+  :data:`COL_BUDGET` elements) and all groups are one stacked float32 matrix product.
+
+Large temporaries live in reusable scratch buffers (so the layers are not thread-safe).
+Backward adds into bottom and parameter diffs, as the engine's protocol requires (Caffe
+overwrites bottom diffs; the net zeroes them). :func:`conv_geometry` reads a
+ConvolutionParameter's 2-D kernel, pad, stride and dilation the way Caffe does, for this module
+and for the initialization.
 
 Pooling is in :mod:`.pooling`, LRN in :mod:`.normalization`.
 
@@ -23,7 +30,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
-from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, scratch
+from caffe_utils.layers.blas import matmul_cols, matmul_groups, matmul_nt_long, one_blas_thread
+from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forward, is_depthwise,
+                                             is_pointwise, pointwise_backward, pointwise_forward)
+from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, parallel, scratch
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
 COL_BUDGET = 1 << 25
@@ -33,20 +43,31 @@ _GEMM_CHUNK = 1 << 22  # elements of the temporary product in gemm_accumulate
 def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """``c += a @ b`` in place (2-D float32), like Caffe's accumulating gemm (beta = 1).
 
-    The product goes through a bounded reusable scratch buffer, a block of rows at a time, so
-    no large temporary is allocated (and page-faulted) per call. (scipy's ``sgemm`` could
-    accumulate in place, but it links a second OpenBLAS whose threads fight numpy's.)
+    The product goes through bounded reusable scratch buffers, a block of rows at a time, so
+    no large temporary is allocated (and page-faulted) per call; the blocks go to threads with
+    one BLAS thread each (InnerProduct's weight gradient, the one user, is a product of small
+    inner dimension whose cost is writing ``c``). (scipy's ``sgemm`` could accumulate in place,
+    but it links a second OpenBLAS whose threads fight numpy's.)
     """
     m, n = c.shape
     if c.size == 0:
         return
     rows = max(1, min(m, _GEMM_CHUNK // max(n, 1)))
-    tmp = scratch("gemm", rows * n).reshape(rows, n)
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        t = tmp[:r1 - r0]
-        np.matmul(a[r0:r1], b, out=t)
-        c[r0:r1] += t
+    starts = list(range(0, m, rows))
+
+    def work(part: slice) -> None:
+        tmp = scratch(f"gemm{part.start}", rows * n).reshape(rows, n)
+        for r0 in starts[part]:
+            r1 = min(m, r0 + rows)
+            t = tmp[:r1 - r0]
+            np.matmul(a[r0:r1], b, out=t)
+            c[r0:r1] += t
+
+    if len(starts) == 1:
+        work(slice(0, 1))
+        return
+    with one_blas_thread():
+        parallel(work, len(starts), c.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,12 +194,12 @@ class _BaseConvolution(Layer):
     # "rows", "img"), each used by one step at a time.
 
     def _image_chunks(self, conv_out_shape) -> List[slice]:
-        """Slices of the batch whose column matrix fits in :data:`COL_BUDGET` elements
-        (at least one image each). ``conv_out_shape``: shape of the convolution's output side
-        (top for Convolution, bottom for Deconvolution)."""
+        """Slices of the batch whose column matrix and GEMM output each fit in
+        :data:`COL_BUDGET` elements (at least one image each). ``conv_out_shape``: shape of
+        the convolution's output side (top for Convolution, bottom for Deconvolution)."""
         n = int(conv_out_shape[0])
-        per_image = self.conv_in * self.kernel[0] * self.kernel[1] * \
-            int(conv_out_shape[2]) * int(conv_out_shape[3])
+        rows = max(self.conv_in * self.kernel[0] * self.kernel[1], self.conv_out)
+        per_image = rows * int(conv_out_shape[2]) * int(conv_out_shape[3])
         step = max(1, COL_BUDGET // max(per_image, 1))
         return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -190,25 +211,23 @@ class _BaseConvolution(Layer):
         return im2col_batch(x, *self._conv_args(), out=scratch("col", c * kh * kw * n * oh * ow))
 
     def _gemm_forward(self, x: Optional[np.ndarray], col: Optional[np.ndarray] = None) -> np.ndarray:
-        """Convolution of conv-input ``x`` (or of its columns ``col``): (conv_out, N*oh*ow)."""
+        """Convolution of conv-input ``x`` (or of its columns ``col``): (conv_out, N*oh*ow).
+        All groups in one call (:func:`~caffe_utils.layers.blas.matmul_groups`)."""
         G = self.group
         if col is None:
             col = self._im2col(x)
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
-        mg, kg = w.shape[1], w.shape[2]
-        out = scratch("out", self.conv_out * col.shape[1]).reshape(self.conv_out, col.shape[1])
-        for g in range(G):
-            np.matmul(w[g], col[g * kg:(g + 1) * kg], out=out[g * mg:(g + 1) * mg])
-        return out
+        out = scratch("out", self.conv_out * col.shape[1]).reshape(G, w.shape[1], col.shape[1])
+        matmul_groups(w, col.reshape(G, w.shape[2], -1), out)
+        return out.reshape(self.conv_out, -1)
 
     def _gemm_backward_data(self, y: np.ndarray, in_shape) -> np.ndarray:
         """Transpose convolution of rows ``y`` (conv_out, N*oh*ow): conv-input shaped view."""
         G = self.group
         w = self.blobs[0].data.reshape(G, self.conv_out // G, -1)
         mg, kg = w.shape[1], w.shape[2]
-        col = scratch("col", G * kg * y.shape[1]).reshape(G * kg, y.shape[1])
-        for g in range(G):
-            np.matmul(w[g].T, y[g * mg:(g + 1) * mg], out=col[g * kg:(g + 1) * kg])
+        col = scratch("col", G * kg * y.shape[1]).reshape(G, kg, y.shape[1])
+        matmul_groups(w.transpose(0, 2, 1), y.reshape(G, mg, -1), col)
         n, c, h, wd = in_shape
         (ph, pw) = self.pad
         size = n * c * (h + 2 * ph + self.stride[0] + self.dilation[0] * self.kernel[0]) * \
@@ -216,12 +235,16 @@ class _BaseConvolution(Layer):
         return col2im_batch(col, in_shape, *self._conv_args(), out=scratch("img", size))
 
     def _gemm_weight(self, col: np.ndarray, y: np.ndarray) -> None:
-        """Add d(weights) for conv-input columns ``col`` and conv-output gradient rows ``y``."""
+        """Add d(weights) for conv-input columns ``col`` and conv-output gradient rows ``y``
+        (a long reduction per group: :func:`~caffe_utils.layers.blas.matmul_nt_long`)."""
         G = self.group
         wd = self.blobs[0].diff.reshape(G, self.conv_out // G, -1)
         mg, kg = wd.shape[1], wd.shape[2]
+        t = scratch("gemm", wd.size).reshape(wd.shape)
+        yg, cg = y.reshape(G, mg, -1), col.reshape(G, kg, -1)
         for g in range(G):
-            gemm_accumulate(wd[g], y[g * mg:(g + 1) * mg], col[g * kg:(g + 1) * kg].T)
+            matmul_nt_long(yg[g], cg[g], t[g])
+        wd += t
 
     @staticmethod
     def _to_rows(a: np.ndarray) -> np.ndarray:
@@ -246,23 +269,51 @@ class Convolution(_BaseConvolution):
         (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self._conv_args()
         return conv_out_size(h, kh, ph, sh, dh), conv_out_size(w, kw, pw, sw, dw)
 
+    @property
+    def path(self) -> str:
+        """The kernel this layer runs: "depthwise" (a direct stencil, :mod:`.conv_kernels`),
+        "pointwise" (1x1 without padding: GEMMs on the input planes) or "im2col"."""
+        if is_depthwise(self.channels, self.group):
+            return "depthwise"
+        if is_pointwise(self.kernel, self.pad):
+            return "pointwise"
+        return "im2col"
+
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
+        w, path = self.blobs[0].data, self.path
+        bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
+            if path == "depthwise":
+                depthwise_forward(b.data, w, self._conv_args(), t.data, bias)
+                continue
             for s in self._image_chunks(t.data.shape):
-                y = t.data[s]
-                y[...] = self._from_rows(self._gemm_forward(b.data[s]), y.shape)
-            if self.bias_term:
-                t.data += self.blobs[1].data[None, :, None, None]
+                if path == "pointwise":
+                    pointwise_forward(b.data[s], w, self.group, self.stride, t.data[s], bias)
+                    continue
+                rows = self._from_rows(self._gemm_forward(b.data[s]), t.data[s].shape)
+                if bias is None:
+                    t.data[s] = rows
+                else:
+                    np.add(rows, bias[None, :, None, None], out=t.data[s])
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
+        w, dw, path = self.blobs[0].data, self.blobs[0].diff, self.path
         for i, (t, b) in enumerate(zip(top, bottom)):
             if self.bias_term:
                 self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3), dtype=DTYPE)
+            dx = b.diff if propagate_down[i] else None
+            if path == "depthwise":
+                depthwise_backward(b.data, w, t.diff, self._conv_args(), dx, dw)
+                continue
             for s in self._image_chunks(t.diff.shape):
+                if path == "pointwise":
+                    pointwise_backward(b.data[s], w, t.diff[s], self.group, self.stride,
+                                       None if dx is None else dx[s], dw)
+                    continue
                 dy = self._to_rows(t.diff[s])
                 self._gemm_weight(self._im2col(b.data[s]), dy)
-                if propagate_down[i]:
-                    b.diff[s] += self._gemm_backward_data(dy, b.data[s].shape)
+                if dx is not None:
+                    dx[s] += self._gemm_backward_data(dy, b.data[s].shape)
 
 
 @register
@@ -367,7 +418,14 @@ class InnerProduct(Layer):
         x = bottom[0].data.reshape(-1, self.K)
         w = self.blobs[0].data
         y = top[0].data.reshape(-1, self.N)
-        np.matmul(x, w if self.transpose else w.T, out=y)
+        if self.transpose:
+            np.matmul(x, w, out=y)
+        else:
+            # (w @ x.T).T: OpenBLAS runs this orientation of the skinny product (a few images
+            # against large weights) several times faster than x @ w.T
+            yt = scratch("ip_out", y.size).reshape(self.N, -1)
+            matmul_cols(w, x.T, yt)
+            np.copyto(y, yt.T)
         if self.bias_term:
             y += self.blobs[1].data
 
@@ -382,4 +440,7 @@ class InnerProduct(Layer):
             self.blobs[1].diff += dy.sum(axis=0, dtype=DTYPE)
         if propagate_down[0]:
             w = self.blobs[0].data
-            gemm_accumulate(bottom[0].diff.reshape(-1, self.K), dy, w.T if self.transpose else w)
+            dx = bottom[0].diff.reshape(-1, self.K)
+            t = scratch("ip_dx", dx.size).reshape(dx.shape)
+            matmul_cols(dy, w.T if self.transpose else w, t)
+            dx += t
