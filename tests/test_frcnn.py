@@ -42,7 +42,7 @@ layer {{ name: "rpn_cls_prob" type: "Softmax" bottom: "rpn_cls_score_reshape" to
 layer {{ name: "rpn_cls_prob_reshape" type: "Reshape" bottom: "rpn_cls_prob" top: "rpn_cls_prob_reshape"
         reshape_param {{ shape {{ dim: 0 dim: 18 dim: -1 dim: 0 }} }} }}
 layer {{ name: "proposal" type: "Python" bottom: "rpn_cls_prob_reshape" bottom: "rpn_bbox_pred" bottom: "{aux}"
-        top: "rois" python_param {{ module: "rpn.proposal_layer" layer: "ProposalLayer"
+        top: "rois" python_param {{ module: "rpn.proposal_layer" layer: "{proposal}"
         param_str: "'feat_stride': 16, 'scales': [1, 2, 4], 'rois_per_image': 4" }} }}
 layer {{ name: "roi_pool5" type: "ROIPooling" bottom: "conv5" bottom: "rois" top: "pool5"
         roi_pooling_param {{ pooled_w: 2 pooled_h: 2 spatial_scale: 0.0625 }} }}
@@ -54,9 +54,9 @@ layer {{ name: "cls_prob" type: "Softmax" bottom: "cls_score" top: "cls_prob" }}
 """
 
 
-def _write(tmp_path: Path, aux: str = "im_info", aux_dims: str = "dim: 1 dim: 3") -> Path:
+def _write(tmp_path: Path, aux: str = "im_info", aux_dims: str = "dim: 1 dim: 3", proposal: str = "ProposalLayer") -> Path:
     p = tmp_path / "tiny_frcnn.prototxt"
-    p.write_text(FRCNN.format(aux=aux, aux_dims=aux_dims))
+    p.write_text(FRCNN.format(aux=aux, aux_dims=aux_dims, proposal=proposal))
     return p
 
 
@@ -87,6 +87,19 @@ def test_cli_initializes_a_two_input_faster_rcnn_net(tmp_path, photos, on_path):
                            "bbox_pred"}
     assert all(np.isfinite(l["rate_after"]) and l["rate_after"] > 0 for l in layers.values()), layers
     assert {name for name, layer in netio.read_caffemodel(out).items() if layer.blobs} == set(layers)
+
+
+def test_a_proposal_layer_for_one_image_per_batch_asks_for_batch_size_1(tmp_path, photos, on_path):
+    """py-faster-rcnn's own proposal layer asserts batches of one image: at --batch-size 2 its
+    failure is one line that says what to do; at --batch-size 1 the net initializes."""
+    p, out = _write(tmp_path, proposal="SingleImageProposalLayer"), tmp_path / "one.caffemodel"
+    args = [p, "-o", out, "-d", photos, "-n", 2, "--iterations", 1, "--engine", "numpy", "-q", "--batch-size"]
+    res = _cli(args + [2])
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert res.exit_code != 0 and len(lines) == 1, res.output
+    assert "'proposal'" in lines[0] and "Only single item batches" in lines[0] and "--batch-size 1" in lines[0]
+    res = _cli(args + [1])
+    assert res.exit_code == 0 and out.exists(), res.output
 
 
 def test_im_info_is_filled_per_batch_with_the_input_size(tmp_path):

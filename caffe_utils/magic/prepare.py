@@ -200,7 +200,7 @@ def _aux_inputs(data: List, image: str, needed: Set[str]) -> Dict[str, Tuple[int
 
 
 def _cut_heads(layers) -> List[str]:
-    """Mark the layers whose every output carries no gradient back (each reader reads it at a
+    """Mark the layers whose outputs carry no gradient back (each reader reads them at a
     :data:`NO_GRADIENT_BOTTOMS` position: a proposal layer feeding ROIPooling's rois) with
     ``propagate_down: false`` on every bottom; their names.
 
@@ -212,8 +212,8 @@ def _cut_heads(layers) -> List[str]:
     for i, lp in enumerate(lps):
         if lp.type in AFFINE_TYPES or lp.type in DATA_LAYERS or not len(lp.top) or not len(lp.bottom):
             continue
-        readers = [_readers(lps, i, t) for t in lp.top]
-        if all(rs and all(k in NO_GRADIENT_BOTTOMS.get(r.type, ()) for r, k in rs) for rs in readers):
+        readers = [_readers(lps, i, t) for t in lp.top]  # an unread top (a proposal's scores) counts as none
+        if any(readers) and all(k in NO_GRADIENT_BOTTOMS.get(r.type, ()) for rs in readers for r, k in rs):
             cut.append(lp.name)
             del lp.propagate_down[:]
             lp.propagate_down.extend([False] * len(lp.bottom))

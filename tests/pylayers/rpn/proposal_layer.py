@@ -104,3 +104,11 @@ class ProposalLayer(caffe.Layer):
 
     def backward(self, top, propagate_down, bottom):
         pass
+
+
+class SingleImageProposalLayer(ProposalLayer):
+    """:class:`ProposalLayer` refusing batches of several images, as py-faster-rcnn's does."""
+
+    def reshape(self, bottom, top):
+        assert bottom[0].data.shape[0] == 1, "Only single item batches are supported"
+        super().reshape(bottom, top)
