@@ -165,3 +165,45 @@ def test_both_engines_start_the_gradient_at_a_heads_inputs(caffe, tmp_path):
     for net in nets:
         np.testing.assert_allclose(net.params["conv1"][0].diff, ref.params["conv1"][0].diff, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(nets[1].params["head"][0].diff, nets[0].params["head"][0].diff, rtol=1e-4, atol=1e-6)
+
+
+PROPOSALS = """
+layer {{ name: "in" type: "Input" top: "scores" top: "deltas" top: "im_info"
+        input_param {{ shape {{ dim: 2 dim: 6 dim: 2 dim: 3 }} shape {{ dim: 2 dim: 12 dim: 2 dim: 3 }}
+                      shape {{ dim: {rows} dim: 3 }} }} }}
+layer {{ name: "proposal" type: "Python" bottom: "scores" bottom: "deltas" bottom: "im_info" top: "rois" top: "p"
+        python_param {{ module: "rpn.proposal_layer" layer: "ProposalLayer"
+                       param_str: "'feat_stride': 16, 'scales': [1], 'rois_per_image': 2" }} }}
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_our_proposal_layer_keeps_the_best_anchors_moved_and_clipped(tmp_path, on_path, rows):
+    """3 anchors (ratios 0.5, 1, 2 of a 16-pixel box) per cell of a 2 x 3 map: the two best
+    foreground scores of each image, their anchors moved by the deltas and clipped to im_info's
+    size (one row for all images, or one each), behind the batch index."""
+    from caffe_utils.engine.numpy_net import Net
+    p = tmp_path / "proposals.prototxt"
+    p.write_text(PROPOSALS.format(rows=rows))
+    net = Net(p)
+    scores = np.zeros((2, 6, 2, 3), np.float32)
+    scores[0, 3 + 1, 1, 2] = 0.9  # image 0: anchor 1 (ratio 1) at cell (y 1, x 2) best
+    scores[0, 3 + 0, 0, 0] = 0.8  # then anchor 0 (ratio 0.5) at cell (0, 0)
+    scores[1, 3 + 2, 0, 1] = 0.7  # image 1: anchor 2 (ratio 2) at cell (0, 1), then the first anchor
+    deltas = np.zeros((2, 12, 2, 3), np.float32)
+    deltas[0, 4 * 1 + 0, 1, 2] = 0.5  # moves image 0's best box right by half its width (16 px)
+    net.blobs["scores"].data[...] = scores
+    net.blobs["deltas"].data[...] = deltas
+    net.blobs["im_info"].data[...] = [[40, 45, 1.0], [30, 20, 1.0]][:rows]
+    net.forward()
+    rois, kept = net.blobs["rois"].data, net.blobs["p"].data
+    np.testing.assert_array_equal(rois[:, 0], [0, 0, 1, 1])
+    np.testing.assert_allclose(kept[:, 0], [0.9, 0.8, 0.7, 0.0])
+    # image 0: the 16 x 16 box around (16 * 2 + 7.5 + 8, 16 + 7.5), clipped to x <= 44
+    np.testing.assert_allclose(rois[0, 1:], [40, 16, 44, 31], atol=1e-4)
+    w, h = 16 / np.sqrt(0.5), 16 * np.sqrt(0.5)  # ratio 0.5 (h / w) at cell (0, 0), clipped at 0
+    np.testing.assert_allclose(rois[1, 1:], [0, 7.5 - (h - 1) / 2, 7.5 + (w - 1) / 2, 7.5 + (h - 1) / 2], atol=1e-4)
+    height, width = (40, 45) if rows == 1 else (30, 20)
+    w, h = 16 / np.sqrt(2), 16 * np.sqrt(2)  # ratio 2 at cell (0, 1) of image 1
+    want = [16 + 7.5 - (w - 1) / 2, 0, min(16 + 7.5 + (w - 1) / 2, width - 1), min(7.5 + (h - 1) / 2, height - 1)]
+    np.testing.assert_allclose(rois[2, 1:], want, atol=1e-4)

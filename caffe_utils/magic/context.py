@@ -114,7 +114,8 @@ class SampleBatches:
 
 
 def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: int) -> None:
-    """The sample must be images of the net's input size, and the net's input ``batch_size`` deep."""
+    """The sample must be images of the net's input size, and the net's input (and auxiliary
+    inputs, such as ``im_info``) ``batch_size`` deep."""
     want = tuple(prepared.input_shape)
     if sample.ndim != 4 or sample.shape[0] < 1 or tuple(sample.shape[1:]) != want:
         raise DataError(f"the sample has shape {tuple(sample.shape)}; the initialization needs at least one "
@@ -123,6 +124,11 @@ def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: in
     if have != batch_size:
         raise DataError(f"the net's input '{prepared.input_name}' holds {have} images, not the batch size "
                         f"{batch_size}; build the net with the options' batch size")
+    for name in prepared.aux_inputs:
+        have = net.blobs[name].data.shape[0]
+        if have != batch_size:
+            raise DataError(f"the net's input '{name}' holds {have} rows, not the batch size {batch_size}; "
+                            "build the net with a row per image (input_shapes)")
 
 
 @dataclass
