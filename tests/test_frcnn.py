@@ -207,3 +207,21 @@ def test_our_proposal_layer_keeps_the_best_anchors_moved_and_clipped(tmp_path, o
     w, h = 16 / np.sqrt(2), 16 * np.sqrt(2)  # ratio 2 at cell (0, 1) of image 1
     want = [16 + 7.5 - (w - 1) / 2, 0, min(16 + 7.5 + (w - 1) / 2, width - 1), min(7.5 + (h - 1) / 2, height - 1)]
     np.testing.assert_allclose(rois[2, 1:], want, atol=1e-4)
+
+
+def test_pycaffe_engine_refuses_roipooling_backward_on_the_cpu():
+    """caffe-fast-rcnn's ROIPooling has no CPU backward (Caffe would abort): refused in one
+    error naming the layer, on the CPU only. (brocolli's pycaffe has no ROIPooling to build, so
+    the adapter is given a stand-in of the Caffe net it wraps.)"""
+    from types import SimpleNamespace
+    from caffe_utils.engine.caffe_net import CaffeNet
+    from caffe_utils.errors import EngineError
+    net = CaffeNet.__new__(CaffeNet)
+    net._net = SimpleNamespace(_layer_names=["data", "roi_pool5", "fc6"],
+                               layers=[SimpleNamespace(type=t) for t in ("Input", "ROIPooling", "InnerProduct")])
+    net.no_gradient_layers, net.gpu = [], None
+    with pytest.raises(EngineError, match=r"'roi_pool5' \(ROIPooling\) has no CPU backward.*--gpu.*--engine numpy"):
+        net.check_backward()
+    net.check_backward(start="fc6", end="fc6")
+    net.gpu = 0
+    net.check_backward()

@@ -78,6 +78,9 @@ def _fatal_message(log: str) -> str:
 
 #: layer types whose backward Caffe does not implement: it aborts the process (glog FATAL)
 NO_BACKWARD = {"DetectionOutput", "DetectionEvaluate", "Threshold", "ArgMax"}
+#: layer types whose CPU backward Caffe lacks (caffe-fast-rcnn's ROIPooling: NOT_IMPLEMENTED, an
+#: abort); their GPU backward exists
+NO_CPU_BACKWARD = {"ROIPooling"}
 #: layer types that some Caffe builds register with an empty CPU backward, which passes no
 #: gradient and raises nothing (brocolli-caffe's Upsample, a deploy-only port): probed per net
 MAYBE_NO_GRADIENT = {"Upsample"}
@@ -210,6 +213,7 @@ class CaffeNet:
                  stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                  seed: int = 0, gpu: Optional[int] = None) -> None:
         caffe = import_caffe(gpu)
+        self.gpu = gpu
         if isinstance(phase, str):
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
@@ -348,6 +352,9 @@ class CaffeNet:
             if layer.type in NO_BACKWARD:
                 raise EngineError(f"layer '{names[i]}' ({layer.type}) has no backward in Caffe, which would abort; "
                                   "remove it from the net (or end the net before it) or use --engine numpy")
+            if layer.type in NO_CPU_BACKWARD and self.gpu is None:
+                raise EngineError(f"layer '{names[i]}' ({layer.type}) has no CPU backward in Caffe, which would "
+                                  "abort; use --gpu with a CUDA Caffe, or --engine numpy")
             if names[i] in self.no_gradient_layers:
                 raise EngineError(f"layer '{names[i]}' ({layer.type}) has an empty backward in this Caffe build "
                                   "(it passes no gradient), so the between-layer stage would be wrong; "
