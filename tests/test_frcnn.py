@@ -136,16 +136,22 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolutio
 layer { name: "head" type: "Convolution" bottom: "conv1" top: "head" propagate_down: false
         convolution_param { num_output: 2 kernel_size: 1 } }
 """
+#: two heads read the gradient start: pycaffe copies it through a Split, skipped too
+TWO_HEADS = GRADIENT_START + """
+layer { name: "head2" type: "Pooling" bottom: "conv1" top: "head2" propagate_down: false
+        pooling_param { pool: MAX kernel_size: 2 } }
+"""
 
 
 @pytest.mark.pycaffe
-def test_both_engines_start_the_gradient_at_a_heads_inputs(caffe, tmp_path):
+@pytest.mark.parametrize("text", [GRADIENT_START, TWO_HEADS], ids=["one_head", "two_heads"])
+def test_both_engines_start_the_gradient_at_a_heads_inputs(caffe, tmp_path, text):
     """A blob read only with ``propagate_down: false`` is an output on both engines, and the
     diff put on it reaches the layer below unchanged (pycaffe's force_backward would overwrite
     it from the head's backward: the adapter skips that layer)."""
     from caffe_utils.engine import open_net
     p = tmp_path / "start.prototxt"
-    p.write_text(GRADIENT_START)
+    p.write_text(text)
     rng = np.random.RandomState(0)
     nets = [open_net(str(p), engine=e) for e in ("numpy", "caffe")]
     data, eta = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((2, 3, 3, 3))
@@ -157,8 +163,9 @@ def test_both_engines_start_the_gradient_at_a_heads_inputs(caffe, tmp_path):
         net.forward()
         net.clear_param_diffs()
     for net in nets:
-        assert net.outputs == ["head", "conv1"]
-        net.blobs["head"].diff[...] = 1
+        assert net.outputs == (["head", "head2", "conv1"] if "head2" in text else ["head", "conv1"])
+        for o in net.outputs:
+            net.blobs[o].diff[...] = 1
         net.blobs["conv1"].diff[...] = eta
         net.backward()
     ref.backward(start="conv1", conv1=eta.astype(np.float32))  # conv1's gradient from eta alone
