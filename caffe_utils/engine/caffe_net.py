@@ -371,6 +371,7 @@ class CaffeNet:
         skip = [i for i in self._silent_layers() if last <= i <= first]
         if not skip:
             return self._net.backward(start=start, end=end, **kwargs)
+        wanted = list(kwargs.pop("diffs", None) or [])
         for name, diff in kwargs.items():
             self._net.blobs[name].diff[...] = diff
         hi = first
@@ -378,7 +379,7 @@ class CaffeNet:
             if hi > i:
                 self._net._backward(hi, i + 1)
             hi = i - 1
-        return {n: self._net.blobs[n].diff for n in self._net.inputs}
+        return {n: self._net.blobs[n].diff for n in set(self._net.inputs) | set(wanted)}
 
     def _silent_layers(self) -> List[int]:
         """Caffe indices of the layers whose every bottom has ``propagate_down: false`` (cut
