@@ -290,10 +290,15 @@ def _batch_for(images: int, batch_size: int, note: Callable[[str], None]) -> int
 
 
 def _open_prepared(prepared: magic.PreparedNet, engine: str, gpu: Optional[int], batch_size: int, seed: int):
-    """The engine net of ``prepared`` with its image input ``batch_size`` deep."""
+    """The engine net of ``prepared`` with its image input ``batch_size`` deep, and its
+    auxiliary inputs (``im_info``) as deep and filled for images of the input size."""
     c, h, w = prepared.input_shape
-    return open_net(prepared.net_param, None, netio.TEST, engine, gpu,
-                    input_shapes={prepared.input_name: (batch_size, c, h, w)}, seed=seed)
+    shapes = {prepared.input_name: (batch_size, c, h, w)}
+    shapes.update((name, (batch_size, *shape)) for name, shape in prepared.aux_inputs.items())
+    net = open_net(prepared.net_param, None, netio.TEST, engine, gpu, input_shapes=shapes, seed=seed)
+    for name in prepared.aux_inputs:
+        net.set_data(name, prepared.aux_values(name, batch_size))
+    return net
 
 
 def load_images(prototxt: str, spec: SampleSpec, seed: int, prepared: magic.PreparedNet,

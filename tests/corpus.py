@@ -788,6 +788,83 @@ def zf_faster_rcnn_rpn() -> str:
     return n.text()
 
 
+def _faster_rcnn_head(n: Net, conv5: str, rpn_width: int, fc_width: int, pooled: int, rois_per_image: int) -> None:
+    """Faster R-CNN's test-time head over the trunk's ``conv5`` (py-faster-rcnn's layout): the
+    RPN (rpn_conv/3x3, rpn_cls_score 2 x 9 anchors, rpn_bbox_pred 4 x 9, the
+    Reshape-Softmax-Reshape to rpn_cls_prob_reshape), the ``Python`` proposal layer
+    (``rpn.proposal_layer.ProposalLayer``, ``'feat_stride': 16``; tests/pylayers holds our own)
+    reading it with rpn_bbox_pred and ``im_info``, ROIPooling of its ``rois`` over conv5
+    (``pooled`` x ``pooled``, spatial_scale 1/16, the fork's ``roi_pooling_param``), fc6 and fc7
+    with dropout, cls_score (21 classes) with its Softmax, and bbox_pred (4 x 21). Anchor
+    scales 1-2-4 for the small inputs (8-16-32 in the paper, for ~600 px images)."""
+    x = n.conv("rpn_conv/3x3", conv5, rpn_width, 3, pad=1, filler="gaussian")
+    n.relu("rpn_relu/3x3", x)
+    cls = n.conv("rpn_cls_score", x, 18, 1, filler="gaussian")
+    bbox = n.conv("rpn_bbox_pred", x, 36, 1, filler="gaussian")
+    y = n.layer("rpn_cls_score_reshape", "Reshape", cls, reshape_param={"shape": {"dim": [0, 2, -1, 0]}})
+    y = n.softmax("rpn_cls_prob", y)
+    prob = n.layer("rpn_cls_prob_reshape", "Reshape", y, reshape_param={"shape": {"dim": [0, 18, -1, 0]}})
+    rois = n.layer("proposal", "Python", [prob, bbox, "im_info"], "rois", python_param={
+        "module": "rpn.proposal_layer", "layer": "ProposalLayer",
+        "param_str": f"'feat_stride': 16, 'scales': [1, 2, 4], 'rois_per_image': {rois_per_image}"})
+    x = n.layer("roi_pool5", "ROIPooling", [conv5, rois], "pool5",
+                roi_pooling_param={"pooled_w": pooled, "pooled_h": pooled, "spatial_scale": 0.0625})
+    for i in (6, 7):
+        x = n.fc(f"fc{i}", x, fc_width)
+        n.relu(f"relu{i}", x)
+        n.dropout(f"drop{i}", x)
+    cls = n.fc("cls_score", x, 21)
+    n.softmax("cls_prob", cls)
+    n.fc("bbox_pred", x, 84)
+
+
+def faster_rcnn_zf(rois_per_image: int = 8) -> str:
+    """Faster R-CNN's ZF test net (Ren et al. 2015; Zeiler & Fergus 2013): inputs ``data`` and
+    ``im_info`` (height, width, scale per image), the ZF trunk of :func:`zf_faster_rcnn_rpn`
+    (conv1 7x7/2, conv2 5x5/2, each with a WITHIN_CHANNEL LRN and a 3x3/2 max pool, conv3-5)
+    and :func:`_faster_rcnn_head` with 6 x 6 ROIPooling. Widths / 8 (fc / 16), 64 px,
+    ``rois_per_image`` proposals per image (300 in the paper)."""
+    n = Net("ZF", (1, 3, 64, 64))
+    n.layer("im_info", "Input", [], "im_info", input_param={"shape": {"dim": [1, 3]}})
+    x = n.conv("conv1", "data", 12, 7, stride=2, pad=3, filler="gaussian")
+    n.relu("relu1", x)
+    x = n.lrn("norm1", x, 3, 5e-5, 0.75, "WITHIN_CHANNEL")
+    x = n.pool("pool1", x, "MAX", 3, 2, pad=1)
+    x = n.conv("conv2", x, 32, 5, stride=2, pad=2, filler="gaussian")
+    n.relu("relu2", x)
+    x = n.lrn("norm2", x, 3, 5e-5, 0.75, "WITHIN_CHANNEL")
+    x = n.pool("pool2", x, "MAX", 3, 2, pad=1)
+    for i, width in ((3, 48), (4, 48), (5, 32)):
+        x = n.conv(f"conv{i}", x, width, 3, pad=1, filler="gaussian")
+        n.relu(f"relu{i}", x)
+    _faster_rcnn_head(n, x, 32, 256, 6, rois_per_image)
+    return n.text()
+
+
+def faster_rcnn_vgg16(rois_per_image: int = 8) -> str:
+    """Faster R-CNN's VGG16 test net (Ren et al. 2015; Simonyan & Zisserman 2014): inputs
+    ``data`` and ``im_info``, VGG16's conv1_1-conv5_3 with 2x2 max pools after stages 1-4 (none
+    after conv5: stride 16), and :func:`_faster_rcnn_head` with 7 x 7 ROIPooling. Widths / 16,
+    two convs per stage instead of 2-2-3-3-3, 64 px, ``rois_per_image`` proposals per image."""
+    n = Net("VGG_ILSVRC_16_layers", (1, 3, 64, 64))
+    n.layer("im_info", "Input", [], "im_info", input_param={"shape": {"dim": [1, 3]}})
+    x = "data"
+    for stage, width in enumerate((4, 8, 16, 32, 32), start=1):
+        for i in (1, 2):
+            x = n.conv(f"conv{stage}_{i}", x, width, 3, pad=1)
+            n.relu(f"relu{stage}_{i}", x)
+        if stage < 5:
+            x = n.pool(f"pool{stage}", x, "MAX", 2, 2)
+    _faster_rcnn_head(n, x, 32, 256, 7, rois_per_image)
+    return n.text()
+
+#: why the corpus' OpenCV check skips the Faster R-CNN nets (tests/test_corpus.py checks them with
+#: the proposals fed as an input instead)
+FRCNN_CV2_WHY = ("OpenCV 4's Caffe importer reads the net but cannot create a Python layer (\"Can't create "
+                 "layer 'proposal' of type 'Python'\"): test_frcnn_matches_opencv_forward_with_the_proposals_"
+                 "stood_in feeds it the numpy engine's rois instead")
+
+
 def _corpus() -> List[CorpusNet]:
     return [
         CorpusNet("caffenet", "BVLC zoo", caffenet(), "widths/8, 67 px"),
@@ -813,6 +890,10 @@ def _corpus() -> List[CorpusNet]:
         CorpusNet("yolov3_tiny", "SSD-style detector (YOLO)", yolov3_tiny(), "widths/8, 64 px", cv2=False,
                   cv2_why="OpenCV's Caffe importer has no Upsample type"),
         CorpusNet("zf_rpn", "Faster R-CNN (RPN, images only)", zf_faster_rcnn_rpn(), "widths/8, 64 px"),
+        CorpusNet("frcnn_vgg16", "Faster R-CNN (ROIPooling)", faster_rcnn_vgg16(),
+                  "widths/16, 2 convs per stage, fc 256, 64 px, 8 rois/image", cv2=False, cv2_why=FRCNN_CV2_WHY),
+        CorpusNet("frcnn_zf", "Faster R-CNN (ROIPooling)", faster_rcnn_zf(), "widths/8, fc 256, 64 px, 8 rois/image",
+                  cv2=False, cv2_why=FRCNN_CV2_WHY),
         CorpusNet("mtcnn_pnet", "MTCNN (PReLU)", mtcnn_pnet(), "full widths, 24 px"),
         CorpusNet("mtcnn_onet", "MTCNN (PReLU)", mtcnn_onet(), "widths/4, 48 px"),
         CorpusNet("fcn16s", "segmentation (Deconvolution, Crop)", fcn16s(), "widths/16, pad 20, 64 px"),

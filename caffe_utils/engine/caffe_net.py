@@ -24,7 +24,7 @@ import numpy as np
 
 from caffe_utils import caffemodel, netio
 from caffe_utils.engine import physical_memory
-from caffe_utils.engine.numpy_net import _never_consumed
+from caffe_utils.engine.numpy_net import _never_consumed, gradient_starts
 from caffe_utils.errors import EngineError, PrototxtError, UnsupportedLayerError
 
 
@@ -78,6 +78,9 @@ def _fatal_message(log: str) -> str:
 
 #: layer types whose backward Caffe does not implement: it aborts the process (glog FATAL)
 NO_BACKWARD = {"DetectionOutput", "DetectionEvaluate", "Threshold", "ArgMax"}
+#: layer types whose CPU backward Caffe lacks (caffe-fast-rcnn's ROIPooling: NOT_IMPLEMENTED, an
+#: abort); their GPU backward exists
+NO_CPU_BACKWARD = {"ROIPooling"}
 #: layer types that some Caffe builds register with an empty CPU backward, which passes no
 #: gradient and raises nothing (brocolli-caffe's Upsample, a deploy-only port): probed per net
 MAYBE_NO_GRADIENT = {"Upsample"}
@@ -210,6 +213,7 @@ class CaffeNet:
                  stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                  seed: int = 0, gpu: Optional[int] = None) -> None:
         caffe = import_caffe(gpu)
+        self.gpu = gpu
         if isinstance(phase, str):
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
@@ -309,10 +313,13 @@ class CaffeNet:
     @property
     def outputs(self) -> List[str]:
         """Caffe's net outputs in the numpy engine's order, the net's (pycaffe sorts them by
-        name): the between-layer stage draws one random top gradient per output in this order,
-        so that a seed gives both engines the same."""
+        name), and then the blobs only ``propagate_down: false`` bottoms read (a head's inputs,
+        :func:`~caffe_utils.engine.numpy_net.gradient_starts`): the between-layer stage draws
+        one random top gradient per output in this order, so that a seed gives both engines the
+        same."""
         theirs = list(self._net.outputs)
         ours = [o for o in _never_consumed(self.net_param) if o in theirs]
+        ours += [o for o in gradient_starts(self.net_param) if o not in ours]
         return ours + [o for o in theirs if o not in ours]
 
     @property
@@ -345,15 +352,47 @@ class CaffeNet:
             if layer.type in NO_BACKWARD:
                 raise EngineError(f"layer '{names[i]}' ({layer.type}) has no backward in Caffe, which would abort; "
                                   "remove it from the net (or end the net before it) or use --engine numpy")
+            if layer.type in NO_CPU_BACKWARD and self.gpu is None:
+                raise EngineError(f"layer '{names[i]}' ({layer.type}) has no CPU backward in Caffe, which would "
+                                  "abort; use --gpu with a CUDA Caffe, or --engine numpy")
             if names[i] in self.no_gradient_layers:
                 raise EngineError(f"layer '{names[i]}' ({layer.type}) has an empty backward in this Caffe build "
                                   "(it passes no gradient), so the between-layer stage would be wrong; "
                                   "use --engine numpy")
 
     def backward(self, start: Optional[str] = None, end: Optional[str] = None, **kwargs):
-        """pycaffe's backward, refused where :meth:`check_backward` refuses it."""
+        """pycaffe's backward, refused where :meth:`check_backward` refuses it, and skipping the
+        layers that pass no gradient (:meth:`_silent_layers`), whose bottoms' diffs (the random
+        top gradient on a head's inputs) Caffe's ``force_backward`` would otherwise overwrite."""
         self.check_backward(start, end)
-        return self._net.backward(start=start, end=end, **kwargs)
+        names = list(self._net._layer_names)
+        first = names.index(start) if start else len(names) - 1
+        last = names.index(end) if end else 0
+        skip = [i for i in self._silent_layers() if last <= i <= first]
+        if not skip:
+            return self._net.backward(start=start, end=end, **kwargs)
+        wanted = list(kwargs.pop("diffs", None) or [])
+        for name, diff in kwargs.items():
+            self._net.blobs[name].diff[...] = diff
+        hi = first
+        for i in sorted(skip, reverse=True) + [last - 1]:
+            if hi > i:
+                self._net._backward(hi, i + 1)
+            hi = i - 1
+        return {n: self._net.blobs[n].diff for n in set(self._net.inputs) | set(wanted)}
+
+    def _silent_layers(self) -> List[int]:
+        """Caffe indices of the layers whose every bottom has ``propagate_down: false`` (cut
+        heads, see :mod:`caffe_utils.magic.prepare`), and of Caffe's Split layers of the blobs
+        only such bottoms read: their backward would overwrite a diff that is a gradient start."""
+        silent = {lp.name for lp in self.net_param.layer
+                  if len(lp.bottom) and len(lp.propagate_down) == len(lp.bottom) and not any(lp.propagate_down)}
+        starts = set(gradient_starts(self.net_param))
+        out = []
+        for i, (name, layer) in enumerate(zip(self._net._layer_names, self._net.layers)):
+            if name in silent or (layer.type == "Split" and self._net.bottom_names[name][0] in starts):
+                out.append(i)
+        return out
 
     def set_data(self, name: str, data: np.ndarray) -> None:
         """Set blob ``name``'s data and that of Caffe's Split copies of it."""

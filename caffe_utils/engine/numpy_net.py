@@ -18,6 +18,8 @@ Semantics that follow Caffe:
   bottom diffs are zeroed by the pass, parameter diffs accumulate until
   :meth:`clear_param_diffs`, as in Caffe;
 * a loss layer's top diff holds its loss weight, so ``backward()`` from a loss works as in Caffe;
+* ``outputs`` are Caffe's net outputs and, after them, the blobs that only bottoms with
+  ``propagate_down: false`` read (:func:`net_outputs`): a head's inputs, where the gradient starts;
 * parameters are created with the layers' fillers, then overwritten by ``weights`` (matched by
   layer name); parameters shared by ``param { name: ... }`` are one blob.
 
@@ -155,6 +157,31 @@ def _never_consumed(net_param) -> List[str]:
     return list(available)
 
 
+def gradient_starts(net_param) -> List[str]:
+    """Blobs no later layer backpropagates into: produced by a layer other than an Input and
+    read only at bottoms with ``propagate_down: false`` (the inputs of heads such as a proposal
+    layer, see :mod:`caffe_utils.magic.prepare`). Their gradient starts there, as a net
+    output's does; in net order."""
+    starts: "OrderedDict[str, bool]" = OrderedDict()  # blob -> still read only without propagation
+    for lp in net_param.layer:
+        for k, b in enumerate(lp.bottom):
+            if b in starts:
+                starts[b] = starts[b] and k < len(lp.propagate_down) and not lp.propagate_down[k]
+        for t in lp.top:
+            if t not in lp.bottom and lp.type != "Input":
+                starts.pop(t, None)
+                starts[t] = True
+    read = {b for lp in net_param.layer for b in lp.bottom}
+    return [b for b, only in starts.items() if only and b in read]
+
+
+def net_outputs(net_param) -> List[str]:
+    """The blobs the random top gradient of the method goes on: Caffe's net outputs
+    (:func:`_never_consumed`), then the :func:`gradient_starts`."""
+    outs = _never_consumed(net_param)
+    return outs + [b for b in gradient_starts(net_param) if b not in outs]
+
+
 class Net:
     """A Caffe net run by the numpy engine (see module docstring)."""
 
@@ -196,7 +223,7 @@ class Net:
         wiring = _Wiring()
         for i, lp in enumerate(self.net_param.layer):
             self._add_layer(i, lp, input_shapes, wiring)
-        self.outputs = _never_consumed(self.net_param)
+        self.outputs = net_outputs(self.net_param)
         self._index = {n: i for i, n in enumerate(self._layer_names)}
         self._set_loss_diffs()
 

@@ -46,7 +46,8 @@ class EngineNet(Protocol):
 
     @property
     def outputs(self) -> List[str]:
-        """Names of the blobs no later layer reads (Caffe's net outputs)."""
+        """Names of the blobs no later layer reads (Caffe's net outputs), then of those only
+        bottoms with ``propagate_down: false`` read (a head's inputs): where the gradient starts."""
 
     @property
     def layer_names(self) -> List[str]:

@@ -83,12 +83,12 @@ def _load_module(name: str):
 class Python(Layer):
     type = "Python"
 
-    def _fail(self, what: str, exc: Exception) -> UnsupportedLayerError:
+    def _fail(self, what: str, exc: Exception, fix: str = "") -> UnsupportedLayerError:
         p = self.param.python_param
+        fix = fix or ("the numpy engine runs Python layers that use only pycaffe's Layer API: use --engine caffe "
+                      "with your own Caffe build and the module on PYTHONPATH")
         return UnsupportedLayerError(
-            f"layer '{self.name}' (Python, {p.module}.{p.layer}): {what} ({type(exc).__name__}: {exc}); "
-            "the numpy engine runs Python layers that use only pycaffe's Layer API: use --engine caffe "
-            "with your own Caffe build and the module on PYTHONPATH")
+            f"layer '{self.name}' (Python, {p.module}.{p.layer}): {what} ({type(exc).__name__}: {exc}); {fix}")
 
     def setup(self, bottom: List[Blob], top: List[Blob]) -> None:
         p = self.param.python_param
@@ -106,7 +106,11 @@ class Python(Layer):
         try:
             getattr(self.user, method)(*args)
         except Exception as exc:  # the user's code, run through the shim
-            raise self._fail(f"its {method} failed", exc) from None
+            fix = ""
+            if method != "backward" and any(len(b.data.shape) and b.data.shape[0] > 1 for b in args[0]):
+                # py-faster-rcnn's proposal layer, e.g., asserts one image per batch
+                fix = "it ran on a batch of several images: a layer written for one image needs --batch-size 1"
+            raise self._fail(f"its {method} failed", exc, fix) from None
 
     def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
         self._call("reshape", bottom, top)
@@ -115,6 +119,8 @@ class Python(Layer):
         self._call("forward", bottom, top)
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
+        if not any(propagate_down):
+            return  # a head (propagate_down: false on every bottom): the pycaffe engine skips it too
         stand_ins = [_diff_stand_in(b) for b in bottom]
         self._call("backward", top, propagate_down, stand_ins)
         for b, s, down in zip(bottom, stand_ins, propagate_down):

@@ -45,7 +45,10 @@ def frontier(net, pos: int) -> List[str]:
 class SampleBatches:
     """The sample in batches of the net's input size, run from the latest affordable checkpoint."""
 
-    def __init__(self, net, input_name: str, sample: np.ndarray, batch: int, mem_limit: int) -> None:
+    def __init__(self, net, input_name: str, sample: np.ndarray, batch: int, mem_limit: int,
+                 aux: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """``aux``: the auxiliary inputs (``im_info``), one row per image of ``sample``; they
+        are fed with the images, batch by batch."""
         self.net = net
         self.names = net.layer_names
         self.n = sample.shape[0]
@@ -57,6 +60,8 @@ class SampleBatches:
         self.mem_limit = mem_limit
         self._pos = 1  # layer 0 is the Input layer
         self._blobs: Dict[str, np.ndarray] = {input_name: padded}
+        for name, rows in (aux or {}).items():
+            self._blobs[name] = np.concatenate([rows, np.resize(rows, (pad,) + rows.shape[1:])]) if pad else rows
         self._fresh: Optional[Dict[str, np.ndarray]] = None
 
     def valid(self, b: int) -> int:
@@ -109,7 +114,8 @@ class SampleBatches:
 
 
 def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: int) -> None:
-    """The sample must be images of the net's input size, and the net's input ``batch_size`` deep."""
+    """The sample must be images of the net's input size, and the net's input (and auxiliary
+    inputs, such as ``im_info``) ``batch_size`` deep."""
     want = tuple(prepared.input_shape)
     if sample.ndim != 4 or sample.shape[0] < 1 or tuple(sample.shape[1:]) != want:
         raise DataError(f"the sample has shape {tuple(sample.shape)}; the initialization needs at least one "
@@ -118,6 +124,11 @@ def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: in
     if have != batch_size:
         raise DataError(f"the net's input '{prepared.input_name}' holds {have} images, not the batch size "
                         f"{batch_size}; build the net with the options' batch size")
+    for name in prepared.aux_inputs:
+        have = net.blobs[name].data.shape[0]
+        if have != batch_size:
+            raise DataError(f"the net's input '{name}' holds {have} rows, not the batch size {batch_size}; "
+                            "build the net with a row per image (input_shapes)")
 
 
 @dataclass
@@ -146,7 +157,8 @@ class InitContext:
         if unknown:
             raise PrototxtError(f"--reinit names layer(s) {unknown} that the net does not have")
         layers = OrderedDict((lp.name, LayerReport(lp.name, lp.type)) for lp in lps if lp.type in AFFINE_TYPES)
-        batches = SampleBatches(net, prepared.input_name, sample, opts.batch_size, opts.mem_limit)
+        aux = {name: prepared.aux_values(name, sample.shape[0]) for name in prepared.aux_inputs}
+        batches = SampleBatches(net, prepared.input_name, sample, opts.batch_size, opts.mem_limit, aux)
         report = InitReport(heads=list(prepared.heads))
         return cls(net, prepared, sample, opts, np.random.RandomState(opts.seed), report, layers, batches, progress,
                    {n: i for i, n in enumerate(net.layer_names)})

@@ -4,11 +4,24 @@ Data layers (Data, ImageData, MemoryData, ...) become one Input of the images' s
 accuracy, softmax and other sinks that nothing reads are dropped, so that the net's outputs are
 the blobs that stage 3's random top gradient is set on. The original data layer's transform
 parameters and source are kept for reading the sample.
+
+Besides the images, the Input may keep the auxiliary inputs the tool can fill itself
+(:data:`AUX_INPUTS`): Faster R-CNN's ``im_info``, one row ``[height, width, 1.0]`` per image of
+the network input (py-faster-rcnn's convention: the images are the net's input size, scale 1).
+Any other input a kept layer reads is one error naming it.
+
+Layers inside the net whose outputs carry no gradient back (a Python proposal layer, whose
+``rois`` only ROIPooling's second bottom reads) are heads too: they stay, since later layers read
+their outputs, but get ``propagate_down: false`` on every bottom. Both engines then make their
+inputs net outputs, on which stage 3's random top gradient goes
+(:func:`caffe_utils.engine.numpy_net.net_outputs`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
 
 from caffe_utils.errors import PrototxtError
 from caffe_utils.layout import AFFINE_TYPES
@@ -20,6 +33,10 @@ DATA_LAYERS = ("Data", "ImageData", "MemoryData", "HDF5Data", "WindowData", "Dum
 HEADS = {"DetectionOutput", "DetectionEvaluate", "ArgMax", "PriorBox"}
 #: outputs that depend only on blob shapes
 SHAPE_ONLY = {"PriorBox"}
+#: inputs besides the images that the tool fills itself: name -> (per-image shape, what it holds)
+AUX_INPUTS = {"im_info": ((3,), "[height, width, scale 1.0] of the network input per image")}
+#: bottoms that carry no gradient, by layer type (ROIPooling's rois)
+NO_GRADIENT_BOTTOMS = {"ROIPooling": {1}, "PSROIPooling": {1}}
 
 
 @dataclass
@@ -30,7 +47,17 @@ class PreparedNet:
     transform_param: object    # TransformationParameter of the original data layer (or None)
     data_source: Optional[str] = None  # source of the original data layer, if any
     data_root: Optional[str] = None
-    heads: List[str] = field(default_factory=list)  # layers dropped as heads the method ends at
+    heads: List[str] = field(default_factory=list)  # layers dropped (or cut) as heads the method ends at
+    #: auxiliary inputs kept beside the images (:data:`AUX_INPUTS`): name -> per-image shape
+    aux_inputs: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def aux_values(self, name: str, n: int) -> np.ndarray:
+        """``n`` rows of auxiliary input ``name`` for images of the net's input size: for
+        ``im_info``, ``[H, W, 1.0]`` each (py-faster-rcnn's rows: height, width, scale)."""
+        if name != "im_info":
+            raise KeyError(name)
+        _, h, w = self.input_shape
+        return np.tile(np.array([h, w, 1.0], np.float32), (n, 1))
 
 
 def _fix_shape(lp) -> Optional[Tuple[int, ...]]:
@@ -76,25 +103,24 @@ def prepare_net(net_param, image_shape: Optional[Tuple[int, int, int]] = None) -
         source, root = first.image_data_param.source, first.image_data_param.root_folder or None
     elif first.type == "Data":
         source = first.data_param.source
+    kept, heads = _without_sinks_and_heads([lp for lp in lps if lp.type not in DATA_LAYERS])
+    aux = _aux_inputs(data, name, {b for lp in kept for b in lp.bottom})
     out = pb2_of(net_param).NetParameter()
     out.name = net_param.name
     out.state.CopyFrom(net_param.state)
     inp = out.layer.add(name=first.name, type="Input")
     inp.top.append(name)
     inp.input_param.shape.add().dim.extend([1, *chw])
-    other_inputs = [t for lp in data for t in lp.top if t != name]
-    kept, heads = _without_sinks_and_heads([lp for lp in lps if lp.type not in DATA_LAYERS])
-    needs = {b for lp in kept for b in lp.bottom}
-    missing = sorted(needs & set(other_inputs))
-    if missing:
-        raise PrototxtError(f"layers need input(s) {missing} besides the images '{name}'; "
-                            "magic-init feeds only images: remove those layers or use a deploy net")
+    for a, shape in aux.items():
+        inp.top.append(a)
+        inp.input_param.shape.add().dim.extend([1, *shape])
     for lp in kept:
         out.layer.add().CopyFrom(lp)
+    heads.extend(_cut_heads(out.layer))
     if not any(lp.type in AFFINE_TYPES for lp in kept):
         raise PrototxtError("the net has no Convolution, InnerProduct or Deconvolution layer to initialize")
     tp = first.transform_param if first.HasField("transform_param") else None
-    return PreparedNet(out, name, chw, tp, source, root, heads)
+    return PreparedNet(out, name, chw, tp, source, root, heads, aux)
 
 
 def _image_input(first, image_shape: Optional[Tuple[int, int, int]]) -> Tuple[str, Tuple[int, int, int]]:
@@ -137,3 +163,69 @@ def _without_sinks_and_heads(layers: List) -> Tuple[List, List[str]]:
             return layers, heads
         heads.extend(lp.name for lp in drop if lp.type in HEADS or lp.name in shape_only)
         layers = [lp for lp in layers if lp not in drop]
+
+
+def _input_top_shape(lp, k: int) -> Optional[Tuple[int, ...]]:
+    """The shape data layer ``lp`` declares for its top ``k`` (an Input's k-th, or only, shape)."""
+    shapes = lp.input_param.shape if lp.type == "Input" else ()
+    if not len(shapes):
+        return None
+    return tuple(shapes[k if len(shapes) > 1 and k < len(shapes) else 0].dim)
+
+
+def _aux_inputs(data: List, image: str, needed: Set[str]) -> Dict[str, Tuple[int, ...]]:
+    """The inputs besides the images ``image`` that kept layers read (``needed``), with their
+    per-image shapes; an input the tool cannot fill (not in :data:`AUX_INPUTS`, or of another
+    shape than it fills) is one :class:`PrototxtError` naming it."""
+    aux: Dict[str, Tuple[int, ...]] = {}
+    unknown: List[str] = []
+    for lp in data:
+        for k, top in enumerate(lp.top):
+            if top == image or top not in needed or top in aux:
+                continue
+            if top not in AUX_INPUTS:
+                unknown.append(top)
+                continue
+            per_image, what = AUX_INPUTS[top]
+            shape = _input_top_shape(lp, k)
+            if lp.type != "Input" or (shape is not None and tuple(shape[1:]) != per_image):
+                raise PrototxtError(f"input '{top}' of layer '{lp.name}' ({lp.type}) has shape {shape}; magic-init "
+                                    f"fills '{top}' as an Input of shape (N, {', '.join(map(str, per_image))}): "
+                                    f"{what}")
+            aux[top] = per_image
+    if unknown:
+        raise PrototxtError(f"layers need input(s) {sorted(unknown)} besides the images '{image}'; magic-init "
+                            f"feeds only images (and {', '.join(AUX_INPUTS)}): remove those layers or use a deploy net")
+    return aux
+
+
+def _cut_heads(layers) -> List[str]:
+    """Mark the layers whose outputs carry no gradient back (each reader reads them at a
+    :data:`NO_GRADIENT_BOTTOMS` position: a proposal layer feeding ROIPooling's rois) with
+    ``propagate_down: false`` on every bottom; their names.
+
+    Their backward would pass nothing (a proposal layer has none), so the gradient of their
+    inputs starts there: the engines make those inputs net outputs, and stage 3's random top
+    gradient goes on them as on any output."""
+    lps = list(layers)
+    cut: List[str] = []
+    for i, lp in enumerate(lps):
+        if lp.type in AFFINE_TYPES or lp.type in DATA_LAYERS or not len(lp.top) or not len(lp.bottom):
+            continue
+        readers = [_readers(lps, i, t) for t in lp.top]  # an unread top (a proposal's scores) counts as none
+        if any(readers) and all(k in NO_GRADIENT_BOTTOMS.get(r.type, ()) for rs in readers for r, k in rs):
+            cut.append(lp.name)
+            del lp.propagate_down[:]
+            lp.propagate_down.extend([False] * len(lp.bottom))
+    return cut
+
+
+def _readers(lps: List, i: int, blob: str) -> List[Tuple[object, int]]:
+    """(layer, bottom index) of every layer after ``lps[i]`` that reads its top ``blob``, up to
+    the layer that writes ``blob`` again (an in-place reader included)."""
+    found: List[Tuple[object, int]] = []
+    for lp in lps[i + 1:]:
+        found.extend((lp, k) for k, b in enumerate(lp.bottom) if b == blob)
+        if blob in lp.top:
+            break
+    return found
