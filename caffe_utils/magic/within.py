@@ -7,20 +7,40 @@ layers without stored statistics get the sample's mean and Caffe's unbiased vari
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
 from caffe_utils import layout
 from caffe_utils.magic.context import InitContext
-from caffe_utils.measure import channel_stats
 
 
-def _channel_moments(ctx: InitContext, blob: str, upto: int):
+def image_moments(top: np.ndarray, valid: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel float64 sum, sum of squares and count over the first ``valid`` items of
+    ``top`` (N, C, ...) (all of a blob with fewer rows), one image at a time: a float64 copy of
+    one image, not of the batch. A 2-D ``top`` has one value per channel and item."""
+    x = top[:valid]
+    n = x.shape[0]
+    if x.ndim == 2:
+        x = x.astype(np.float64)
+        return x.sum(axis=0), np.einsum("ij,ij->j", x, x), n
+    x = x.reshape(n, x.shape[1], -1)
+    s1 = np.zeros(x.shape[1])
+    s2 = np.zeros(x.shape[1])
+    for i in range(n):
+        xi = x[i].astype(np.float64)
+        s1 += xi.sum(axis=1)
+        s2 += np.einsum("ij,ij->i", xi, xi)
+    return s1, s2, n * x.shape[2]
+
+
+def _channel_moments(ctx: InitContext, blob: str, upto: int) -> Tuple[np.ndarray, np.ndarray, int]:
     """Per-channel sum, sum of squares and count of ``blob`` over the sample, with the net run
     through layer ``upto`` for every batch."""
     s1 = s2 = None
     count = 0
     for valid in ctx.batches.through(upto):
-        a, q, c = channel_stats(ctx.net.blobs[blob].data, valid)
+        a, q, c = image_moments(ctx.net.blobs[blob].data, valid)
         s1 = a if s1 is None else s1 + a
         s2 = q if s2 is None else s2 + q
         count += c
