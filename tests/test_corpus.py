@@ -29,9 +29,9 @@ from reference import check_against_caffe, check_with_stand_ins, require_cv2
 FLATNESS = 1.5
 #: the default full solves; 5 rounds (measured passes behind inexact layers)
 IMAGES, BATCH, ITERATIONS, DAMPING = 8, 4, 5, 1.0
-#: GoogLeNet's two LRNs end far in their saturating regime (inexact): 16 images and the default
-#: 10 rounds
-SETTINGS_FOR = {"googlenet": (1.0, 10, 16, 8)}
+#: GoogLeNet's two LRNs end far in their saturating regime, where the rounds wander (see README,
+#: "How the between-layer stage converges"): 16 images and 15 rounds, the flattest of which it keeps
+SETTINGS_FOR = {"googlenet": (1.0, 15, 16, 8)}
 #: the corpus cases over a few seconds each on 2 cores
 SLOW = {"mobilenet_v2", "densenet121", "resnet50", "ssd_vgg", "googlenet", "fcn16s",
         "frcnn_zf"}

@@ -313,7 +313,7 @@ def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):
     plan = scale_plan.build_plan(net)
     before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
     deg = between.forward_estimating_degrees(net, plan.degree_layers)
-    best = between._Best(None, 2.0)
+    best = between._Best(None, None, 2.0)
     for r in (1.7, 0.4):
         scale = {plan.group_of["c1"]: r}
         scale_plan.apply_scales(net, plan, scale, deg)

@@ -154,22 +154,21 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
 def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, first: Energies) -> Energies:
     """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
     is within ``tolerance`` of a common one, at most ``iterations`` rounds; the last energies.
-    Behind inexact layers the rounds can wander once the rescaling has pushed those layers far
-    from where they pass a scale like a power: the net ends at the flattest round measured
-    (the later rescalings undone), and three rounds without a flatter one end the rounds."""
+    Behind inexact layers a round can land flatter than predicted or not: a round that does not
+    beat the flattest state so far is undone, and the next one starts there again with half the
+    step and the model corrected by what that round measured (a trust region)."""
     net, opts, report = ctx.net, ctx.opts, ctx.report
     exact = not plan.degree_layers
     correction = None
-    best = _Best(now, measure.flatness(_trained(plan, now.rates())))
+    damping = opts.damping
+    best = _Best(now, first, measure.flatness(_trained(plan, now.rates())))
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
         rates = _trained(plan, now.rates())
         if _flat(rates, opts.tolerance):
             report.converged = True
             break
-        if it - best.round > 3:
-            break
-        rho, model = _step(plan, passes, now, opts.damping, correction)
+        rho, model = _step(plan, passes, now, damping, correction)
         predicted = model.predict(rho)
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
@@ -187,11 +186,12 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             correction = _broyden(model, rho, predicted, now)
             report.rounds.append(RoundReport(_trained(plan, predicted.rates()), _trained(plan, now.rates())))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
-        best.offer(it, now, report.flatness_rounds[-1])
+        if best.offer(now, first, report.flatness_rounds[-1]):
+            damping = min(opts.damping, 2 * damping)
+        else:
+            now, first = best.restore(net, plan)
+            damping /= 2
     ctx.tick("between-layer", opts.iterations, opts.iterations)
-    if best.applied and best.flatness < measure.flatness(_trained(plan, now.rates())):
-        now = best.restore(net, plan)
-        report.flatness_rounds.append(best.flatness)
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance)
     report.passes = passes.measured
     return now
@@ -200,21 +200,24 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
 class _Best:
     """The flattest state stage 3's rounds reached, and the rescalings applied since."""
 
-    def __init__(self, now: Energies, flatness: float) -> None:
-        self.round, self.now, self.flatness = 0, now, flatness
+    def __init__(self, now: Energies, first: Energies, flatness: float) -> None:
+        self.now, self.first, self.flatness = now, first, flatness
         self.applied: List[Tuple[Dict[int, float], Dict[str, float]]] = []
 
-    def offer(self, it: int, now: Energies, flatness: float) -> None:
-        if flatness < self.flatness:
-            self.round, self.now, self.flatness = it, now, flatness
-            self.applied = []
+    def offer(self, now: Energies, first: Energies, flatness: float) -> bool:
+        """Keep ``now`` if it is flatter than the best so far; whether it was."""
+        if not flatness < self.flatness:
+            return False
+        self.now, self.first, self.flatness = now, first, flatness
+        self.applied = []
+        return True
 
-    def restore(self, net, plan: ScalePlan) -> Energies:
+    def restore(self, net, plan: ScalePlan) -> Tuple[Energies, Energies]:
         """Undo the later rescalings, last first, each with the degrees it was applied with."""
         for scale, degrees in reversed(self.applied):
             apply_scales(net, plan, {g: 1.0 / r for g, r in scale.items()}, degrees)
         self.applied = []
-        return self.now
+        return self.now, self.first
 
 
 def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: Energies) -> np.ndarray:

@@ -90,8 +90,9 @@ class InitReport:
     converged: bool = False
     flatness_before: float = float("nan")
     flatness_after: float = float("nan")
-    #: the flatness after each between-layer round, measured where a pass measured it (the last
-    #: one is flatness_after)
+    #: the flatness after each between-layer round, measured where a pass measured it; behind
+    #: inexact layers a round that was no flatter than the best so far was undone, so
+    #: flatness_after is the lowest of them
     flatness_rounds: List[float] = field(default_factory=list)
     inexact_layers: List[str] = field(default_factory=list)
     pinned_layers: List[str] = field(default_factory=list)
