@@ -83,6 +83,13 @@ def param_diffs_only(net) -> Iterator[None]:
         net.input_diffs = saved
 
 
+def valid_rows(rows: int, valid: int, batch: int) -> int:
+    """How many of a blob's ``rows`` (its first axis) belong to the first ``valid`` images of a
+    ``batch``: a blob with k rows per image (Faster R-CNN's R = k x N rois and what follows
+    them) has ``k * valid``; a blob whose first axis is not the batch (PriorBox's 1) has all."""
+    return valid * (rows // batch) if rows % batch == 0 else rows
+
+
 def channel_stats(top: np.ndarray, valid: Optional[int]):
     """Per-channel sum, sum of squares and count over the first ``valid`` items of ``top`` (all for None)."""
     x = np.asarray(top[:valid], np.float64)
@@ -164,8 +171,9 @@ def padded_batch(images: np.ndarray, start: int, bs: int) -> np.ndarray:
     return batch
 
 
-def _forward_reading(net, lps, sums: _Sums, valid: Optional[int]) -> None:
-    """A forward pass that reads every layer of ``lps``'s output right after the layer runs."""
+def _forward_reading(net, lps, sums: _Sums, valid: Optional[int], batch: int = 0) -> None:
+    """A forward pass that reads every layer of ``lps``'s output right after the layer runs
+    (over the rows of the first ``valid`` images of the ``batch``; all for None)."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}
     pos = 1 if net.net_param.layer[0].type == "Input" else 0
@@ -174,7 +182,8 @@ def _forward_reading(net, lps, sums: _Sums, valid: Optional[int]) -> None:
         if idx >= pos:
             net.forward(start=names[pos], end=names[idx])
             pos = idx + 1
-        sums.add_activations(lp, net.blobs[lp.top[0]].data, valid)
+        top = net.blobs[lp.top[0]].data
+        sums.add_activations(lp, top, None if valid is None else valid_rows(top.shape[0], valid, batch))
     if pos < len(names):
         net.forward(start=names[pos])
 
@@ -192,7 +201,7 @@ def measure(net, input_name: str, images: np.ndarray, seed: int = 0,
     bs = int(net.blobs[input_name].data.shape[0])
     sums = _Sums(lps)
     for valid in gradient_batches(net, input_name, images, seed,
-                                  forward=lambda valid: _forward_reading(net, lps, sums, valid)):
+                                  forward=lambda valid: _forward_reading(net, lps, sums, valid, bs)):
         sums.add_gradients(net, valid)
     return OrderedDict((lp.name, sums.stats(net, lp, bs)) for lp in lps)
 
@@ -219,7 +228,7 @@ def gradient_batches(net, input_name: str, images: np.ndarray, seed: int,
                 forward(valid)
             for o in net.outputs:
                 eta = rng.standard_normal(net.blobs[o].diff.shape).astype(np.float32)
-                eta[valid:] = 0
+                eta[valid_rows(eta.shape[0], valid, bs):] = 0
                 net.blobs[o].diff[...] = eta
             net.clear_param_diffs()
             net.backward()

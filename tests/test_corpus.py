@@ -40,11 +40,6 @@ FLATNESS_XFAIL = {
     "ssd_vgg": "SSD's loc/conf heads read 4 blobs at 4 depths and are pinned (their outputs are the net's): "
                "a chain with one scale per layer cannot also bring 4 pinned heads to its rate, so no "
                "function-preserving rescaling reaches 1.5 (stage 3's optimum, exact here, is ~145)",
-    **{name: "measure.gradient_batches zeroes the random top gradient of an output's rows from the batch's "
-                   "image count on (eta[valid:] = 0), so of the R = 8 x N rois rows of cls_score/bbox_pred only the "
-                   "first N get one: the fc head's rates come out ~8x low and stage 3 ends at 7.5 (VGG16) / 7.6 "
-                   "(ZF); with rows zeroed per image (eta[valid * rows // N:] = 0) both reach their pinned "
-                   "RPN heads' spread (4.5, 5.6), within the bound" for name in ("frcnn_vgg16", "frcnn_zf")},
 }
 
 

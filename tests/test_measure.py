@@ -136,3 +136,13 @@ def test_magic_init_plot(small, photos, tmp_path):
                                               "--engine", "numpy", "--plot", str(tmp_path / "no" / "x.png")])
     assert res.exit_code != 0 and "plot folder" in res.output
     assert not (tmp_path / "p.caffemodel").exists()
+
+
+def test_valid_rows_counts_the_rows_of_the_real_images():
+    """A padded last batch of 3 real images in 4: an image blob has 3 real rows, Faster
+    R-CNN's rois blob (8 per image) 24, PriorBox's one row (not per image) stays whole."""
+    from caffe_utils.measure import valid_rows
+    assert valid_rows(4, 3, 4) == 3
+    assert valid_rows(32, 3, 4) == 24
+    assert valid_rows(1, 3, 4) == 1
+    assert valid_rows(4, 4, 4) == 4

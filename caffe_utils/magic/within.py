@@ -13,6 +13,7 @@ import numpy as np
 
 from caffe_utils import layout
 from caffe_utils.magic.context import InitContext
+from caffe_utils.measure import valid_rows
 
 
 def image_moments(top: np.ndarray, valid: int) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -40,7 +41,8 @@ def _channel_moments(ctx: InitContext, blob: str, upto: int) -> Tuple[np.ndarray
     s1 = s2 = None
     count = 0
     for valid in ctx.batches.through(upto):
-        a, q, c = image_moments(ctx.net.blobs[blob].data, valid)
+        top = ctx.net.blobs[blob].data
+        a, q, c = image_moments(top, valid_rows(top.shape[0], valid, ctx.batches.batch))
         s1 = a if s1 is None else s1 + a
         s2 = q if s2 is None else s2 + q
         count += c
