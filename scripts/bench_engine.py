@@ -165,14 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"net: {label}; batch {args.batch}; repeat {args.repeat}")
         floor_s = _floor(path, args.batch)
         engines = benchrun.available_engines(args.engine)
-        if not args.compare:
-            status = _run_engines(args, engines, path, floor_s)
-        else:
-            try:
-                status = _compare(args, engines, path, floor_s)
-            except benchrun.WorkerFailed as exc:  # no worktree at REV
-                print(f"--compare: failed: {exc}", file=sys.stderr)
-                return 1
+        status = benchrun.run_or_compare(bool(args.compare), lambda: _run_engines(args, engines, path, floor_s),
+                                         lambda: _compare(args, engines, path, floor_s))
     if floor_s is not None:
         floor.report_rate_again()
     return status

@@ -759,14 +759,10 @@ def yolov3_tiny() -> str:
     return n.text()
 
 
-def zf_faster_rcnn_rpn() -> str:
-    """Faster R-CNN's region proposal network on ZF (Ren et al. 2015; Zeiler & Fergus 2013), the
-    images-only part of its test net: conv1 7x7/2 and conv2 5x5/2 each with WITHIN_CHANNEL LRN
-    and 3x3/2 max pools (pad 1), conv3-5, rpn_conv/3x3, rpn_cls_score (2 x 9 anchors) and
-    rpn_bbox_pred (4 x 9), the Reshape-Softmax-Reshape of the objectness. The proposal layer and
-    ROIPooling head that follow need the proposals as a second input and are left out. Widths /
-    8, 64 px."""
-    n = Net("ZF_faster_rcnn", (1, 3, 64, 64))
+def _zf_trunk(n: Net) -> str:
+    """ZF net's conv1-conv5 (Zeiler and Fergus 2014, as in py-faster-rcnn): 7x7/2 and 5x5/2
+    convs each with ReLU, a WITHIN_CHANNEL LRN and a 3x3/2 max pool (pad 1), then three 3x3
+    convs; widths / 8. The top of conv5."""
     x = n.conv("conv1", "data", 12, 7, stride=2, pad=3, filler="gaussian")
     n.relu("relu1", x)
     x = n.lrn("norm1", x, 3, 5e-5, 0.75, "WITHIN_CHANNEL")
@@ -778,6 +774,18 @@ def zf_faster_rcnn_rpn() -> str:
     for i, width in ((3, 48), (4, 48), (5, 32)):
         x = n.conv(f"conv{i}", x, width, 3, pad=1, filler="gaussian")
         n.relu(f"relu{i}", x)
+    return x
+
+
+def zf_faster_rcnn_rpn() -> str:
+    """Faster R-CNN's region proposal network on ZF (Ren et al. 2015; Zeiler & Fergus 2013), the
+    images-only part of its test net: conv1 7x7/2 and conv2 5x5/2 each with WITHIN_CHANNEL LRN
+    and 3x3/2 max pools (pad 1), conv3-5, rpn_conv/3x3, rpn_cls_score (2 x 9 anchors) and
+    rpn_bbox_pred (4 x 9), the Reshape-Softmax-Reshape of the objectness. The proposal layer and
+    ROIPooling head that follow need the proposals as a second input and are left out. Widths /
+    8, 64 px."""
+    n = Net("ZF_faster_rcnn", (1, 3, 64, 64))
+    x = _zf_trunk(n)
     x = n.conv("rpn_conv/3x3", x, 32, 3, pad=1, filler="gaussian")
     n.relu("rpn_relu/3x3", x)
     cls = n.conv("rpn_cls_score", x, 18, 1, filler="gaussian")
@@ -826,17 +834,7 @@ def faster_rcnn_zf(rois_per_image: int = 8) -> str:
     ``rois_per_image`` proposals per image (300 in the paper)."""
     n = Net("ZF", (1, 3, 64, 64))
     n.layer("im_info", "Input", [], "im_info", input_param={"shape": {"dim": [1, 3]}})
-    x = n.conv("conv1", "data", 12, 7, stride=2, pad=3, filler="gaussian")
-    n.relu("relu1", x)
-    x = n.lrn("norm1", x, 3, 5e-5, 0.75, "WITHIN_CHANNEL")
-    x = n.pool("pool1", x, "MAX", 3, 2, pad=1)
-    x = n.conv("conv2", x, 32, 5, stride=2, pad=2, filler="gaussian")
-    n.relu("relu2", x)
-    x = n.lrn("norm2", x, 3, 5e-5, 0.75, "WITHIN_CHANNEL")
-    x = n.pool("pool2", x, "MAX", 3, 2, pad=1)
-    for i, width in ((3, 48), (4, 48), (5, 32)):
-        x = n.conv(f"conv{i}", x, width, 3, pad=1, filler="gaussian")
-        n.relu(f"relu{i}", x)
+    x = _zf_trunk(n)
     _faster_rcnn_head(n, x, 32, 256, 6, rois_per_image)
     return n.text()
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -84,6 +84,18 @@ def run_worker(script: str, tree: Path, args: List[str]) -> dict:
     if Path(tree).resolve() not in imported.parents:
         raise WorkerFailed(f"the worker imported caffe_utils from {imported}, not from {tree}")
     return out
+
+
+def run_or_compare(compare: bool, run: Callable[[], int], against: Callable[[], int]) -> int:
+    """``run()``'s exit status, or with ``compare`` that of ``against()`` (the job on an older
+    commit and then on this tree); a commit that has no worktree is one error line, status 1."""
+    if not compare:
+        return run()
+    try:
+        return against()
+    except WorkerFailed as exc:  # no worktree at REV
+        print(f"--compare: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def available_engines(choice: str) -> List[str]:
