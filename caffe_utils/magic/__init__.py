@@ -3,7 +3,8 @@
 For the affine layers (Convolution, InnerProduct, Deconvolution) in topological order, one
 module per stage of the paper:
 
-0. :mod:`~caffe_utils.magic.prepare`: the net to run, one image input and no loss layers;
+0. :mod:`~caffe_utils.magic.prepare`: the net to run, one image input (and Faster R-CNN's
+   ``im_info``) and no loss layers;
 1. :mod:`~caffe_utils.magic.weights`: Gaussian, Caffe's fillers, orthogonal, or data-driven
    weights from the layer's real input patches (PCA, ZCA, spherical k-means, random patches);
 2. :mod:`~caffe_utils.magic.within`: every output channel gets mean beta and unit variance on the
