@@ -9,8 +9,7 @@
 
 Patches are subsampled per image (the rule is in :mod:`~caffe_utils.magic.patches`): enough for
 a regularised covariance (2 per dimension) and for k-means (10 per centre: an initialization
-needs directions, not a converged dictionary), bounded by ``mem_limit``. The covariance uses
-them all, k-means the first patches of every image, 10 per centre. A patch is a row of one
+needs directions, not a converged dictionary), bounded by ``mem_limit``. A patch is a row of one
 float32 matrix that is centred and whitened in place. PCA computes only the eigenpairs it uses.
 Every random draw for a layer comes from a generator seeded by the run's seed and the layer's
 position (:func:`layer_rng`). Biases start at zero; stage 2 sets them.
@@ -121,10 +120,7 @@ def _data_driven(ctx: InitContext, lp, idx: int, kind: str, rep: LayerReport,
                  f"(need {need}); using gaussian weights: give more images (-n) to use {kind}")
         rep.fallback, rep.requested = Fallback.TOO_FEW_PATCHES, kind
         return None
-    n = ctx.batches.n
-    fit = n * per_image_count(n, m // n, 10 * k)  # k-means: the first patches of every image, 10 per centre
-    rows = [data_driven_weights(kind, patches[g, :m].T, k, rng, overwrite=True, kmeans_patches=fit)
-            for g in range(groups)]
+    rows = [data_driven_weights(kind, patches[g, :m].T, k, rng, overwrite=True) for g in range(groups)]
     del patches
     return np.vstack(rows).astype(np.float32)
 
@@ -132,8 +128,7 @@ def _data_driven(ctx: InitContext, lp, idx: int, kind: str, rep: LayerReport,
 def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
     """(groups, M, D) input patches of convolution ``lp``, a patch per row, a few from every
     image by the rule of :mod:`~caffe_utils.magic.patches`; the count M filled; the patch size D
-    per group. Rows are ordered by patch rank, then image (row t*N + i is image i's t-th patch),
-    so the first q*N rows are the first q patches of every image."""
+    per group."""
     kernel, pad, stride, dilation = conv_geometry(lp.convolution_param)
     groups = layout.conv_group(lp)
     net, batches = ctx.net, ctx.batches
@@ -148,19 +143,17 @@ def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
     for b, valid in enumerate(batches.through(idx - 1)):
         x = net.blobs[lp.bottom[0]].data
         for i in range(valid):
-            image = b * batches.batch + i
-            pos = patch_positions(ctx.opts.seed, idx, image, oh * ow, per_image)
+            pos = patch_positions(ctx.opts.seed, idx, b * batches.batch + i, oh * ow, per_image)
             rows = gather_patches(x[i], pos, kernel, pad, stride, dilation, ow)   # (p, groups*d)
-            patches[:, image::batches.n] = rows.reshape(per_image, groups, d).transpose(1, 0, 2)
+            patches[:, m:m + per_image] = rows.reshape(per_image, groups, d).transpose(1, 0, 2)
             m += per_image
     return patches, m, d
 
 
 def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng, kmeans_iters: int = 10,
-                        overwrite: bool = False, kmeans_patches: Optional[int] = None) -> np.ndarray:
+                        overwrite: bool = False) -> np.ndarray:
     """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``;
-    ``rng`` a Generator or RandomState. The covariance uses all M patches; k-means clusters the
-    first ``kmeans_patches`` (all when None).
+    ``rng`` a Generator or RandomState.
 
     With ``overwrite``, a float32 ``patches`` whose transpose is C-contiguous (a patch per row in
     memory, as stage 1 gathers them) is centred and whitened in place: no copy of it is made."""
@@ -178,7 +171,7 @@ def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng, kmeans_iter
         return pca_filters(cov, eps, k, rng)
     if kind == "zca":
         return zca_filters(cov, eps, k, rng)
-    return kmeans_filters(x[:kmeans_patches], cov, eps, k, rng, kmeans_iters)
+    return kmeans_filters(x, cov, eps, k, rng, kmeans_iters)
 
 
 def covariance(x: np.ndarray) -> Tuple[np.ndarray, float]:
