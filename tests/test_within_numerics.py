@@ -116,10 +116,10 @@ def test_kmeans_filters_match_zca_kmeans():
 def test_data_driven_weights_overwrite_uses_the_rows_in_place():
     rows = _spd(12, 300)
     keep = rows.copy()
-    w = weights.data_driven_weights("kmeans", rows.T, 5, np.random.default_rng(0), overwrite=True, kmeans_patches=100)
+    w = weights.data_driven_weights("kmeans", rows.T, 5, np.random.default_rng(0), overwrite=True)
     assert w.shape == (5, 12) and np.all(np.isfinite(w))
     assert not np.array_equal(rows, keep)                                          # centred/whitened in place
-    w2 = weights.data_driven_weights("kmeans", keep.T, 5, np.random.default_rng(0), kmeans_patches=100)
+    w2 = weights.data_driven_weights("kmeans", keep.T, 5, np.random.default_rng(0))
     np.testing.assert_allclose(w, w2, rtol=1e-5, atol=1e-6 * np.abs(w2).max())
     assert weights.data_driven_weights("pca", keep.T, 20, np.random.default_rng(0)).shape == (20, 12)
     assert weights.data_driven_weights("zca", keep.T, 20, np.random.default_rng(0)).shape == (20, 12)
