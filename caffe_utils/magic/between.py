@@ -119,14 +119,14 @@ class _Passes:
         """The degree layers' degrees and backward degrees along the rescaling ``rho``, on the
         check batch."""
         self.net.set_data(self.input_name, self.check_batch)
-        return step_degrees(self.net, self.plan, rho, degrees)
+        return step_degrees(self.net, self.plan, rho, degrees, finish=False)
 
     def _degrees(self) -> Tuple[Dict[str, float], Dict[str, float]]:
         """The local degrees and backward degrees, on the check batch (a forward pass)."""
         if not self.plan.degree_layers:
             return {}, {}
         self.net.set_data(self.input_name, self.check_batch)
-        return step_degrees(self.net, self.plan, np.zeros(0), {}, local=True)
+        return step_degrees(self.net, self.plan, np.zeros(0), {}, local=True, finish=False)
 
     def _gradients(self, images: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
@@ -169,11 +169,14 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             report.converged = True
             break
         rho, model = _step(plan, passes, now, damping, correction)
+        if not _gains(plan, model, rho, rates) and correction is not None:
+            correction = None  # what the last rounds learnt leaves no way down: solve without it
+            rho, model = _step(plan, passes, now, damping, correction)
+        if not _gains(plan, model, rho, rates):
+            break  # the model's optimum: no rescaling flattens the rates further
         predicted = model.predict(rho)
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
-        if not measure.flatness(_trained(plan, predicted.rates())) < measure.flatness(rates) * (1 - 1e-6):
-            break  # the model's optimum: no rescaling flattens the rates further
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
         apply_scales(net, plan, scale, model.energies.degrees)
         best.applied.append((scale, model.energies.degrees))
@@ -195,6 +198,11 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance)
     report.passes = passes.measured
     return now
+
+
+def _gains(plan: ScalePlan, model: RateModel, rho: np.ndarray, rates: Mapping[str, float]) -> bool:
+    """The model predicts the rescaling ``rho`` to flatten the rates."""
+    return measure.flatness(_trained(plan, model.predict(rho).rates())) < measure.flatness(rates) * (1 - 1e-6)
 
 
 class _Best:
@@ -299,7 +307,7 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
 
 
 def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float],
-                 local: bool = False) -> Tuple[Dict[str, float], Dict[str, float]]:
+                 local: bool = False, finish: bool = True) -> Tuple[Dict[str, float], Dict[str, float]]:
     """The effective degree of each of the plan's degree layers along the rescaling ``rho``
     (log scales over group ids): the secant slope from the current input x to the input
     ``R x`` the rescaling gives it (``R`` from :meth:`ScalePlan.input_factors`, through the
@@ -307,8 +315,8 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
     |x|_c)``. An LRN that a large step pushes from its linear regime into its saturating one
     passes that step with a degree far from its local one. A step too small to measure gets
     the local degree (factor 1.25), and so does every layer with ``local``. With the degrees,
-    the backward degrees (see :func:`_secant_degrees`); the blobs end as after a plain
-    forward pass."""
+    the backward degrees (see :func:`_secant_degrees`); with ``finish`` the blobs end as
+    after a plain forward pass."""
     def step(name: str, x: np.ndarray):
         f = None if local else plan.input_factors(name, rho, degrees)
         if f is not None and f.size == int(np.prod(x.shape[1:])):
@@ -319,10 +327,10 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
                 return f, gain
         return np.float32(1.25), 1.25
 
-    return _secant_degrees(net, plan.degree_layers, step)
+    return _secant_degrees(net, plan.degree_layers, step, finish)
 
 
-def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float], Dict[str, float]]:
+def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
     ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
     ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J along a
@@ -347,7 +355,7 @@ def _secant_degrees(net, layers: Sequence[str], step) -> Tuple[Dict[str, float],
         e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
         back[names[i]] = _clip_degree(e)
         pos = i + 1
-    if pos < len(names):
+    if finish and pos < len(names):
         net.forward(start=names[pos])
     return degrees, back
 
