@@ -169,12 +169,13 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             report.converged = True
             break
         rho, model = _step(plan, passes, now, damping, correction)
-        if not _gains(plan, model, rho, rates) and correction is not None:
+        predicted = model.predict(rho)
+        if not _gains(plan, predicted, rates) and correction is not None:
             correction = None  # what the last rounds learnt leaves no way down: solve without it
             rho, model = _step(plan, passes, now, damping, correction)
-        if not _gains(plan, model, rho, rates):
+            predicted = model.predict(rho)
+        if not _gains(plan, predicted, rates):
             break  # the model's optimum: no rescaling flattens the rates further
-        predicted = model.predict(rho)
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
@@ -200,9 +201,9 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     return now
 
 
-def _gains(plan: ScalePlan, model: RateModel, rho: np.ndarray, rates: Mapping[str, float]) -> bool:
-    """The model predicts the rescaling ``rho`` to flatten the rates."""
-    return measure.flatness(_trained(plan, model.predict(rho).rates())) < measure.flatness(rates) * (1 - 1e-6)
+def _gains(plan: ScalePlan, predicted: Energies, rates: Mapping[str, float]) -> bool:
+    """The ``predicted`` energies are flatter than ``rates``."""
+    return measure.flatness(_trained(plan, predicted.rates())) < measure.flatness(rates) * (1 - 1e-6)
 
 
 class _Best:
