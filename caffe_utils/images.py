@@ -270,6 +270,11 @@ class Transform:
     centre: bool = False  # centre crop (Caffe's TEST phase) instead of a random one
 
     def __call__(self, img: np.ndarray, pre_resized: bool, rng: np.random.RandomState) -> np.ndarray:
+        return self.crop(self.prepare(img, pre_resized), rng)
+
+    def prepare(self, img: np.ndarray, pre_resized: bool) -> np.ndarray:
+        """The deterministic part: the channel conversion and the resize (HxWxC float32), all
+        that needs keeping of an image that is cropped again later."""
         if self.channels == 1:
             # OpenCV's BGR->grey weights, as Caffe's is_color: false path
             img = (img @ np.array(GREY_WEIGHTS, np.float32))[:, :, None]
@@ -281,7 +286,12 @@ class Transform:
         h, w = img.shape[:2]
         if h < self.crop_h or w < self.crop_w:
             img = _resize(img, max(h, self.crop_h), max(w, self.crop_w))
-            h, w = img.shape[:2]
+        return img
+
+    def crop(self, img: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+        """The drawn part, on a :meth:`prepare`d image: the crop, the mean, the mirror and the
+        scale; CxHxW float32."""
+        h, w = img.shape[:2]
         if self.centre:
             y, x = (h - self.crop_h) // 2, (w - self.crop_w) // 2
         else:
@@ -322,25 +332,38 @@ class Sample:
 
 def load_sample(records: Sequence[Record], n: int, transform: Transform, rng: np.random.RandomState,
                 min_images: int = 2) -> Sample:
-    """Preprocess ``n`` images from ``records`` (random subset; reuse with new crops if too few)."""
+    """Preprocess ``n`` images from ``records`` (random subset; reuse with new crops if too few).
+
+    Each image is cropped as soon as it is decoded; only when there are fewer records than ``n``
+    are the resized images kept for their later crops (a folder of camera photos is never held
+    decoded at full size). Where unreadable records leave too few, the readable ones are decoded
+    again for the reuse."""
     if n <= 0:
         raise DataError(f"the number of images must be positive, got {n}")
     order = rng.permutation(len(records))
-    images: List[Tuple[np.ndarray, bool]] = []
+    out = np.empty((n, transform.channels, transform.crop_h, transform.crop_w), np.float32)
+    kept: List[np.ndarray] = []
+    used: List[int] = []
     skipped: List[str] = []
     for idx in order:
-        if len(images) >= n:
+        if len(used) >= n:
             break
         try:
-            images.append(load_record(records[idx]))
+            img, pre = load_record(records[idx])
         except ImageReadError as exc:
             skipped.append(str(exc))
-    if len(images) < min(min_images, n):
+            continue
+        img = transform.prepare(img, pre)
+        out[len(used)] = transform.crop(img, rng)
+        used.append(int(idx))
+        if len(records) < n:
+            kept.append(img)
+    if len(used) < min(min_images, n):
         detail = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
-        raise DataError(f"only {len(images)} usable image(s) in the data source{detail}; "
+        raise DataError(f"only {len(used)} usable image(s) in the data source{detail}; "
                         f"at least {min(min_images, n)} are needed: point --data at more images")
-    out = np.empty((n, transform.channels, transform.crop_h, transform.crop_w), np.float32)
-    for i in range(n):
-        img, pre = images[i % len(images)]
-        out[i] = transform(img, pre, rng)
-    return Sample(out, len(images), skipped, reused=len(images) < n)
+    if len(used) < n and not kept:
+        kept = [transform.prepare(*load_record(records[idx])) for idx in used]
+    for i in range(len(used), n):
+        out[i] = transform.crop(kept[i % len(used)], rng)
+    return Sample(out, len(used), skipped, reused=len(used) < n)

@@ -79,6 +79,34 @@ def test_unreadable_images_are_skipped_and_counted(folder):
     assert s.data.shape == (8, 3, 16, 16)
 
 
+def _naive_sample(recs, n, transform, seed):
+    """load_sample's oracle: every readable record decoded (in the permutation's order), then
+    the ``n`` crops drawn in turn, reusing the images in that order."""
+    rng = np.random.RandomState(seed)
+    decoded = []
+    for idx in rng.permutation(len(recs))[:n + len(recs)]:
+        try:
+            decoded.append(images.load_record(recs[idx]))
+        except images.ImageReadError:
+            continue
+    decoded = decoded[:n]
+    return np.stack([transform(*decoded[i % len(decoded)], rng) for i in range(n)])
+
+
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_sample_crops_match_decoding_everything_first(folder, n):
+    # 3: no reuse; 5: the 2 unreadable records leave 4 images, decoded again for the 5th crop;
+    # 8: fewer records than crops, the resized images kept
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "empty.jpg").write_bytes(b"")
+    recs = images.list_source(folder)
+    assert len(recs) == 6
+    t = images.Transform(3, 16, 16, resize=20, mirror=True)
+    s = images.load_sample(recs, n, t, np.random.RandomState(7))
+    np.testing.assert_array_equal(s.data, _naive_sample(recs, n, t, 7))
+    assert s.used == min(n, 4) and s.reused == (n > 4)
+
+
 def test_too_few_images(tmp_path):
     (tmp_path / "x.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="only 0 usable image"):
