@@ -25,6 +25,7 @@ Limits (each raises a clear error): convolutions are 2-D with ``axis: 1`` only (
 """
 from __future__ import annotations
 
+import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -36,8 +37,8 @@ from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forwa
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, parallel, scratch
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
-COL_BUDGET = 1 << 25
-_GEMM_CHUNK = 1 << 22  # elements of the temporary product in gemm_accumulate
+COL_BUDGET = 1 << 23
+_GEMM_CHUNK = 1 << 21  # elements of the temporary product in gemm_accumulate
 
 
 def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
@@ -56,7 +57,7 @@ def gemm_accumulate(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     starts = list(range(0, m, rows))
 
     def work(part: slice) -> None:
-        tmp = scratch(f"gemm{part.start}", rows * n).reshape(rows, n)
+        tmp = scratch(f"gemm-{threading.current_thread().name}", rows * n).reshape(rows, n)
         for r0 in starts[part]:
             r1 = min(m, r0 + rows)
             t = tmp[:r1 - r0]
