@@ -91,12 +91,19 @@ def valid_rows(rows: int, valid: int, batch: int) -> int:
 
 
 def channel_stats(top: np.ndarray, valid: Optional[int]):
-    """Per-channel sum, sum of squares and count over the first ``valid`` items of ``top`` (all for None)."""
-    x = np.asarray(top[:valid], np.float64)
+    """Per-channel sum, sum of squares and count over the first ``valid`` items of ``top`` (all
+    for None), accumulated in float64 one item at a time (no float64 copy of the whole blob)."""
+    x = top[:valid]
     if x.ndim == 2:
-        return x.sum(0), (x * x).sum(0), x.shape[0]
+        x = np.asarray(x, np.float64)
+        return x.sum(0), np.einsum("ij,ij->j", x, x), x.shape[0]
     x = x.reshape(x.shape[0], x.shape[1], -1)
-    return x.sum((0, 2)), (x * x).sum((0, 2)), x.shape[0] * x.shape[2]
+    s, q = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for item in x:
+        a = np.asarray(item, np.float64)
+        s += a.sum(1)
+        q += np.einsum("ij,ij->i", a, a)
+    return s, q, x.shape[0] * x.shape[2]
 
 
 def flatness(rates: Dict[str, float]) -> float:

@@ -312,7 +312,6 @@ class Net:
                     blob.data[...] = fill(filler, blob.shape, self._rng)
                 except PrototxtError as exc:
                     raise layer.error(f"{spec[1][j]}: {exc}") from exc
-            blob.diff[...] = 0
 
     def _share_params(self, layer: Layer, lp, shared: Dict[str, Tuple[str, Blob]]) -> None:
         for j, spec in enumerate(lp.param):
