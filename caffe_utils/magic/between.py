@@ -15,8 +15,8 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   layers needs no more passes. Behind LRN, Sigmoid, TanH... the model takes each inexact
   layer's degree and backward degree along the step itself (:func:`step_degrees`), but a large
   rescaling also changes the distribution of their outputs. So each later round measures the
-  calibration's first batch again (same images and ``eta``), corrects the model's energies by
-  measured / predicted per input channel, and learns what the model got wrong as a linear
+  calibration's first ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the
+  model's energies by measured / predicted per input channel, and learns what the model got wrong as a linear
   correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
   until every rate is within ``tolerance`` of a common one;
 * **check**: the net's outputs on one batch before and after must agree (up to the layers that
@@ -39,6 +39,11 @@ from caffe_utils.magic.solve import Energies, RateModel, solve
 #: per round, no group's log scale moves further than this behind inexact layers (a factor of
 #: 1000): a safeguard for degrees measured far from where a step lands
 INEXACT_MAX_STEP = math.log(1000.0)
+
+#: how many of the calibration images (rounded up to whole batches) each correcting pass
+#: measures again behind inexact layers: one batch alone corrects GoogLeNet's LRN-dependent
+#: energies too noisily to converge (README, "How the between-layer stage converges")
+CHECK_IMAGES = 32
 
 
 def equalize(ctx: InitContext) -> None:
@@ -81,6 +86,8 @@ class _Passes:
         self.batch = size
         self.images = sample[:min(int(sample.shape[0]), max(opts.rate_images, size))]
         self.check_batch = measure.padded_batch(self.images, 0, size)
+        checked = min(int(self.images.shape[0]), max(size, -(-CHECK_IMAGES // size) * size))
+        self.check_images = self.images[:checked]
         self.seed = opts.seed + 2
         self.measured = 0
 
@@ -91,18 +98,18 @@ class _Passes:
         return {o: np.array(self.net.blobs[o].data, np.float64) for o in self.net.outputs}
 
     def calibrate(self) -> Tuple[Energies, Energies]:
-        """The energies over all calibration images, and over their first batch alone."""
+        """The energies over all calibration images, and over the checked ones alone."""
         degrees, back = self._degrees()
         full, first = self._gradients(self.images)
         weight = self.weights()
         return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
 
     def correct(self, predicted: Energies, predicted_first: Energies) -> Tuple[Energies, Energies]:
-        """Measure the first batch again and scale the predicted energies by measured /
+        """Measure the checked images again and scale the predicted energies by measured /
         predicted, per input channel (where the prediction is zero, the measurement stands)."""
         self.measured += 1
         degrees, back = self._degrees()
-        _, first = self._gradients(self.check_batch)
+        _, first = self._gradients(self.check_images)
         full = {}
         for name, g in predicted.grad.items():
             pf = predicted_first.grad[name]
@@ -130,7 +137,7 @@ class _Passes:
 
     def _gradients(self, images: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
-        over their first batch alone (the same top gradients either way)."""
+        over their checked ones alone (the same top gradients either way)."""
         sums: Dict[str, np.ndarray] = {}
         first: Dict[str, np.ndarray] = {}
         counted = 0
@@ -139,8 +146,8 @@ class _Passes:
             for lp in self.lps:
                 e = layout.input_energies(lp, self.net.params[lp.name][0].diff)
                 sums[lp.name] = e if lp.name not in sums else sums[lp.name] + e
-            if not first:
-                first = {n: e * (self.batch / valid) for n, e in sums.items()}
+            if not first and counted >= self.check_images.shape[0]:
+                first = {n: e * (self.batch / counted) for n, e in sums.items()}
         return {n: e * (self.batch / counted) for n, e in sums.items()}, first
 
 
