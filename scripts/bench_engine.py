@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: forward + backward of a net in the numpy engine and in pycaffe (CPU).
 
-    python scripts/bench_engine.py [--net caffenet|googlenet|vgg16|resnet50|mobilenet_v1|FILE]
+    python scripts/bench_engine.py [--net caffenet|googlenet|vgg16|resnet50|resnet101|mobilenet_v1|FILE]
                                    [--batch 16] [--repeat 3] [--engine both|numpy|caffe]
                                    [--compare REV]
 
@@ -77,7 +77,7 @@ def worker(engine: str, net_path: str, batch: int, repeat: int) -> dict:
 def _parser() -> argparse.ArgumentParser:
     """The command line (``--worker`` is the parent's call of a job's process)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, "
+    ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, resnet101, "
                                                       "mobilenet_v1")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: a whole initialization (default CaffeNet k-means from 160 images), with each stage's time.
 
-    python scripts/bench_init.py [--net caffenet|googlenet|vgg16|resnet50|mobilenet_v1|FILE]
+    python scripts/bench_init.py [--net caffenet|googlenet|vgg16|resnet50|resnet101|mobilenet_v1|FILE]
                                  [--images 160] [--engine numpy|caffe|both] [--init kmeans]
                                  [--data FOLDER] [--iterations 10] [--damping 0.5]
                                  [--compare REV [--repeat 1] [--target RATIO]]
@@ -89,7 +89,7 @@ def _option_defaults() -> type:
 def _parser() -> argparse.ArgumentParser:
     """The command line (``--worker`` is the parent's call of a job's process)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, "
+    ap.add_argument("--net", default="caffenet", help="a prototxt, or caffenet, googlenet, vgg16, resnet50, resnet101, "
                                                       "mobilenet_v1")
     defaults = _option_defaults()
     ap.add_argument("--images", type=int, default=160)

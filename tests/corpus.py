@@ -336,7 +336,7 @@ def resnet18() -> str:
 
 
 def resnet50(blocks: Sequence[int] = (2, 1, 1, 1), widths: Sequence[int] = (4, 8, 16, 32), stem: int = 8,
-             size: int = 64, classes: int = 100) -> str:
+             size: int = 64, classes: int = 100, name: str = "ResNet-50") -> str:
     """ResNet-50 (He et al. 2015) as in the authors' Caffe release: bottleneck blocks 1x1-3x3-1x1
     without conv biases, BatchNorm (use_global_stats) + Scale after each conv, the stride on the
     first 1x1 (branch2a) of res3a/res4a/res5a, projection branch1 in each stage's first block,
@@ -344,15 +344,17 @@ def resnet50(blocks: Sequence[int] = (2, 1, 1, 1), widths: Sequence[int] = (4, 8
 
     ``blocks`` (per stage), ``widths`` (each stage's bottleneck width; outputs are 4x), ``stem``
     (conv1's width), ``size`` (input px, a multiple of 32) and ``classes`` let the benchmarks emit
-    the published net: ``resnet50((3, 4, 6, 3), (64, 128, 256, 512), 64, 224, 1000)``."""
-    n = Net("ResNet-50", (1, 3, size, size))
+    the published net: ``resnet50((3, 4, 6, 3), (64, 128, 256, 512), 64, 224, 1000)``; with
+    blocks 3-4-23-3 it is ResNet-101, whose stages of more than 6 blocks name them as the
+    release does: res4a, res4b1 ... res4b22."""
+    n = Net(name, (1, 3, size, size))
     x = n.conv("conv1", "data", stem, 7, stride=2, pad=3)
     n.bn_scale("bn_conv1", "scale_conv1", x)
     n.relu("conv1_relu", x)
     x = n.pool("pool1", x, "MAX", 3, 2)
     for stage, mid, count in zip((2, 3, 4, 5), widths, blocks):
         for i in range(count):
-            b = f"{stage}{'abcdef'[i]}"
+            b = f"{stage}{'abcdef'[i]}" if count <= 6 else f"{stage}{'a' if i == 0 else f'b{i}'}"
             stride = 2 if i == 0 and stage != 2 else 1
             short = x
             if i == 0:

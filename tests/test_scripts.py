@@ -212,9 +212,10 @@ def test_bench_flops_by_hand(tmp_path):
 
 def test_bench_full_size_nets_have_the_published_cost(tmp_path):
     """The named nets' forward GEMM cost matches their papers' multiply-adds (x2 for FLOPs):
-    ResNet-50 3.8e9 (He et al. Table 1), MobileNet v1 569e6 (Howard et al. Table 8)."""
+    ResNet-50 3.8e9 and ResNet-101 7.6e9 (He et al. Table 1), MobileNet v1 569e6 (Howard et al.
+    Table 8)."""
     from scripts.support import benchrun, floor
-    for name, madds in (("resnet50", 3.8e9), ("mobilenet_v1", 569e6)):
+    for name, madds in (("resnet50", 3.8e9), ("resnet101", 7.6e9), ("mobilenet_v1", 569e6)):
         label, path = benchrun.resolve_net(name, tmp_path)
         assert label == f"{name} (full size)" and Path(path).parent == tmp_path
         assert floor.prototxt_forward_flops(path) == pytest.approx(2 * madds, rel=0.03)

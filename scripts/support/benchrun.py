@@ -26,6 +26,8 @@ MODEL_NETS = {name: ROOT / "models" / name / "deploy.prototxt" for name in ("caf
 GENERATED_NETS = {
     "resnet50": ("resnet50", dict(blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem=64, size=224,
                                   classes=1000)),
+    "resnet101": ("resnet50", dict(blocks=(3, 4, 23, 3), widths=(64, 128, 256, 512), stem=64, size=224,
+                                   classes=1000, name="ResNet-101")),
     "mobilenet_v1": ("mobilenet_v1", dict(width_div=1, pairs_512=5, size=224, classes=1000)),
 }
 NET_NAMES = tuple(MODEL_NETS) + tuple(GENERATED_NETS)
