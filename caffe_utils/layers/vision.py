@@ -37,7 +37,7 @@ from caffe_utils.layers.conv_kernels import (depthwise_backward, depthwise_forwa
 from caffe_utils.layers.im2col import col2im_batch, conv_out_size, im2col_batch, parallel, scratch
 
 #: largest column matrix (elements) a convolution builds at once; bigger batches go in chunks
-COL_BUDGET = 1 << 23
+COL_BUDGET = 1 << 24
 _GEMM_CHUNK = 1 << 21  # elements of the temporary product in gemm_accumulate
 
 
@@ -202,6 +202,7 @@ class _BaseConvolution(Layer):
         rows = max(self.conv_in * self.kernel[0] * self.kernel[1], self.conv_out)
         per_image = rows * int(conv_out_shape[2]) * int(conv_out_shape[3])
         step = max(1, COL_BUDGET // max(per_image, 1))
+        step = -(-n // -(-n // step)) if n else step  # as many chunks, of even sizes
         return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
     def _im2col(self, x: np.ndarray) -> np.ndarray:
