@@ -70,6 +70,16 @@ def column_energies(w: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->j", w, w).astype(np.float64)
 
 
+def inner_product_gradient_energies(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """What :func:`input_energies` gives for an InnerProduct weight gradient ``dy^T x`` (either
+    orientation: one energy per input column), without forming it: with the rows' Gram matrix
+    ``M = dy dy^T``, column j's energy is ``x_j^T M x_j``. ``x`` is the bottom as (rows, K),
+    ``dy`` the top diff as (rows, N); cheap while rows is small against N and K."""
+    x64 = np.asarray(x, np.float64)
+    dy64 = np.asarray(dy, np.float64)
+    return np.einsum("nj,nj->j", x64, (dy64 @ dy64.T) @ x64)
+
+
 def input_energies(lp, w: np.ndarray) -> np.ndarray:
     """Sum of squares of ``w`` per input channel (convolutions) or input column (InnerProduct),
     the order in which stage 3 lists a consumer's input groups (float64 result of float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils import images, magic, netio
+from caffe_utils import images, layout, magic, netio
 from caffe_utils.magic import between, weights
 from caffe_utils.engine.numpy_net import Net
 from caffe_utils.pipeline import RunConfig, SampleSpec, run
@@ -321,3 +321,61 @@ def test_library_call_with_a_wrong_sample_is_one_clear_error(small):
                                (good, magic.InitOptions(batch_size=4), "not the batch size 4")]:
         with pytest.raises(DataError, match=what):
             magic.initialize(net, prepared, sample, opts)
+
+
+GRAM_NET = """
+name: "gram"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1" inner_product_param { num_output: 64 } }
+layer { name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "drop" type: "Dropout" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2" inner_product_param { num_output: 40 } }
+layer { name: "ip3a" type: "InnerProduct" bottom: "ip2" top: "ip3a" inner_product_param { num_output: 32 } }
+layer { name: "ip3b" type: "InnerProduct" bottom: "ip2" top: "ip3b"
+        inner_product_param { num_output: 36 transpose: true } }
+layer { name: "ip4" type: "InnerProduct" bottom: "ip2" top: "ip4" inner_product_param { num_output: 8 } }
+"""
+
+
+def test_inner_product_energies_from_the_gram_matrix_equal_the_diffs(tmp_path, monkeypatch):
+    """Stage 3 takes the InnerProduct layers' gradient energies from their rows' Gram matrix
+    instead of their weight diffs (behind in-place layers, with two consumers of one blob, in
+    both weight orientations); ip4 is too narrow for it (4 rows against 8 outputs). The rates
+    and the written weights are those of the diff path."""
+    p = tmp_path / "gram.prototxt"
+    p.write_text(GRAM_NET)
+    prepared = magic.prepare_net(netio.read_net(str(p)))
+    sample = np.random.RandomState(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    opts = magic.InitOptions(init="gaussian", batch_size=4, rate_images=8)
+    used = []
+
+    def init(gram: bool):
+        net = Net(p)
+        found = between._gram_layers(net, [lp for lp in net.net_param.layer if lp.type == "InnerProduct"])
+        used.append(sorted(found))
+        if not gram:
+            monkeypatch.setattr(between, "_gram_layers", lambda net, lps: {})
+        rep = magic.initialize(net, prepared, sample, opts)
+        monkeypatch.undo()
+        if gram:  # their weight diffs were never formed
+            assert not any(np.any(net.params[n][0].diff) for n in found)
+        return rep, {n: np.array(b[0].data) for n, b in net.params.items()}
+
+    (rep_g, w_g), (rep_d, w_d) = init(True), init(False)
+    assert used[0] == ["ip1", "ip2", "ip3a", "ip3b"]
+    for a, b in zip(rep_g.layers, rep_d.layers):
+        assert a.rate_before == pytest.approx(b.rate_before, rel=1e-5) and a.rate_after == pytest.approx(b.rate_after, rel=1e-4)
+    for n in w_d:
+        np.testing.assert_allclose(w_g[n], w_d[n], rtol=1e-4, atol=1e-7, err_msg=n)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gram_energies_match_the_formed_gradient(transpose):
+    rng = np.random.RandomState(3)
+    x, dy = rng.standard_normal((5, 30)), rng.standard_normal((5, 20))
+    lp = netio.parse_net_text('layer { name: "ip" type: "InnerProduct" '
+                             f'inner_product_param {{ num_output: 20 transpose: {str(transpose).lower()} }} }}').layer[0]
+    w = x.T @ dy if transpose else dy.T @ x
+    np.testing.assert_allclose(layout.inner_product_gradient_energies(x, dy), layout.input_energies(lp, w), rtol=1e-10)

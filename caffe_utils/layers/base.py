@@ -127,6 +127,15 @@ class Layer:
         self.param = param
         self.phase = phase
         self.blobs: List[Blob] = []
+        self._param_propagate_down: Dict[int, bool] = {}
+
+    def param_propagate_down(self, index: int) -> bool:
+        """Whether backward computes the diff of ``self.blobs[index]`` (Caffe's
+        ``param_propagate_down``; True unless turned off)."""
+        return self._param_propagate_down.get(index, True)
+
+    def set_param_propagate_down(self, index: int, value: bool) -> None:
+        self._param_propagate_down[index] = bool(value)
 
     @property
     def name(self) -> str:

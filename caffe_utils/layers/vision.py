@@ -434,10 +434,11 @@ class InnerProduct(Layer):
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         dy = top[0].diff.reshape(-1, self.N)
         x = bottom[0].data.reshape(-1, self.K)
-        if self.transpose:
-            gemm_accumulate(self.blobs[0].diff, x.T, dy)
-        else:
-            gemm_accumulate(self.blobs[0].diff, dy.T, x)
+        if self.param_propagate_down(0):
+            if self.transpose:
+                gemm_accumulate(self.blobs[0].diff, x.T, dy)
+            else:
+                gemm_accumulate(self.blobs[0].diff, dy.T, x)
         if self.bias_term:
             self.blobs[1].diff += dy.sum(axis=0, dtype=DTYPE)
         if propagate_down[0]:

@@ -25,8 +25,9 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def equalize(ctx: InitContext) -> None:
     report.unknown_scale_layers = list(plan.unknown)
     report.frozen_layers = list(plan.frozen)
     passes = _Passes(ctx, plan)
-    with measure.param_diffs_only(net):
+    with measure.param_diffs_only(net), passes.weight_diffs_off():
         before = passes.outputs()
         now, first = passes.calibrate()
         _record(ctx, now, "before")
@@ -90,6 +91,7 @@ class _Passes:
         self.check_images = self.images[:checked]
         self.seed = opts.seed + 2
         self.measured = 0
+        self.gram = _gram_layers(net, self.lps)
 
     def outputs(self) -> Dict[str, np.ndarray]:
         """The net's outputs on the check batch (the calibration's first batch)."""
@@ -144,11 +146,53 @@ class _Passes:
         for valid in measure.gradient_batches(self.net, self.input_name, images, self.seed):
             counted += valid
             for lp in self.lps:
-                e = layout.input_energies(lp, self.net.params[lp.name][0].diff)
+                e = self._energies(lp)
                 sums[lp.name] = e if lp.name not in sums else sums[lp.name] + e
             if not first and counted >= self.check_images.shape[0]:
                 first = {n: e * (self.batch / counted) for n, e in sums.items()}
         return {n: e * (self.batch / counted) for n, e in sums.items()}, first
+
+
+    def _energies(self, lp) -> np.ndarray:
+        """Layer ``lp``'s gradient energy per input channel after a backward: from its weight
+        diff, or for the :func:`_gram_layers` from its bottom data and top diff."""
+        if lp.name not in self.gram:
+            return layout.input_energies(lp, self.net.params[lp.name][0].diff)
+        dy = self.net.blobs[lp.top[0]].diff
+        rows = dy.size // int(lp.inner_product_param.num_output)
+        x = self.net.blobs[lp.bottom[0]].data
+        return layout.inner_product_gradient_energies(x.reshape(rows, -1), dy.reshape(rows, -1))
+
+    @contextmanager
+    def weight_diffs_off(self) -> Iterator[None]:
+        """Within the block the :func:`_gram_layers` compute no weight diff."""
+        for layer in self.gram.values():
+            layer.set_param_propagate_down(0, False)
+        try:
+            yield
+        finally:
+            for layer in self.gram.values():
+                layer.set_param_propagate_down(0, True)
+
+
+def _gram_layers(net, lps) -> Dict[str, object]:
+    """The InnerProduct layers (numpy engine, unshared weights) whose weight-gradient energies
+    stage 3 takes from the Gram matrix of their gradient rows
+    (:func:`~caffe_utils.layout.inner_product_gradient_energies`) instead of forming the
+    gradient: where the rows are few against the weights' sides, that skips writing, zeroing
+    and reading a diff as large as the weights (CaffeNet's fc6-fc8: 234 MB per batch)."""
+    layers = getattr(net, "layers", [])
+    names = list(net.layer_names) if layers else []
+    out = {}
+    for lp in lps:
+        if lp.type != "InnerProduct" or any(p.name for p in lp.param) or lp.name not in names:
+            continue
+        layer = layers[names.index(lp.name)]
+        w = net.params[lp.name][0].data
+        rows = net.blobs[lp.top[0]].data.size // int(lp.inner_product_param.num_output)
+        if hasattr(layer, "set_param_propagate_down") and 4 * rows <= min(w.shape):
+            out[lp.name] = layer
+    return out
 
 
 def between_batch(net, batch_size: int, mem_limit: int) -> int:
