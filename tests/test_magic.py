@@ -366,7 +366,8 @@ def test_inner_product_energies_from_the_gram_matrix_equal_the_diffs(tmp_path, m
     (rep_g, w_g), (rep_d, w_d) = init(True), init(False)
     assert used[0] == ["ip1", "ip2", "ip3a", "ip3b"]
     for a, b in zip(rep_g.layers, rep_d.layers):
-        assert a.rate_before == pytest.approx(b.rate_before, rel=1e-5) and a.rate_after == pytest.approx(b.rate_after, rel=1e-4)
+        assert a.rate_before == pytest.approx(b.rate_before, rel=1e-5)
+        assert a.rate_after == pytest.approx(b.rate_after, rel=1e-4)
     for n in w_d:
         np.testing.assert_allclose(w_g[n], w_d[n], rtol=1e-4, atol=1e-7, err_msg=n)
 
@@ -375,7 +376,9 @@ def test_inner_product_energies_from_the_gram_matrix_equal_the_diffs(tmp_path, m
 def test_gram_energies_match_the_formed_gradient(transpose):
     rng = np.random.RandomState(3)
     x, dy = rng.standard_normal((5, 30)), rng.standard_normal((5, 20))
+    flag = str(transpose).lower()
     lp = netio.parse_net_text('layer { name: "ip" type: "InnerProduct" '
-                             f'inner_product_param {{ num_output: 20 transpose: {str(transpose).lower()} }} }}').layer[0]
+                              f'inner_product_param {{ num_output: 20 transpose: {flag} }} }}').layer[0]
     w = x.T @ dy if transpose else dy.T @ x
-    np.testing.assert_allclose(layout.inner_product_gradient_energies(x, dy), layout.input_energies(lp, w), rtol=1e-10)
+    np.testing.assert_allclose(layout.inner_product_gradient_energies(x, dy), layout.input_energies(lp, w),
+                               rtol=1e-10)

@@ -16,9 +16,9 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   layer's degree and backward degree along the step itself (:func:`step_degrees`), but a large
   rescaling also changes the distribution of their outputs. So each later round measures the
   calibration's first ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the
-  model's energies by measured / predicted per input channel, and learns what the model got wrong as a linear
-  correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
-  until every rate is within ``tolerance`` of a common one;
+  model's energies by measured / predicted per input channel, and learns what the model got
+  wrong as a linear correction of the log rates in the step (Broyden's update), at most
+  ``iterations`` times, until every rate is within ``tolerance`` of a common one;
 * **check**: the net's outputs on one batch before and after must agree (up to the layers that
   cannot undo a scale exactly): the report's output deviation.
 """
@@ -151,7 +151,6 @@ class _Passes:
             if not first and counted >= self.check_images.shape[0]:
                 first = {n: e * (self.batch / counted) for n, e in sums.items()}
         return {n: e * (self.batch / counted) for n, e in sums.items()}, first
-
 
     def _energies(self, lp) -> np.ndarray:
         """Layer ``lp``'s gradient energy per input channel after a backward: from its weight
