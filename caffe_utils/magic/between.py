@@ -87,7 +87,7 @@ class _Passes:
         self.batch = size
         self.images = sample[:min(int(sample.shape[0]), max(opts.rate_images, size))]
         self.check_batch = measure.padded_batch(self.images, 0, size)
-        checked = min(int(self.images.shape[0]), max(size, -(-CHECK_IMAGES // size) * size))
+        checked = min(int(self.images.shape[0]), -(-CHECK_IMAGES // size) * size)  # whole batches
         self.check_images = self.images[:checked]
         self.seed = opts.seed + 2
         self.measured = 0
