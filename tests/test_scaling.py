@@ -144,6 +144,21 @@ def test_degree_estimates_and_blobs_end_as_after_forward(tmp_path):
     assert 0.0 <= deg["t"] < 1.0
 
 
+def test_kept_degree_inputs_replace_the_forward_pass(tmp_path):
+    """Step degrees from kept inputs equal those of a forward pass, which they replace."""
+    net = _net(tmp_path, CHAIN)
+    plan = scale_plan.build_plan(net)
+    rho = np.zeros(len(plan.affine) + 1)
+    rho[plan.group_of["c1"]] = 0.7
+    ref = between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False)
+    kept: dict = {}
+    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
+    assert set(kept) == {"norm", "sq", "t"}
+    net.blobs["data"].data[...] = 0  # a forward pass would now see other inputs
+    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
+    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False) != ref
+
+
 def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
     text = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
                          '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n', '')
@@ -318,7 +333,7 @@ def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):
         scale = {plan.group_of["c1"]: r}
         scale_plan.apply_scales(net, plan, scale, deg)
         best.applied.append((scale, deg))
-    best.restore(net, plan)
+    best.restore(lambda s, d: scale_plan.apply_scales(net, plan, s, d))
     for n, blobs in net.params.items():
         for b, ref in zip(blobs, before[n]):
             np.testing.assert_allclose(b.data, ref, rtol=1e-6, err_msg=n)

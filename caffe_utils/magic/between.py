@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,9 @@ INEXACT_MAX_STEP = math.log(1000.0)
 #: measures again behind inexact layers: one batch alone corrects GoogLeNet's LRN-dependent
 #: energies too noisily to converge (README, "How the between-layer stage converges")
 CHECK_IMAGES = 32
+
+#: per degree layer, its input x on the check batch and the direction u of its backward degree
+DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
 
 
 def equalize(ctx: InitContext) -> None:
@@ -92,6 +95,14 @@ class _Passes:
         self.seed = opts.seed + 2
         self.measured = 0
         self.gram = _gram_layers(net, self.lps)
+        #: the degree layers' inputs on the check batch at the net's current scales
+        self.inputs: DegreeInputs = {}
+
+    def rescale(self, scale: Mapping[int, float], degrees: Mapping[str, float]) -> None:
+        """Scale the plan's groups by ``scale`` (undone downstream, through the inexact layers
+        at ``degrees``); the degree layers' inputs are then measured again."""
+        apply_scales(self.net, self.plan, scale, degrees)
+        self.inputs = {}
 
     def outputs(self) -> Dict[str, np.ndarray]:
         """The net's outputs on the check batch (the calibration's first batch)."""
@@ -101,8 +112,8 @@ class _Passes:
 
     def calibrate(self) -> Tuple[Energies, Energies]:
         """The energies over all calibration images, and over the checked ones alone."""
-        degrees, back = self._degrees()
-        full, first = self._gradients(self.images)
+        degrees, back, resume = self._degrees()
+        full, first = self._gradients(self.images, resume)
         weight = self.weights()
         return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
 
@@ -110,8 +121,8 @@ class _Passes:
         """Measure the checked images again and scale the predicted energies by measured /
         predicted, per input channel (where the prediction is zero, the measurement stands)."""
         self.measured += 1
-        degrees, back = self._degrees()
-        _, first = self._gradients(self.check_images)
+        degrees, back, resume = self._degrees()
+        _, first = self._gradients(self.check_images, resume)
         full = {}
         for name, g in predicted.grad.items():
             pf = predicted_first.grad[name]
@@ -128,22 +139,39 @@ class _Passes:
         """The degree layers' degrees and backward degrees along the rescaling ``rho``, on the
         check batch."""
         self.net.set_data(self.input_name, self.check_batch)
-        return step_degrees(self.net, self.plan, rho, degrees, finish=False)
+        return step_degrees(self.net, self.plan, rho, degrees, finish=False, inputs=self.inputs)
 
-    def _degrees(self) -> Tuple[Dict[str, float], Dict[str, float]]:
-        """The local degrees and backward degrees, on the check batch (a forward pass)."""
+    def _degrees(self) -> Tuple[Dict[str, float], Dict[str, float], Optional[str]]:
+        """The local degrees and backward degrees, on the check batch; and when they ran the
+        check batch forward through the degree layers (their inputs were not kept), the layer
+        a forward pass of the check batch goes on from (else None)."""
         if not self.plan.degree_layers:
-            return {}, {}
+            return {}, {}, None
+        fresh = not self.inputs
         self.net.set_data(self.input_name, self.check_batch)
-        return step_degrees(self.net, self.plan, np.zeros(0), {}, local=True, finish=False)
+        degrees, back = step_degrees(self.net, self.plan, np.zeros(0), {}, local=True, finish=False,
+                                     inputs=self.inputs)
+        names = list(self.net.layer_names)
+        last = max(names.index(n) for n in self.plan.degree_layers)
+        return degrees, back, names[last + 1] if fresh and last + 1 < len(names) else None
 
-    def _gradients(self, images: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    def _gradients(self, images: np.ndarray, resume: Optional[str] = None
+                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
-        over their checked ones alone (the same top gradients either way)."""
+        over their checked ones alone (the same top gradients either way). With ``resume``,
+        the first batch, the check batch, has run through the layers before that one."""
         sums: Dict[str, np.ndarray] = {}
         first: Dict[str, np.ndarray] = {}
         counted = 0
-        for valid in measure.gradient_batches(self.net, self.input_name, images, self.seed):
+        pending = [resume] if resume is not None else []
+
+        def forward(valid: int) -> None:
+            if pending:
+                self.net.forward(start=pending.pop())
+            else:
+                self.net.forward()
+
+        for valid in measure.gradient_batches(self.net, self.input_name, images, self.seed, forward):
             counted += valid
             for lp in self.lps:
                 e = self._energies(lp)
@@ -207,7 +235,7 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     Behind inexact layers a round can land flatter than predicted or not: a round that does not
     beat the flattest state so far is undone, and the next one starts there again with half the
     step and the model corrected by what that round measured (a trust region)."""
-    net, opts, report = ctx.net, ctx.opts, ctx.report
+    opts, report = ctx.opts, ctx.report
     exact = not plan.degree_layers
     correction = None
     damping = opts.damping
@@ -229,7 +257,7 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
-        apply_scales(net, plan, scale, model.energies.degrees)
+        passes.rescale(scale, model.energies.degrees)
         best.applied.append((scale, model.energies.degrees))
         report.iterations = it
         if exact:
@@ -243,7 +271,7 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
         if best.offer(now, first, report.flatness_rounds[-1]):
             damping = min(opts.damping, 2 * damping)
         else:
-            now, first = best.restore(net, plan)
+            now, first = best.restore(passes.rescale)
             damping /= 2
     ctx.tick("between-layer", opts.iterations, opts.iterations)
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance)
@@ -271,10 +299,11 @@ class _Best:
         self.applied = []
         return True
 
-    def restore(self, net, plan: ScalePlan) -> Tuple[Energies, Energies]:
-        """Undo the later rescalings, last first, each with the degrees it was applied with."""
+    def restore(self, rescale: Callable[[Dict[int, float], Dict[str, float]], None]) -> Tuple[Energies, Energies]:
+        """Undo the later rescalings by ``rescale(scale, degrees)``, last first, each with the
+        degrees it was applied with."""
         for scale, degrees in reversed(self.applied):
-            apply_scales(net, plan, {g: 1.0 / r for g, r in scale.items()}, degrees)
+            rescale({g: 1.0 / r for g, r in scale.items()}, degrees)
         self.applied = []
         return self.now, self.first
 
@@ -357,8 +386,8 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
     return _secant_degrees(net, layers, lambda name, x: (np.float32(factor), factor))[0]
 
 
-def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float],
-                 local: bool = False, finish: bool = True) -> Tuple[Dict[str, float], Dict[str, float]]:
+def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float], local: bool = False,
+                 finish: bool = True, inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
     """The effective degree of each of the plan's degree layers along the rescaling ``rho``
     (log scales over group ids): the secant slope from the current input x to the input
     ``R x`` the rescaling gives it (``R`` from :meth:`ScalePlan.input_factors`, through the
@@ -366,8 +395,8 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
     |x|_c)``. An LRN that a large step pushes from its linear regime into its saturating one
     passes that step with a degree far from its local one. A step too small to measure gets
     the local degree (factor 1.25), and so does every layer with ``local``. With the degrees,
-    the backward degrees (see :func:`_secant_degrees`); with ``finish`` the blobs end as
-    after a plain forward pass."""
+    the backward degrees (see :func:`_secant_degrees`, also for ``inputs``); with ``finish``
+    the blobs end as after a plain forward pass."""
     def step(name: str, x: np.ndarray):
         f = None if local else plan.input_factors(name, rho, degrees)
         if f is not None and f.size == int(np.prod(x.shape[1:])):
@@ -378,35 +407,51 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
                 return f, gain
         return np.float32(1.25), 1.25
 
-    return _secant_degrees(net, plan.degree_layers, step, finish)
+    return _secant_degrees(net, plan.degree_layers, step, finish, inputs)
 
 
-def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True) -> Tuple[Dict[str, float], Dict[str, float]]:
+def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
+                    inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
     ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
     ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J along a
     fixed random direction u (forward differences): how a gradient through it scales
-    (``e = d`` for a homogeneous f). Both clipped to [-3, 3]."""
+    (``e = d`` for a homogeneous f). Both clipped to [-3, 3].
+
+    ``inputs``, when given, keeps each layer's x and u: an empty one is filled by the forward
+    pass, and a full one (from an earlier call at the same weights and net input) replaces
+    that pass, so that only the listed layers run; with ``finish`` the whole net then runs."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}
     lps = {lp.name: lp for lp in net.net_param.layer}
+    order = sorted(index[n] for n in layers if n in index)
+    if any(len(lps[names[i]].bottom) != 1 for i in order):
+        inputs = None  # a second bottom would be stale without the forward pass
+    known = inputs is not None and bool(order) and all(names[i] in inputs for i in order)
     pos = 1 if net.net_param.layer[0].type == "Input" else 0
     degrees: Dict[str, float] = {}
     back: Dict[str, float] = {}
-    for i in sorted(index[n] for n in layers if n in index):
-        if i > pos:
-            net.forward(start=names[pos], end=names[i - 1])
+    for i in order:
         lp = lps[names[i]]
-        x = np.array(net.blobs[lp.bottom[0]].data)
+        if known:
+            x, u = inputs[names[i]]
+        else:
+            if i > pos:
+                net.forward(start=names[pos], end=names[i - 1])
+            x = np.array(net.blobs[lp.bottom[0]].data)
+            u = np.random.RandomState(0).standard_normal(x.shape).astype(np.float32)
+            if inputs is not None:
+                inputs[names[i]] = (x, u)
         f, gain = step(names[i], x)
-        u = np.random.RandomState(0).standard_normal(x.shape).astype(np.float32)
         y2, j2 = _response(net, lp, names[i], x * f, u)
         y1, j1 = _response(net, lp, names[i], x, u)  # last: the blobs hold the real output
         degrees[names[i]] = _clip_degree(math.log(y2 / y1) / math.log(gain) if y1 > 0 and y2 > 0 else 1.0)
         e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
         back[names[i]] = _clip_degree(e)
         pos = i + 1
-    if finish and pos < len(names):
+    if finish and known:
+        net.forward()
+    elif finish and pos < len(names):
         net.forward(start=names[pos])
     return degrees, back
 
