@@ -383,38 +383,3 @@ def test_gram_energies_match_the_formed_gradient(transpose):
     np.testing.assert_allclose(layout.inner_product_gradient_energies(x, dy), layout.input_energies(lp, w),
                                rtol=1e-10)
 
-
-LRN_CHAIN = """
-name: "lrn_chain"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 10 dim: 10 } } }
-layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 kernel_size: 3 } }
-layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
-layer { name: "norm" type: "LRN" bottom: "c1" top: "norm" lrn_param { local_size: 3 alpha: 1 beta: 0.75 k: 1e-3 } }
-layer { name: "fc" type: "InnerProduct" bottom: "norm" top: "fc" inner_product_param { num_output: 5 } }
-"""
-
-
-def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
-    """Stage 3 keeps the degree layers' inputs between its degree measurements at one set of
-    scales; after a rescale its degrees are those of a fresh forward pass again."""
-    from caffe_utils.magic.context import InitContext
-    from caffe_utils.magic.plan import build_plan
-    p = tmp_path / "lrn.prototxt"
-    p.write_text(LRN_CHAIN)
-    prepared = magic.prepare_net(netio.read_net(str(p)))
-    net = Net(p)
-    rng = np.random.RandomState(0)
-    for blobs in net.params.values():
-        blobs[0].data[...] = rng.standard_normal(blobs[0].shape)
-    sample = rng.standard_normal((8, 3, 10, 10)).astype(np.float32)
-    ctx = InitContext.create(net, prepared, sample, magic.InitOptions(batch_size=4, rate_images=8), None)
-    plan = build_plan(net)
-    passes = between._Passes(ctx, plan)
-    rho = np.zeros(len(plan.affine) + 1)
-    rho[plan.group_of["c1"]] = 0.5
-    before = passes.step_degrees(rho, {})
-    assert passes.inputs and passes.step_degrees(rho, {}) == before
-    passes.rescale({plan.group_of["c1"]: 20.0}, before[0])
-    after = passes.step_degrees(rho, {})
-    net.set_data("data", passes.check_batch)
-    assert after == between.step_degrees(net, plan, rho, {}, finish=False) != before

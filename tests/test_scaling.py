@@ -159,6 +159,27 @@ def test_kept_degree_inputs_replace_the_forward_pass(tmp_path):
     assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False) != ref
 
 
+def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
+    """Stage 3 keeps the degree layers' inputs between its degree measurements at one set of
+    scales; after a rescale its degrees are those of a fresh forward pass again."""
+    from caffe_utils import magic, netio
+    from caffe_utils.magic.context import InitContext
+    net = _net(tmp_path, CHAIN)
+    prepared = magic.prepare_net(netio.read_net(str(tmp_path / "net.prototxt")))
+    sample = np.random.RandomState(1).standard_normal((8, 3, 10, 10)).astype(np.float32)
+    ctx = InitContext.create(net, prepared, sample, magic.InitOptions(batch_size=4, rate_images=8), None)
+    plan = scale_plan.build_plan(net)
+    passes = between._Passes(ctx, plan)
+    rho = np.zeros(len(plan.affine) + 1)
+    rho[plan.group_of["c1"]] = 0.5
+    before = passes.step_degrees(rho, {})
+    assert passes.inputs and passes.step_degrees(rho, {}) == before
+    passes.rescale({plan.group_of["c1"]: 20.0}, before[0])
+    after = passes.step_degrees(rho, {})
+    net.set_data("data", passes.check_batch)
+    assert after == between.step_degrees(net, plan, rho, {}, finish=False) != before
+
+
 def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
     text = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
                          '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n', '')
