@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 from google.protobuf import text_format
 
@@ -31,7 +31,7 @@ from caffe_utils.schema import caffe_pb2, pb2_of, schemas, unknown_field_error  
 __all__ = [
     # prototxt (defined here)
     "TRAIN", "TEST", "PHASES", "V1_TYPE_NAMES", "PrototxtError", "parse_net_text", "read_net_text",
-    "upgrade_net", "filter_net", "read_net", "net_to_text",
+    "upgrade_net", "filter_net", "read_net", "net_to_text", "set_lrn_alphas",
     # weights and mean files (defined in caffe_utils.caffemodel)
     "CaffemodelFile", "LayerWeights", "copy_caffemodel_into", "legacy_shape", "match_weights",
     "parse_caffemodel_bytes", "read_caffemodel", "read_mean", "shape_compatible", "write_caffemodel",
@@ -268,4 +268,15 @@ def read_net(path_or_net, phase: Union[int, str] = TEST, level: int = 0, stages:
 
 def net_to_text(net) -> str:
     return text_format.MessageToString(net)
+
+
+def set_lrn_alphas(net, alphas: Mapping[str, float]) -> Dict[str, float]:
+    """Set ``lrn_param.alpha`` of the LRN layers named in ``alphas`` (every layer of that name,
+    whatever its phase rules); the values as stored, in the field's float32, by name."""
+    stored: Dict[str, float] = {}
+    for lp in net.layer:
+        if lp.type == "LRN" and lp.name in alphas:
+            lp.lrn_param.alpha = float(alphas[lp.name])
+            stored[lp.name] = float(lp.lrn_param.alpha)
+    return stored
 

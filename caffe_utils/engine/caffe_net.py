@@ -218,32 +218,9 @@ class CaffeNet:
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
         self.net_param = _in_caffe_schema(netio.read_net(net, phase, level, stages))
-        param = type(self.net_param)()
-        param.CopyFrom(self.net_param)
-        param.force_backward = True
-        if input_shapes:
-            for lp in param.layer:
-                if lp.type == "Input":
-                    for k, t in enumerate(lp.top):
-                        if t in input_shapes and k < len(lp.input_param.shape):
-                            del lp.input_param.shape[k].dim[:]
-                            lp.input_param.shape[k].dim.extend(int(d) for d in input_shapes[t])
-        known = set(caffe.layer_type_list()) if hasattr(caffe, "layer_type_list") else None
-        for lp in param.layer:
-            if known is not None and lp.type not in known:
-                raise UnsupportedLayerError(
-                    f"layer '{lp.name}' has type '{lp.type}', which this Caffe does not know (known: "
-                    f"{', '.join(sorted(known))}); fix the type, use --engine numpy, or use a Caffe build that has it")
         if seed is not None:
             caffe.set_random_seed(int(seed))
-        fd, tmp = tempfile.mkstemp(suffix=".prototxt")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(netio.net_to_text(param))
-            probe_net(caffe, param, phase)
-            self._net = caffe.Net(tmp, int(phase))
-        finally:
-            os.unlink(tmp)
+        self._net = self._build(caffe, input_shapes or {}, probe=True)
         self._check_memory()
         self._caffe_layer_index = {n: i for i, n in enumerate(self._net._layer_names)}
         # Caffe's own Split layers copy a blob read by several layers; restoring a blob's data
@@ -265,6 +242,50 @@ class CaffeNet:
                                    if layer.type in MAYBE_NO_GRADIENT and self._passes_no_gradient(i)]
         if weights is not None:
             self.copy_from(weights)
+
+    def _build(self, caffe, input_shapes: Mapping[str, Sequence[int]], probe: bool):
+        """A ``caffe.Net`` of ``net_param`` with ``force_backward`` and the given input shapes;
+        with ``probe``, first built in a child process (:func:`probe_net`), where an abort of
+        Caffe's cannot take this process down."""
+        param = type(self.net_param)()
+        param.CopyFrom(self.net_param)
+        param.force_backward = True
+        for lp in param.layer:
+            if lp.type == "Input":
+                for k, t in enumerate(lp.top):
+                    if t in input_shapes and k < len(lp.input_param.shape):
+                        del lp.input_param.shape[k].dim[:]
+                        lp.input_param.shape[k].dim.extend(int(d) for d in input_shapes[t])
+        known = set(caffe.layer_type_list()) if hasattr(caffe, "layer_type_list") else None
+        for lp in param.layer:
+            if known is not None and lp.type not in known:
+                raise UnsupportedLayerError(
+                    f"layer '{lp.name}' has type '{lp.type}', which this Caffe does not know (known: "
+                    f"{', '.join(sorted(known))}); fix the type, use --engine numpy, or use a Caffe build that has it")
+        fd, tmp = tempfile.mkstemp(suffix=".prototxt")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(netio.net_to_text(param))
+            if probe:
+                probe_net(caffe, param, self.phase)
+            return caffe.Net(tmp, int(self.phase))
+        finally:
+            os.unlink(tmp)
+
+    def set_lrn_alphas(self, alphas: Mapping[str, float]) -> None:
+        """Set LRN layers' ``alpha``. Caffe reads a layer's parameters when it builds the net,
+        so the net is built again, at its inputs' current shapes, and gets the params' and the
+        inputs' data (a changed alpha cannot make a net that built fail to build: no probe)."""
+        if not netio.set_lrn_alphas(self.net_param, alphas):
+            return
+        old = self._net
+        shapes = {name: tuple(old.blobs[name].data.shape) for name in old.inputs}
+        self._net = self._build(import_caffe(self.gpu), shapes, probe=False)
+        for name, blobs in old.params.items():
+            for src, dst in zip(blobs, self._net.params[name]):
+                dst.data[...] = src.data
+        for name in old.inputs:
+            self.set_data(name, old.blobs[name].data)
 
     def _passes_no_gradient(self, i: int) -> bool:
         """Whether layer ``i``'s backward leaves its bottom's diff at zero for a top diff of ones

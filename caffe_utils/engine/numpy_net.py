@@ -414,6 +414,11 @@ class Net:
     def param_shapes(self) -> "OrderedDict[str, List[Tuple[int, ...]]]":
         return OrderedDict((n, [b.shape for b in bl]) for n, bl in self.params.items())
 
+    def set_lrn_alphas(self, alphas: Mapping[str, float]) -> None:
+        """Set LRN layers' ``alpha`` (float32, as the prototxt field stores it)."""
+        for name, alpha in netio.set_lrn_alphas(self.net_param, alphas).items():
+            self.layers[self._index[name]].set_alpha(alpha)
+
     def copy_from(self, weights: Union[str, Path]) -> None:
         """Load parameters from a caffemodel, matching layers by name (as ``Net.copy_from``)."""
         targets = OrderedDict((n, [b.data for b in bl]) for n, bl in self.params.items())

@@ -84,6 +84,10 @@ class EngineNet(Protocol):
     def param_shapes(self) -> Mapping[str, List[Tuple[int, ...]]]:
         """Layer name -> the shapes of its parameter blobs."""
 
+    def set_lrn_alphas(self, alphas: Mapping[str, float]) -> None:
+        """Set the ``alpha`` of the LRN layers named in ``alphas``, in ``net_param`` and in the
+        running net; blobs, params and their data stay as they are."""
+
     def copy_from(self, weights: Union[str, Path]) -> None:
         """Load parameters from a caffemodel, matching layers by name (as Caffe's ``copy_from``)."""
 

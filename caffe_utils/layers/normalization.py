@@ -373,6 +373,13 @@ class LRN(Layer):
         self.within = region == "WITHIN_CHANNEL"
         self._cache: Optional[tuple] = None
 
+    def set_alpha(self, alpha: float) -> None:
+        """A new ``alpha``: scaling it by ``1/r**2`` makes the layer exactly equivariant to an
+        input scaled by ``r`` (the between-layer stage's LRN rescale)."""
+        self.param.lrn_param.alpha = alpha
+        self.alpha = float(self.param.lrn_param.alpha)
+        self._cache = None
+
     def reshape(self, bottom: List[Blob], top: List[Blob]) -> None:
         shape = bottom[0].shape
         if len(shape) != 4:
