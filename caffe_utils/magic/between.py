@@ -53,7 +53,8 @@ DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
 def equalize(ctx: InitContext) -> None:
     """Measure the change rates and, unless ``--no-between``, equalize them; fill the report."""
     net, opts, report = ctx.net, ctx.opts, ctx.report
-    plan = build_plan(net)
+    plan = build_plan(net, opts.lrn_alpha)
+    alphas = _lrn_alphas(net, plan)
     report.inexact_layers = list(plan.inexact)
     report.pinned_layers = plan.pinned_layers
     report.unknown_scale_layers = list(plan.unknown)
@@ -73,6 +74,13 @@ def equalize(ctx: InitContext) -> None:
         if opts.between:
             report.output_deviation = _output_deviation(net, before)
             report.function_preserved = report.output_deviation <= 1e-4
+    report.lrn_alphas = {n: a for n, a in _lrn_alphas(net, plan).items() if a != alphas[n]}
+
+
+def _lrn_alphas(net, plan: ScalePlan) -> Dict[str, float]:
+    """The alpha of each LRN layer whose alpha a rescaling changes."""
+    lps = {lp.name: lp for lp in net.net_param.layer}
+    return {name: float(lps[name].lrn_param.alpha) for name, _ in plan.lrn_groups}
 
 
 class _Passes:

@@ -17,7 +17,10 @@ class InitOptions:
     bound stage 3's rounds (each one a solve, corrected by a measured pass behind inexact
     layers), the fraction of the solved rescaling each round applies and its stop; the change
     rates are measured over ``rate_images`` images. ``mem_limit`` bytes bound the cached
-    activations and patches."""
+    activations and patches. With ``lrn_alpha`` stage 3 may scale an LRN layer's ``alpha`` by
+    ``1/r^2`` where it scales its input by ``r``, which keeps the layer exact: the net then
+    computes what it did only with the new alphas (the report's ``lrn_alphas``), which is why
+    the CLI turns it on with ``--output-prototxt`` alone."""
     init: str = "kmeans"
     within: bool = True
     between: bool = True
@@ -29,6 +32,7 @@ class InitOptions:
     zero_classifier: bool = False
     reinit: Sequence[str] = ()
     reinit_all: bool = False
+    lrn_alpha: bool = False
     batch_size: int = 16
     mem_limit: int = 1 << 30
     seed: int = 0

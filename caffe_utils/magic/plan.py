@@ -10,7 +10,8 @@ Softmax/loss) unchanged are pinned, since rescaling them would change the output
 How each layer type passes a per-channel scale on is its *scale rule*
 (:mod:`caffe_utils.magic.scale_rules`); :func:`build_plan` runs the rules in net order.
 Layers that are not positively homogeneous (LRN, Sigmoid, TanH, ...) let a scale pass but
-cannot undo it exactly: they are listed in ``ScalePlan.inexact``, and the plan records which of
+cannot undo it exactly (LRN can, where its ``alpha`` may change too: ``ScalePlan.lrn_groups``):
+they are listed in ``ScalePlan.inexact``, and the plan records which of
 them each undone channel passed (``via``), so that with their effective degrees ``d``
 (``f(r x) ~ r^d f(x)``) a scale ``r`` is undone as ``r^(d1 d2 ...)``.
 
@@ -56,6 +57,9 @@ class ScalePlan:
     frozen: List[str] = field(default_factory=list)  # affine layers whose weights do not learn (lr_mult 0)
     #: per inexact elementwise layer: the group and the via of each element of its input
     inexact_inputs: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: LRN layers whose alpha a rescaling scales by 1/r^2 (``build_plan(lrn_alpha=True)``), each
+    #: with the group r is the scale of
+    lrn_groups: List[Tuple[str, int]] = field(default_factory=list)
 
     @property
     def degree_layers(self) -> List[str]:
@@ -92,9 +96,10 @@ class ScalePlan:
         return [n for n in self.affine if self.group_of[n] in self.pinned]
 
 
-def build_plan(net) -> ScalePlan:
-    """Trace every affine layer's output channels to where their scale can be undone."""
-    trace = scale_rules.Trace(net)
+def build_plan(net, lrn_alpha: bool = False) -> ScalePlan:
+    """Trace every affine layer's output channels to where their scale can be undone; with
+    ``lrn_alpha``, LRN layers whose whole input one group scales undo it in their alpha."""
+    trace = scale_rules.Trace(net, lrn_alpha)
     for lp in net.net_param.layer:
         trace.visit(lp)
     for name in net.outputs:
@@ -114,6 +119,7 @@ def build_plan(net) -> ScalePlan:
         biases=[(n, j, root(g), v) for n, j, g, v in trace.biases],
         pinned=pinned, inexact=trace.inexact, paths=trace.paths, unknown=trace.unknown,
         inexact_inputs={n: (root(g), v) for n, (g, v) in trace.inexact_inputs.items()},
+        lrn_groups=[(n, int(lookup[g])) for n, g in trace.lrn_groups],
         frozen=[lp.name for lp in net.net_param.layer if lp.name in trace.ids and _frozen(lp)])
 
 
@@ -153,6 +159,9 @@ def apply_scales(net, plan: ScalePlan, scale: Mapping[int, float],
         b *= _factors(groups, scale, plan.powers(via, degrees)).astype(np.float32).reshape(b.shape)
     for name, groups, via in plan.batchnorms:
         rescale_batchnorm(net.params[name], lps[name], _factors(groups, scale, plan.powers(via, degrees)))
+    alphas = {name: float(lps[name].lrn_param.alpha) / scale[g] ** 2 for name, g in plan.lrn_groups if g in scale}
+    if alphas:
+        net.set_lrn_alphas(alphas)
 
 
 def rescale_batchnorm(blobs, lp, r: np.ndarray) -> None:

@@ -80,7 +80,7 @@ class InitReport:
     not rescale at all (``pinned_layers``: their output is the net's), or passed no scale
     through because no scale rule knows their type (``unknown_scale_layers``), the layers
     whose rates the flatness leaves out because they do not learn (``frozen_layers``,
-    ``lr_mult: 0``), the heads the
+    ``lr_mult: 0``), the LRN layers that got a new alpha (``lrn_alphas``), the heads the
     method ended at (``heads``: see :func:`caffe_utils.magic.prepare.prepare_net`), and how much
     the net's outputs moved under stage 3."""
     layers: List[LayerReport] = field(default_factory=list)
@@ -99,6 +99,8 @@ class InitReport:
     unknown_scale_layers: List[str] = field(default_factory=list)
     frozen_layers: List[str] = field(default_factory=list)
     heads: List[str] = field(default_factory=list)
+    #: the LRN layers whose alpha stage 3 changed (``InitOptions.lrn_alpha``): their new alpha
+    lrn_alphas: Dict[str, float] = field(default_factory=dict)
     output_deviation: Optional[float] = None
     function_preserved: Optional[bool] = None
     warnings: List[str] = field(default_factory=list)

@@ -10,6 +10,8 @@ maps from its bottoms' and records what it does with a scale:
 * homogeneous (ReLU, Pooling, Dropout, Upsample, Interp, ROIPooling, ...): the scale passes
   unchanged;
 * inexact, with an effective degree (LRN, Sigmoid, TanH, ReLU6, ...): it passes as ``r^d``;
+* LRN with its ``alpha`` rescaled along (the plan's ``lrn_alpha``): exact when one scale
+  reaches all of its input, since ``alpha / r^2`` at input ``r x`` gives ``r`` times the output;
 * channel maps (Concat, Slice, Crop, Flatten, Reshape, Permute, ShuffleChannel): channels move,
   scales with them;
 * unions (Eltwise SUM/MAX): summed producers must share one scale;
@@ -90,8 +92,11 @@ class _UnionFind:
 class Trace:
     """The plan builder's state: feature maps and vias per blob, and what the rules recorded."""
 
-    def __init__(self, net) -> None:
+    def __init__(self, net, lrn_alpha: bool = False) -> None:
         self.net = net
+        #: LRN layers may have their alpha rescaled with their input (see :func:`lrn`)
+        self.lrn_alpha = lrn_alpha
+        self.lrn_groups: List[Tuple[str, int]] = []  # (LRN layer, the group scaling its input)
         self.affine = [lp.name for lp in net.net_param.layer if lp.type in AFFINE_TYPES]
         self.ids = {name: i for i, name in enumerate(self.affine)}
         self.uf = _UnionFind()
@@ -213,11 +218,26 @@ def homogeneous(tr: Trace, lp) -> None:
     _elementwise(tr, lp, inexact=False)
 
 
-@register("Sigmoid", "TanH", "ELU", "BNLL", "Exp", "Log", "Threshold", "Clip", "Swish", "LRN", "MVN", "ReLU6")
+@register("Sigmoid", "TanH", "ELU", "BNLL", "Exp", "Log", "Threshold", "Clip", "Swish", "MVN", "ReLU6")
 def inexact(tr: Trace, lp) -> None:
     """A scale passes as ``r^d``, with the effective degree ``d`` measured at the activations
     (ReLU6 too: homogeneous below its threshold, constant above it)."""
     _elementwise(tr, lp, inexact=True)
+
+
+@register("LRN")
+def lrn(tr: Trace, lp) -> None:
+    """``x / (k + alpha/n sum x^2)^beta``: inexact, unless ``tr.lrn_alpha`` lets its alpha be
+    scaled by ``1/r^2`` with the scale ``r`` of its input, which keeps it exact (a scale passes
+    as for ReLU). That needs one scale on every element of its input (alpha is one number),
+    passed through no inexact layer."""
+    groups, via = tr.bottoms[0], tr.bvias[0]
+    one = groups.size > 0 and groups[0] != UNSCALED and np.all(groups == groups[0]) and not np.any(via)
+    if not (tr.lrn_alpha and one):
+        _elementwise(tr, lp, inexact=True)
+        return
+    tr.lrn_groups.append((lp.name, int(groups[0])))
+    _elementwise(tr, lp, inexact=False)
 
 
 @register("Power")
