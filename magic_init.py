@@ -74,16 +74,21 @@ class _Progress:
               help="Draw the change rates and their variation before and after into this PNG (needs matplotlib).")
 @click.option("--fp16", is_flag=True, help="Store the output's weights as FP16 (OpenCV's raw_data: half the size; "
               "OpenCV loads it, BVLC Caffe does not) [default: float32].")
+@click.option("--output-prototxt", type=click.Path(dir_okay=False),
+              help="Also write the net here, with the alpha of its LRN layers rescaled along with their "
+                   "inputs; the between-layer stage can then undo a rescaling through LRN exactly, and "
+                   "OUTPUT computes its function only with this net [default: LRN stays as it is].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
 def cli(prototxt, output, weights, sample, batch_size, engine, gpu, seed, init, no_within, no_between, beta,
         iterations, damping, zero_classifier, reinit, reinit_all, report_path, mem_limit, force, plot_path, fp16,
-        quiet):
+        output_prototxt, quiet):
     """Initialize the Caffe net PROTOTXT from sample images and write OUTPUT."""
     options = InitOptions(init=init, within=not no_within, between=not no_between, beta=beta, iterations=iterations,
                           damping=damping, zero_classifier=zero_classifier, reinit=tuple(reinit),
                           reinit_all=reinit_all, batch_size=batch_size, mem_limit=mem_limit << 20, seed=seed)
     _run(RunConfig(prototxt=prototxt, output=output, weights=weights, sample=sample, options=options, engine=engine,
-                   gpu=gpu, report=report_path, force=force, plot=plot_path, fp16=fp16), quiet)
+                   gpu=gpu, report=report_path, force=force, plot=plot_path, fp16=fp16,
+                   output_prototxt=output_prototxt), quiet)
 
 
 def _run(cfg: RunConfig, quiet: bool) -> None:
@@ -109,7 +114,7 @@ def _run(cfg: RunConfig, quiet: bool) -> None:
         sys.exit(exit_status(exc))
     if not quiet:
         click.echo(format_report(result))
-    click.echo(f"wrote {cfg.output}", err=True)
+    click.echo(f"wrote {cfg.output}" + (f" and {cfg.output_prototxt}" if cfg.output_prototxt else ""), err=True)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,6 +61,9 @@ class RunConfig:
     force: bool = False
     plot: Optional[str] = None
     fp16: bool = False  # store the output's blobs as OpenCV's FP16 raw_data (not loadable by BVLC Caffe)
+    #: where to write the net with the LRN alphas stage 3 rescaled (``InitOptions.lrn_alpha``,
+    #: which this turns on); without it the LRN layers keep their alpha and stay inexact
+    output_prototxt: Optional[str] = None
 
 
 @dataclass
@@ -104,6 +107,8 @@ def _check_output(cfg: RunConfig) -> None:
         outs.append((cfg.report, "--report"))
     if cfg.plot:
         outs.append((cfg.plot, "--plot"))
+    if cfg.output_prototxt:
+        outs.append((cfg.output_prototxt, "--output-prototxt"))
     checked = [(_check_target(path, option), option) for path, option in outs]
     for i, (a, opt_a) in enumerate(checked):
         for b, opt_b in checked[i + 1:]:
@@ -161,7 +166,8 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
             warn(msg)
 
     _check_output(cfg)
-    opts = replace(cfg.options, batch_size=_batch_for(cfg.sample.images, cfg.options.batch_size, note))
+    opts = replace(cfg.options, batch_size=_batch_for(cfg.sample.images, cfg.options.batch_size, note),
+                   lrn_alpha=cfg.output_prototxt is not None)
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = _prepare(net_param, cfg.sample, cfg.prototxt)
@@ -173,15 +179,23 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     report = magic.initialize(net, prepared, sample.data, opts, loaded, progress)
     for msg in report.warnings:
         note(msg)
+    if cfg.output_prototxt and not report.lrn_alphas:
+        note(f"no LRN layer's alpha changed, so {cfg.output_prototxt} computes what {cfg.prototxt} does")
     params = {name: [np.asarray(b.data) for b in blobs] for name, blobs in net.params.items()}
+    netio.set_lrn_alphas(net_param, report.lrn_alphas)  # the caffemodel's layer definitions too
     with (outputs if outputs is not None else OutputSet()) as outs:
         if progress:
             progress("writing", 0, 1)
         with direct_file(outs.stage(cfg.output), "wb", fix="free space or choose a writable -o path") as fh:
             netio.write_caffemodel_to(fh, net_param, params, "float16" if cfg.fp16 else "float32")
+        if cfg.output_prototxt:
+            with direct_file(outs.stage(cfg.output_prototxt), "w",
+                             fix="free space or choose a writable --output-prototxt path") as fh:
+                fh.write(adjusted_prototxt(cfg.prototxt, report.lrn_alphas))
         if cfg.report:
             write_json(outs.stage(cfg.report), {
-                "prototxt": str(cfg.prototxt), "output": str(cfg.output), "engine": engine, "images": sample.used,
+                "prototxt": str(cfg.prototxt), "output": str(cfg.output), "output_prototxt": cfg.output_prototxt,
+                "engine": engine, "images": sample.used,
                 "options": {k: getattr(opts, k) for k in ("init", "within", "between", "beta", "iterations",
                                                           "damping", "seed")},
                 **report.to_dict()})
@@ -224,6 +238,16 @@ class ModelStats:
     def to_dict(self) -> dict:
         return {"weights": self.weights, "flatness": self.flatness,
                 "layers": [{"name": n, **st.to_dict()} for n, st in self.layers.items()]}
+
+
+def adjusted_prototxt(prototxt: str, alphas: Mapping[str, float]) -> str:
+    """The net ``prototxt`` (all phases, upgraded as Caffe reads it) with the LRN layers named
+    in ``alphas`` given those alphas: the definition the rescaled weights compute their
+    function with."""
+    net = netio.read_net_text(prototxt)
+    netio.upgrade_net(net)
+    netio.set_lrn_alphas(net, alphas)
+    return netio.net_to_text(net)
 
 
 def measure_models(cfg: MeasureConfig, progress: Optional[Callable[[str, int, int], None]] = None,
@@ -409,6 +433,9 @@ def format_report(result: RunResult) -> str:
         lines.append(f"not rescaled (their outputs reach the net's output): {', '.join(r.pinned_layers)}")
     if r.inexact_layers:
         lines.append(f"layers that cannot undo a rescaling exactly: {', '.join(r.inexact_layers)}")
+    if r.lrn_alphas:
+        lines.append("LRN alpha rescaled with the layer's input (the weights need --output-prototxt's net): "
+                     + ", ".join(f"{n} {a:.4g}" for n, a in r.lrn_alphas.items()))
     if r.heads:
         lines.append(f"heads the method ends at (their inputs get the random top gradient): {', '.join(r.heads)}")
     if r.unknown_scale_layers:

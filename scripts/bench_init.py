@@ -43,8 +43,9 @@ def _run_config(pipeline, args: argparse.Namespace, output: str) -> object:
         from caffe_utils.magic import InitOptions
         options = InitOptions(init=args.init, iterations=args.iterations, damping=args.damping,
                               batch_size=args.batch_size)
+        extra = {"output_prototxt": output + ".prototxt"} if args.lrn_alpha and "output_prototxt" in names else {}
         return pipeline.RunConfig(prototxt=args.net, output=output, engine=args.worker, options=options,
-                                  sample=pipeline.SampleSpec(data=args.data, images=args.images))
+                                  sample=pipeline.SampleSpec(data=args.data, images=args.images), **extra)
     return pipeline.RunConfig(prototxt=args.net, output=output, data=args.data, images=args.images,
                               batch_size=args.batch_size, engine=args.worker, init=args.init,
                               iterations=args.iterations, damping=args.damping)
@@ -99,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="a folder of photos (default: scikit-image's)")
     ap.add_argument("--iterations", type=int, default=defaults.iterations, help="between-layer rounds")
     ap.add_argument("--damping", type=float, default=defaults.damping, help="between-layer damping alpha")
+    ap.add_argument("--lrn-alpha", action="store_true", help="rescale the LRN layers' alpha along "
+                    "(magic_init.py --output-prototxt); a --compare tree without it runs without")
     ap.add_argument("--compare", metavar="REV", help="also run commit REV (a temporary git worktree), back to back")
     ap.add_argument("--repeat", type=int, default=1, help="with --compare: runs of each tree, in turns; the "
                                                             "fastest of each counts")
@@ -118,7 +121,7 @@ def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
     from scripts.support import benchrun
     argv = ["--worker", engine, "--net", path, "--images", str(args.images), "--batch-size", str(args.batch_size),
             "--init", args.init, "--data", args.data, "--iterations", str(args.iterations),
-            "--damping", str(args.damping)]
+            "--damping", str(args.damping)] + (["--lrn-alpha"] if args.lrn_alpha else [])
     return benchrun.run_worker(__file__, tree, argv)
 
 
