@@ -19,6 +19,9 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   model's energies by measured / predicted per input channel, and learns what the model got
   wrong as a linear correction of the log rates in the step (Broyden's update), at most
   ``iterations`` times, until every rate is within ``tolerance`` of a common one;
+* **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
+  (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
+  alphas (``lrn_alphas``);
 * **check**: the net's outputs on one batch before and after must agree (up to the layers that
   cannot undo a scale exactly): the report's output deviation.
 """
