@@ -200,16 +200,21 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
                                                           "damping", "seed")},
                 **report.to_dict()})
         if cfg.plot:
-            from caffe_utils.plots import PLOT_FIX, draw_rates
-            with direct_file(outs.stage(cfg.plot), "wb", fix=PLOT_FIX) as fh:
-                draw_rates([("before", {l.name: l.rate_before for l in report.layers},
-                             {l.name: l.cv_before for l in report.layers}),
-                            ("after", {l.name: l.rate_after for l in report.layers},
-                             {l.name: l.cv_after for l in report.layers})], fh, title=Path(cfg.prototxt).name)
+            _draw_plot(outs.stage(cfg.plot), report, Path(cfg.prototxt).name)
         outs.commit()
         if progress:
             progress("writing", 1, 1)
     return RunResult(report, engine, sample.used, warnings)
+
+
+def _draw_plot(path: str, report: magic.InitReport, title: str) -> None:
+    """The change rates and their variation before and after stage 3, as a PNG at ``path``."""
+    from caffe_utils.plots import PLOT_FIX, draw_rates
+    with direct_file(path, "wb", fix=PLOT_FIX) as fh:
+        draw_rates([("before", {l.name: l.rate_before for l in report.layers},
+                     {l.name: l.cv_before for l in report.layers}),
+                    ("after", {l.name: l.rate_after for l in report.layers},
+                     {l.name: l.cv_after for l in report.layers})], fh, title=title)
 
 
 @dataclass
