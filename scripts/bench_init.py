@@ -11,7 +11,10 @@ fewer than --images). Each engine's job runs in its own process; for each the sc
 end-to-end time, each stage's time, the peak resident memory, the flatness of the
 initialization batch before and after, and the time as a multiple of a GEMM floor: the GEMM
 FLOPs of one forward and one backward of every image (see scripts/support/floor.py; the
-initialization runs more passes than that one) at the sgemm rate measured in the same run.
+initialization runs more passes than that one) at the sgemm rate measured in the same run; and as a
+multiple of the initialization floor, the GEMM FLOPs no initialization of the job avoids: one forward
+of every image (stage 2), stage 1's numerics for --init (k-means: covariance, whitening, the rounds'
+dots) and the forward and backward of stage 3's calibration images.
 ``--engine both`` adds the ratio pycaffe time / numpy time.
 
 ``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
@@ -110,10 +113,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _floor(path: str, images: int) -> Optional[float]:
-    """Print the job's GEMM FLOPs and the sgemm rate; the floor in seconds (None: not counted)."""
+def _floor(path: str, args: argparse.Namespace) -> Dict[str, float]:
+    """Print the job's GEMM FLOPs and the sgemm rate, and the initialization's own floor; the
+    floors in seconds by name (none when the net could not be counted)."""
     from scripts.support import floor
-    return floor.report_floor(path, images, f"floor: one forward + one backward of the {images} images")
+    images = args.images
+    floor_s = floor.report_floor(path, images, f"floor: one forward + one backward of the {images} images")
+    if floor_s is None:
+        return {}
+    from caffe_utils.magic import InitOptions
+    within, numerics, calibration = floor.init_flops(path, images, args.init, InitOptions(batch_size=args.batch_size))
+    total = within + numerics + calibration
+    rate = (1 + floor.BACKWARD_FACTOR) * floor.prototxt_forward_flops(path) * images / floor_s  # FLOP/s
+    init_s = total / rate
+    print(f"initialization floor: {total / 1e9:.4g} GFLOP: the forward of the {images} images (stage 2) "
+          f"{within / 1e9:.4g}, stage 1's {args.init} numerics {numerics / 1e9:.4g}, stage 3's calibration "
+          f"(forward + backward) {calibration / 1e9:.4g}; {init_s:.4g} s at that rate")
+    return {"GEMM floor": floor_s, "initialization floor": init_s}
 
 
 def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
@@ -125,9 +141,9 @@ def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
     return benchrun.run_worker(__file__, tree, argv)
 
 
-def _report(label: str, r: dict, floor_s: Optional[float]) -> None:
-    """Print one job's time, memory, floor multiple, flatness and stage times."""
-    mult = f"; {r['total_s'] / floor_s:.1f}x the GEMM floor" if floor_s else ""
+def _report(label: str, r: dict, floors: Dict[str, float]) -> None:
+    """Print one job's time, memory, floor multiples, flatness and stage times."""
+    mult = "".join(f"; {r['total_s'] / s:.1f}x the {name}" for name, s in floors.items() if s)
     before, after = r["flatness"]
     print(f"{label}: end to end {r['total_s']:.2f} s; peak RSS {r['peak_rss_mb']:.0f} MB{mult}; flatness "
           f"{before:.3g} -> {after:.3g} in {r['rounds']} round(s); {r['images_used']} distinct photos")
@@ -136,7 +152,7 @@ def _report(label: str, r: dict, floor_s: Optional[float]) -> None:
 
 
 def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
-                 floor_s: Optional[float]) -> int:
+                 floors: Dict[str, float]) -> int:
     """Each engine on this tree, then the pycaffe/numpy ratio; exit 1 when any engine fails."""
     from scripts.support.benchrun import WorkerFailed
     results: Dict[str, dict] = {}
@@ -148,7 +164,7 @@ def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
             print(f"{engine}: failed: {exc}", file=sys.stderr)
             failed += 1
             continue
-        _report(engine, results[engine], floor_s)
+        _report(engine, results[engine], floors)
     if len(results) == 2:
         ratio = results["caffe"]["total_s"] / results["numpy"]["total_s"]
         print(f"speed ratio pycaffe/numpy: {ratio:.2f} ({'numpy faster' if ratio >= 1 else 'pycaffe faster'})")
@@ -178,7 +194,7 @@ def _alternate(engine: str, trees: Dict[str, Path], args: argparse.Namespace, pa
 
 
 def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
-             floor_s: Optional[float]) -> int:
+             floors: Dict[str, float]) -> int:
     """Each engine on commit ``args.compare`` and on this tree, in turns; exit 1 when any run fails."""
     from scripts.support import benchrun
     rev = benchrun.short_rev(args.compare)
@@ -192,7 +208,7 @@ def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
                 failed += 1
                 continue
             for where, r in best.items():
-                _report(f"{engine} {where}", r, floor_s)
+                _report(f"{engine} {where}", r, floors)
                 if len(r["runs_s"]) > 1:
                     print(f"    (fastest of runs: {', '.join(f'{t:.2f}' for t in r['runs_s'])} s)")
             ratio = best["on this tree"]["total_s"] / best[f"at {rev}"]["total_s"]
@@ -219,11 +235,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         label, path = benchrun.resolve_net(args.net, Path(tmp))
         print(f"net: {label}; init: {args.init}; images: {args.images}; batch size {args.batch_size}; "
               f"{args.iterations} between-layer round(s), damping {args.damping:g}")
-        floor_s = _floor(path, args.images)
+        floors = _floor(path, args)
         engines = benchrun.available_engines(args.engine)
-        status = benchrun.run_or_compare(bool(args.compare), lambda: _run_engines(args, engines, path, floor_s),
-                                         lambda: _compare(args, engines, path, floor_s))
-    if floor_s is not None:
+        status = benchrun.run_or_compare(bool(args.compare), lambda: _run_engines(args, engines, path, floors),
+                                         lambda: _compare(args, engines, path, floors))
+    if floors:
         floor.report_rate_again()
     return status
 

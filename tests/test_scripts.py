@@ -210,6 +210,22 @@ def test_bench_flops_by_hand(tmp_path):
     assert 0.1 < floor.sgemm_rate(n=128, seconds=0.05) < 1e5
 
 
+def test_bench_initialization_floor_by_hand(tmp_path):
+    """4 images of the tiny net. c1: 27-dim patches, 4 filters: 94 wanted, 24 per image, m = 96;
+    c2: 2 groups of 2-dim patches, 2 filters each: 24 wanted, m = 24 per group; a Deconvolution
+    gets no data-driven weights. Calibration: all 4 images (fewer than rate_images)."""
+    from scripts.support import floor
+    within, numerics, calibration = floor.init_flops(_tiny_net(tmp_path), 4, "kmeans")
+    c1 = 2 * 96 * 27 ** 2 + 27 ** 3 // 3 + 10 * 2 * 96 * 27 * 4
+    c2 = 2 * (2 * 24 * 2 ** 2 + 2 ** 3 // 3 + 10 * 2 * 24 * 2 * 2)
+    assert (within, numerics, calibration) == (4 * 29184, c1 + c2, 3 * 4 * 29184)
+    assert floor.init_flops(_tiny_net(tmp_path), 4, "pca")[1] == 96 * 27 ** 2 + 4 * 27 ** 3 // 3 + 2 * (24 * 4 + 10)
+    assert floor.init_flops(_tiny_net(tmp_path), 4, "gaussian")[1] == 0
+    wide = _tiny_net(tmp_path, _TINY_GEMM_NET.replace("num_output: 4 kernel_size: 3", "num_output: 20 kernel_size: 3"))
+    # one image: 64 patches for c1's 20 filters, under the 80 k-means needs (Gaussian); c2: 10-dim, m = 40
+    assert floor.init_flops(wide, 1, "kmeans")[1] == 2 * (2 * 40 * 10 ** 2 + 10 ** 3 // 3 + 10 * 2 * 40 * 10 * 2)
+
+
 def test_bench_full_size_nets_have_the_published_cost(tmp_path):
     """The named nets' forward GEMM cost matches their papers' multiply-adds (x2 for FLOPs):
     ResNet-50 3.8e9 and ResNet-101 7.6e9 (He et al. Table 1), MobileNet v1 569e6 (Howard et al.
@@ -245,6 +261,7 @@ def test_bench_init_both_engines_and_failure(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "floor: one forward + one backward of the 4 images" in out and "sgemm:" in out
     assert "numpy: end to end" in out and "x the GEMM floor" in out and "within-layer" in out
+    assert "initialization floor:" in out and "x the initialization floor" in out
     assert ("speed ratio pycaffe/numpy" in out) if pycaffe_importable() else ("caffe: skipped" in out)
     bad = _tiny_net(tmp_path, _TINY_GEMM_NET.replace("num_output: 4 kernel_size: 3", "num_output: 0 kernel_size: 3"))
     assert mod.main(["--net", bad, "--images", "2", "--iterations", "1"]) == 1

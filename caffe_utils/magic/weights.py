@@ -39,6 +39,10 @@ from caffe_utils.magic.report import Fallback, LayerReport
 from caffe_utils.schema import caffe_pb2
 
 
+#: rounds of spherical k-means: an initialization needs directions, not a converged dictionary
+KMEANS_ITERATIONS = 10
+
+
 def layer_rng(seed: int, idx: int) -> np.random.Generator:
     """The generator of every stage-1 draw of the layer at net position ``idx``: seeded by the
     run's seed and the position only, so a layer's weights do not depend on which other layers
@@ -114,7 +118,7 @@ def _data_driven(ctx: InitContext, lp, idx: int, kind: str, rep: LayerReport,
     groups = layout.conv_group(lp)
     patches, m, d = _patches(ctx, lp, idx)
     k = lp.convolution_param.num_output // groups
-    need = max(d + 1, 4 * k) if kind in ("kmeans", "pca", "zca") else k
+    need = patches_needed(kind, d, k)
     if m < need:
         ctx.warn(f"layer '{lp.name}': only {m} input patches for {kind} with {k} filters of size {d} "
                  f"(need {need}); using gaussian weights: give more images (-n) to use {kind}")
@@ -136,8 +140,7 @@ def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
     d = shape[1] // groups * kernel[0] * kernel[1]
     k = lp.convolution_param.num_output // groups
     oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
-    cap = max(1, min(2 * d + 10 * k, 100_000, int(ctx.opts.mem_limit // (4 * d * groups * 3))))
-    per_image = per_image_count(batches.n, oh * ow, cap)
+    per_image = per_image_count(batches.n, oh * ow, patch_budget(d, k, groups, ctx.opts.mem_limit))
     patches = np.empty((groups, per_image * batches.n, d), np.float32)
     m = 0
     for b, valid in enumerate(batches.through(idx - 1)):
@@ -150,7 +153,19 @@ def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
     return patches, m, d
 
 
-def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng, kmeans_iters: int = 10,
+def patch_budget(d: int, k: int, groups: int, mem_limit: int) -> int:
+    """How many input patches in all stage 1 gathers per group of a convolution with ``k``
+    filters of size ``d`` per group: 2 per dimension (a regularised covariance) and 10 per
+    centre (k-means), at most 100,000 and what fits in ``mem_limit`` three times over."""
+    return max(1, min(2 * d + 10 * k, 100_000, int(mem_limit // (4 * d * groups * 3))))
+
+
+def patches_needed(kind: str, d: int, k: int) -> int:
+    """The fewest patches ``kind`` needs for ``k`` filters of size ``d`` (fewer: Gaussian)."""
+    return max(d + 1, 4 * k) if kind in ("kmeans", "pca", "zca") else k
+
+
+def data_driven_weights(kind: str, patches: np.ndarray, k: int, rng, kmeans_iters: int = KMEANS_ITERATIONS,
                         overwrite: bool = False) -> np.ndarray:
     """``k`` filters (k, D) from patches (D, M), centred, by ``pca``/``zca``/``kmeans``/``rand``;
     ``rng`` a Generator or RandomState.

@@ -59,9 +59,9 @@ def forward_flops(net) -> List[Tuple[str, str, int]]:
     return out
 
 
-def prototxt_forward_flops(prototxt: str) -> int:
-    """GEMM FLOPs of one image's forward through ``prototxt`` (built at batch 1 on the numpy
-    engine, so neither pycaffe nor this job's batch is needed)."""
+def _one_image_net(prototxt: str):
+    """``prototxt`` built at batch 1 on the numpy engine (neither pycaffe nor the job's batch
+    is needed to count FLOPs)."""
     from caffe_utils import netio
     from caffe_utils.engine import open_net
     param = netio.read_net(prototxt)
@@ -70,8 +70,12 @@ def prototxt_forward_flops(prototxt: str) -> int:
         if lp.type == "Input":
             for top, shape in zip(lp.top, lp.input_param.shape):
                 shapes[top] = (1,) + tuple(shape.dim[1:])
-    net = open_net(param, engine="numpy", input_shapes=shapes)
-    return sum(f for _, _, f in forward_flops(net))
+    return open_net(param, engine="numpy", input_shapes=shapes)
+
+
+def prototxt_forward_flops(prototxt: str) -> int:
+    """GEMM FLOPs of one image's forward through ``prototxt``."""
+    return sum(f for _, _, f in forward_flops(_one_image_net(prototxt)))
 
 
 def sgemm_rate(n: int = 1024, seconds: float = 0.5) -> float:
@@ -117,3 +121,50 @@ def report_rate_again() -> None:
 def floor_seconds(flops: float, rate_gflops: float) -> float:
     """The time ``flops`` take at ``rate_gflops``: the job's GEMM floor."""
     return flops / (rate_gflops * 1e9)
+
+
+def numerics_flops(kind: str, m: int, d: int, k: int) -> int:
+    """FLOPs of stage 1's data-driven numerics on one convolution group of ``m`` patches of size
+    ``d`` for ``k`` filters, counted as :mod:`caffe_utils.magic.weights` computes them: the
+    covariance, a symmetric rank-m product (``m d^2``); for ``kmeans`` the Cholesky factor
+    (``d^3/3``), the whitening triangular solve (``m d^2``) and each round's dots (``2 m d k``);
+    for ``pca`` and ``zca`` the eigendecomposition, counted as its tridiagonal reduction
+    (``4 d^3/3``); ``rand`` and the other inits: none."""
+    from caffe_utils.magic.weights import KMEANS_ITERATIONS
+    if kind == "kmeans":
+        return m * d * d + d ** 3 // 3 + m * d * d + KMEANS_ITERATIONS * 2 * m * d * k
+    if kind in ("pca", "zca"):
+        return m * d * d + 4 * d ** 3 // 3
+    return 0
+
+
+def init_flops(prototxt: str, images: int, kind: str, options=None) -> Tuple[int, int, int]:
+    """The GEMM FLOPs no initialization of ``prototxt`` from ``images`` images with ``kind``
+    can avoid, as ``(within, numerics, calibration)``: one forward of every image (stage 2
+    normalizes every layer on all of them), stage 1's numerics (:func:`numerics_flops`, with
+    the patch counts of :mod:`caffe_utils.magic.weights`) and one forward and backward of
+    stage 3's calibration images (``options``: an InitOptions, the defaults when None)."""
+    from caffe_utils import layout
+    from caffe_utils.layers.im2col import out_shape
+    from caffe_utils.layers.vision import conv_geometry
+    from caffe_utils.magic import InitOptions
+    from caffe_utils.magic.patches import per_image_count
+    from caffe_utils.magic.weights import patch_budget, patches_needed
+    opts = options or InitOptions()
+    net = _one_image_net(prototxt)
+    fwd = sum(f for _, _, f in forward_flops(net))
+    numerics = 0
+    for lp in net.net_param.layer:
+        if lp.type not in layout.CONVOLUTION_TYPES or lp.name not in net.params:
+            continue
+        kernel, pad, stride, dilation = conv_geometry(lp.convolution_param)
+        groups = layout.conv_group(lp)
+        shape = net.blobs[lp.bottom[0]].data.shape
+        d = shape[1] // groups * kernel[0] * kernel[1]
+        k = lp.convolution_param.num_output // groups
+        oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
+        m = per_image_count(images, oh * ow, patch_budget(d, k, groups, opts.mem_limit)) * images
+        if m >= patches_needed(kind, d, k):
+            numerics += groups * numerics_flops(kind, m, d, k)
+    calibration = (1 + BACKWARD_FACTOR) * fwd * min(images, max(opts.rate_images, opts.batch_size))
+    return fwd * images, numerics, calibration
