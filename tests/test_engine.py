@@ -102,6 +102,12 @@ def test_forward_and_backward_ranges(tmp_path):
     net.blobs["a"].diff[...] = 1
     net.backward(start="ip_c", end="ip_a")
     assert np.any(net.params["ip_a"][0].diff) and not np.any(net.params["conv"][0].diff)
+    # clearing zeroes what the backward wrote and writes no diff that is zero already
+    net.params["conv"][0].diff.flags.writeable = False
+    net.params["ip_a"][0].diff[0, 0] = np.nan
+    net.clear_param_diffs()
+    assert not any(b.diff.any() for blobs in net.params.values() for b in blobs)
+    net.params["conv"][0].diff.flags.writeable = True
     assert np.array_equal(net.forward()["out"], full)
 
 
