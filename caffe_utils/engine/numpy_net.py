@@ -309,7 +309,7 @@ class Net:
                 blob.data[...] = default
             else:
                 try:
-                    blob.data[...] = fill(filler, blob.shape, self._rng)
+                    fill(filler, blob.shape, self._rng, out=blob.data)  # drawn into the blob: no temporary
                 except PrototxtError as exc:
                     raise layer.error(f"{spec[1][j]}: {exc}") from exc
 
