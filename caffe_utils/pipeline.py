@@ -171,7 +171,7 @@ def run(cfg: RunConfig, progress: Optional[Callable[[str, int, int], None]] = No
     engine = resolve_engine(cfg.engine, cfg.gpu)
     net_param = netio.read_net(cfg.prototxt, netio.TEST)
     prepared = _prepare(net_param, cfg.sample, cfg.prototxt)
-    net = _open_prepared(prepared, engine, cfg.gpu, opts.batch_size, opts.seed)
+    net = _open_prepared(prepared, engine, cfg.gpu, opts.batch_size, opts.seed, fill_weights=False)
     if hasattr(net, "check_backward"):
         net.check_backward()  # the rates are measured backward: refused now, not after stage 2
     loaded = load_weights(net, cfg.weights) if cfg.weights else set()
@@ -318,13 +318,17 @@ def _batch_for(images: int, batch_size: int, note: Callable[[str], None]) -> int
     return batch_size
 
 
-def _open_prepared(prepared: magic.PreparedNet, engine: str, gpu: Optional[int], batch_size: int, seed: int):
+def _open_prepared(prepared: magic.PreparedNet, engine: str, gpu: Optional[int], batch_size: int, seed: int,
+                   fill_weights: bool = True):
     """The engine net of ``prepared`` with its image input ``batch_size`` deep, and its
-    auxiliary inputs (``im_info``) as deep and filled for images of the input size."""
+    auxiliary inputs (``im_info``) as deep and filled for images of the input size;
+    ``fill_weights`` False when the initialization loads or fills every affine layer's weights
+    (see :func:`~caffe_utils.engine.open_net`)."""
     c, h, w = prepared.input_shape
     shapes = {prepared.input_name: (batch_size, c, h, w)}
     shapes.update((name, (batch_size, *shape)) for name, shape in prepared.aux_inputs.items())
-    net = open_net(prepared.net_param, None, netio.TEST, engine, gpu, input_shapes=shapes, seed=seed)
+    net = open_net(prepared.net_param, None, netio.TEST, engine, gpu, input_shapes=shapes, seed=seed,
+                   fill_weights=fill_weights)
     for name in prepared.aux_inputs:
         net.set_data(name, prepared.aux_values(name, batch_size))
     return net

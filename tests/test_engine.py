@@ -206,6 +206,28 @@ def test_set_data_sets_the_blob(tmp_path):
     assert np.array_equal(net.blobs["data"].data, x)
 
 
+_FILLED = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 }
+                            bias_filler { type: "constant" value: 0.2 } } }
+layer { name: "prelu" type: "PReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+"""
+
+
+def test_fill_weights_off_leaves_only_the_affine_weights_zero(tmp_path):
+    """For the initialization, which fills them all: the biases and the other layers' params
+    still get their fillers (PReLU's 0.25)."""
+    filled = Net(_write(tmp_path, _FILLED))
+    bare = eng.open_net(_write(tmp_path, _FILLED, "b.prototxt"), engine="numpy", fill_weights=False)
+    assert filled.params["conv"][0].data.any() and filled.params["ip"][0].data.any()
+    assert not bare.params["conv"][0].data.any() and not bare.params["ip"][0].data.any()
+    np.testing.assert_array_equal(bare.params["conv"][1].data, np.float32(0.2))
+    np.testing.assert_array_equal(bare.params["prelu"][0].data, 0.25)
+
+
 def test_input_reshape(tmp_path):
     net = Net(_write(tmp_path, BRANCHY))
     net.blobs["data"].reshape((5, 3, 7, 7))

@@ -55,12 +55,15 @@ def resolve_engine(engine: str = "auto", gpu: Optional[int] = None) -> str:
 def open_net(net: Union[str, Path, object], weights: Optional[Union[str, Path]] = None,
              phase: Union[int, str] = netio.TEST, engine: str = "auto", gpu: Optional[int] = None, *,
              level: int = 0, stages: Sequence[str] = (),
-             input_shapes: Optional[Mapping[str, Sequence[int]]] = None, seed: int = 0) -> EngineNet:
-    """Build ``net`` (prototxt path or NetParameter) on the selected engine."""
+             input_shapes: Optional[Mapping[str, Sequence[int]]] = None, seed: int = 0,
+             fill_weights: bool = True) -> EngineNet:
+    """Build ``net`` (prototxt path or NetParameter) on the selected engine. ``fill_weights``
+    False: the numpy engine leaves the affine layers' weights zero rather than drawing their
+    fillers, for a caller that fills them all (Caffe draws them either way)."""
     which = resolve_engine(engine, gpu)
     kwargs = dict(level=level, stages=stages, input_shapes=input_shapes, seed=seed)
     if which == "caffe":
         from caffe_utils.engine.caffe_net import CaffeNet
         return CaffeNet(net, phase, weights, gpu=gpu, **kwargs)
     from caffe_utils.engine.numpy_net import Net
-    return Net(net, phase, weights, **kwargs)
+    return Net(net, phase, weights, fill_weights=fill_weights, **kwargs)

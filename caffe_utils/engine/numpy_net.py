@@ -43,6 +43,7 @@ from caffe_utils.fillers import fill
 from caffe_utils.layers import create_layer
 from caffe_utils.layers.base import Blob, BlobShapeError, Layer
 from caffe_utils.layers.data import FedDataLayer
+from caffe_utils.layout import AFFINE_TYPES
 
 # layer type -> (parameter message field, filler fields in blob order); missing filler -> constant 0
 _FILLERS = {
@@ -190,12 +191,16 @@ class Net:
     def __init__(self, net: Union[str, Path, object], phase: Union[int, str] = netio.TEST,
                  weights: Optional[Union[str, Path]] = None, *, level: int = 0,
                  stages: Sequence[str] = (), input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: int = 0, max_bytes: Optional[int] = None) -> None:
+                 seed: int = 0, max_bytes: Optional[int] = None, fill_weights: bool = True) -> None:
+        """``fill_weights`` False leaves the weights (first blob) of the affine layers zero
+        instead of drawing their ``weight_filler``: for a caller that loads or fills every one
+        of them (the initialization), which saves drawing them twice."""
         if isinstance(phase, str):
             phase = netio.PHASES[phase.upper()]
         self.phase = phase
         self.net_param = netio.read_net(net, phase, level, stages)
         self._rng = np.random.RandomState(seed)
+        self._fill_weights = fill_weights
         self.blobs: "OrderedDict[str, Blob]" = OrderedDict()
         self.params: "OrderedDict[str, List[Blob]]" = OrderedDict()
         self.layers: List[Layer] = []
@@ -299,6 +304,8 @@ class Net:
     def _fill_params(self, layer: Layer) -> None:
         spec = _FILLERS.get(layer.type)
         for j, blob in enumerate(layer.blobs):
+            if j == 0 and not self._fill_weights and layer.type in AFFINE_TYPES:
+                continue  # zero, as allocated
             filler = None
             if spec is not None and j < len(spec[1]):
                 msg = getattr(layer.param, spec[0])
