@@ -64,8 +64,7 @@ def equalize(ctx: InitContext) -> None:
     report.frozen_layers = list(plan.frozen)
     passes = _Passes(ctx, plan)
     with measure.param_diffs_only(net), passes.weight_diffs_off():
-        before = passes.outputs()
-        now, first = passes.calibrate()
+        now, first, before = passes.calibrate()
         _record(ctx, now, "before")
         report.flatness_before = measure.flatness(_trained(plan, now.rates()))
         if opts.between:
@@ -115,18 +114,15 @@ class _Passes:
         apply_scales(self.net, self.plan, scale, degrees)
         self.inputs = {}
 
-    def outputs(self) -> Dict[str, np.ndarray]:
-        """The net's outputs on the check batch (the calibration's first batch)."""
-        self.net.set_data(self.input_name, self.check_batch)
-        self.net.forward()
-        return {o: np.array(self.net.blobs[o].data, np.float64) for o in self.net.outputs}
-
-    def calibrate(self) -> Tuple[Energies, Energies]:
-        """The energies over all calibration images, and over the checked ones alone."""
+    def calibrate(self) -> Tuple[Energies, Energies, Dict[str, np.ndarray]]:
+        """The energies over all calibration images, and over the checked ones alone; and the
+        net's outputs on the check batch (the calibration's first batch), which the rescaled
+        net must reproduce."""
         degrees, back, resume = self._degrees()
-        full, first = self._gradients(self.images, resume)
+        outputs: Dict[str, np.ndarray] = {}
+        full, first = self._gradients(self.images, resume, outputs)
         weight = self.weights()
-        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
+        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back), outputs
 
     def correct(self, predicted: Energies, predicted_first: Energies) -> Tuple[Energies, Energies]:
         """Measure the checked images again and scale the predicted energies by measured /
@@ -166,11 +162,13 @@ class _Passes:
         last = max(names.index(n) for n in self.plan.degree_layers)
         return degrees, back, names[last + 1] if fresh and last + 1 < len(names) else None
 
-    def _gradients(self, images: np.ndarray, resume: Optional[str] = None
+    def _gradients(self, images: np.ndarray, resume: Optional[str] = None,
+                   outputs: Optional[Dict[str, np.ndarray]] = None
                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
         over their checked ones alone (the same top gradients either way). With ``resume``,
-        the first batch, the check batch, has run through the layers before that one."""
+        the first batch, the check batch, has run through the layers before that one; an empty
+        ``outputs`` gets the net's outputs on that batch."""
         sums: Dict[str, np.ndarray] = {}
         first: Dict[str, np.ndarray] = {}
         counted = 0
@@ -181,6 +179,8 @@ class _Passes:
                 self.net.forward(start=pending.pop())
             else:
                 self.net.forward()
+            if outputs is not None and not outputs:
+                outputs.update((o, np.array(self.net.blobs[o].data, np.float64)) for o in self.net.outputs)
 
         for valid in measure.gradient_batches(self.net, self.input_name, images, self.seed, forward):
             counted += valid
