@@ -124,8 +124,8 @@ def _floor(path: str, args: argparse.Namespace) -> Dict[str, float]:
     from caffe_utils.magic import InitOptions
     within, numerics, calibration = floor.init_flops(path, images, args.init, InitOptions(batch_size=args.batch_size))
     total = within + numerics + calibration
-    rate = (1 + floor.BACKWARD_FACTOR) * floor.prototxt_forward_flops(path) * images / floor_s  # FLOP/s
-    init_s = total / rate
+    # the GEMM floor is (1 + BACKWARD_FACTOR) * within FLOPs at the measured rate
+    init_s = floor_s * total / ((1 + floor.BACKWARD_FACTOR) * within) if within else 0.0
     print(f"initialization floor: {total / 1e9:.4g} GFLOP: the forward of the {images} images (stage 2) "
           f"{within / 1e9:.4g}, stage 1's {args.init} numerics {numerics / 1e9:.4g}, stage 3's calibration "
           f"(forward + backward) {calibration / 1e9:.4g}; {init_s:.4g} s at that rate")

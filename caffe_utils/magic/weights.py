@@ -17,7 +17,7 @@ position (:func:`layer_rng`). Biases start at zero; stage 2 sets them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import scipy.linalg
@@ -129,35 +129,52 @@ def _data_driven(ctx: InitContext, lp, idx: int, kind: str, rep: LayerReport,
     return np.vstack(rows).astype(np.float32)
 
 
-def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
-    """(groups, M, D) input patches of convolution ``lp``, a patch per row, a few from every
-    image by the rule of :mod:`~caffe_utils.magic.patches`; the count M filled; the patch size D
-    per group."""
+class PatchPlan(NamedTuple):
+    """What stage 1 samples from a convolution's input: its geometry, the groups, the patch size
+    ``d`` and the filters ``k`` per group, the output positions of an image (``out_w`` wide) and
+    the patches taken from each image (the rule of :mod:`~caffe_utils.magic.patches`)."""
+    kernel: Tuple[int, int]
+    pad: Tuple[int, int]
+    stride: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    d: int
+    k: int
+    out_w: int
+    positions: int
+    per_image: int
+
+
+def patch_plan(lp, bottom_shape, images: int, mem_limit: int) -> PatchPlan:
+    """The :class:`PatchPlan` of convolution ``lp`` on an input of ``bottom_shape`` (N, C, H, W)
+    for a sample of ``images``: per group 2 patches per dimension (a regularised covariance) and
+    10 per centre (k-means), at most 100,000 and what fits in ``mem_limit`` three times over."""
     kernel, pad, stride, dilation = conv_geometry(lp.convolution_param)
     groups = layout.conv_group(lp)
-    net, batches = ctx.net, ctx.batches
-    shape = net.blobs[lp.bottom[0]].data.shape
-    d = shape[1] // groups * kernel[0] * kernel[1]
+    d = bottom_shape[1] // groups * kernel[0] * kernel[1]
     k = lp.convolution_param.num_output // groups
-    oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
-    per_image = per_image_count(batches.n, oh * ow, patch_budget(d, k, groups, ctx.opts.mem_limit))
+    oh, ow = out_shape(bottom_shape[2:], kernel, pad, stride, dilation)
+    budget = max(1, min(2 * d + 10 * k, 100_000, int(mem_limit // (4 * d * groups * 3))))
+    return PatchPlan(kernel, pad, stride, dilation, groups, d, k, ow, oh * ow,
+                     per_image_count(images, oh * ow, budget))
+
+
+def _patches(ctx: InitContext, lp, idx: int) -> Tuple[np.ndarray, int, int]:
+    """(groups, M, D) input patches of convolution ``lp``, a patch per row, a few from every
+    image by :func:`patch_plan`; the count M filled; the patch size D per group."""
+    net, batches = ctx.net, ctx.batches
+    plan = patch_plan(lp, net.blobs[lp.bottom[0]].data.shape, batches.n, ctx.opts.mem_limit)
+    groups, d, per_image = plan.groups, plan.d, plan.per_image
     patches = np.empty((groups, per_image * batches.n, d), np.float32)
     m = 0
     for b, valid in enumerate(batches.through(idx - 1)):
         x = net.blobs[lp.bottom[0]].data
-        for i in range(valid):
-            pos = patch_positions(ctx.opts.seed, idx, b * batches.batch + i, oh * ow, per_image)
-            rows = gather_patches(x[i], pos, kernel, pad, stride, dilation, ow)   # (p, groups*d)
+        for i in range(valid):  # each image's rows (p, groups*d), split by group
+            pos = patch_positions(ctx.opts.seed, idx, b * batches.batch + i, plan.positions, per_image)
+            rows = gather_patches(x[i], pos, plan.kernel, plan.pad, plan.stride, plan.dilation, plan.out_w)
             patches[:, m:m + per_image] = rows.reshape(per_image, groups, d).transpose(1, 0, 2)
             m += per_image
     return patches, m, d
-
-
-def patch_budget(d: int, k: int, groups: int, mem_limit: int) -> int:
-    """How many input patches in all stage 1 gathers per group of a convolution with ``k``
-    filters of size ``d`` per group: 2 per dimension (a regularised covariance) and 10 per
-    centre (k-means), at most 100,000 and what fits in ``mem_limit`` three times over."""
-    return max(1, min(2 * d + 10 * k, 100_000, int(mem_limit // (4 * d * groups * 3))))
 
 
 def patches_needed(kind: str, d: int, k: int) -> int:

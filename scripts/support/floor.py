@@ -145,11 +145,8 @@ def init_flops(prototxt: str, images: int, kind: str, options=None) -> Tuple[int
     the patch counts of :mod:`caffe_utils.magic.weights`) and one forward and backward of
     stage 3's calibration images (``options``: an InitOptions, the defaults when None)."""
     from caffe_utils import layout
-    from caffe_utils.layers.im2col import out_shape
-    from caffe_utils.layers.vision import conv_geometry
     from caffe_utils.magic import InitOptions
-    from caffe_utils.magic.patches import per_image_count
-    from caffe_utils.magic.weights import patch_budget, patches_needed
+    from caffe_utils.magic.weights import patch_plan, patches_needed
     opts = options or InitOptions()
     net = _one_image_net(prototxt)
     fwd = sum(f for _, _, f in forward_flops(net))
@@ -157,14 +154,9 @@ def init_flops(prototxt: str, images: int, kind: str, options=None) -> Tuple[int
     for lp in net.net_param.layer:
         if lp.type not in layout.CONVOLUTION_TYPES or lp.name not in net.params:
             continue
-        kernel, pad, stride, dilation = conv_geometry(lp.convolution_param)
-        groups = layout.conv_group(lp)
-        shape = net.blobs[lp.bottom[0]].data.shape
-        d = shape[1] // groups * kernel[0] * kernel[1]
-        k = lp.convolution_param.num_output // groups
-        oh, ow = out_shape(shape[2:], kernel, pad, stride, dilation)
-        m = per_image_count(images, oh * ow, patch_budget(d, k, groups, opts.mem_limit)) * images
-        if m >= patches_needed(kind, d, k):
-            numerics += groups * numerics_flops(kind, m, d, k)
+        plan = patch_plan(lp, net.blobs[lp.bottom[0]].data.shape, images, opts.mem_limit)
+        m = plan.per_image * images
+        if m >= patches_needed(kind, plan.d, plan.k):
+            numerics += plan.groups * numerics_flops(kind, m, plan.d, plan.k)
     calibration = (1 + BACKWARD_FACTOR) * fwd * min(images, max(opts.rate_images, opts.batch_size))
     return fwd * images, numerics, calibration
