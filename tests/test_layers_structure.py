@@ -142,6 +142,22 @@ def test_eltwise_matches_loop(spec, op, coeffs, stable, nb):
         np.testing.assert_allclose(b.diff, g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("into", [0, 1, 2])
+@pytest.mark.parametrize("spec,coeffs", [("", [1, 1, 1]), ("eltwise_param { coeff: -0.5 coeff: 2 coeff: 1 }",
+                                                             [-0.5, 2, 1])])
+def test_eltwise_sum_in_place_on_any_bottom(into, spec, coeffs):
+    """The sum is accumulated in the top: a top that is bottom ``into`` must still give the sum
+    of the inputs as they were."""
+    xs = [rand((2, 3, 4), i + 3) for i in range(3)]
+    layer, bottom, _ = make_layer(f'name: "e" type: "Eltwise" {spec}', xs)
+    layer.forward(bottom, [bottom[into]])
+    want = sum(np.float64(c) * x for c, x in zip(coeffs, xs))
+    np.testing.assert_allclose(bottom[into].data, want, rtol=1e-6, atol=1e-6)
+    for k, x in enumerate(xs):
+        if k != into:
+            np.testing.assert_array_equal(bottom[k].data, x)
+
+
 def test_eltwise_max_tie_rule():
     a = np.array([1.0, 2.0, 3.0, 3.0], F)
     b = np.array([1.0, 1.0, 3.0, 2.0], F)

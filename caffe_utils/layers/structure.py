@@ -140,13 +140,7 @@ class Eltwise(Layer):
                 y *= b.data
             top[0].data[...] = y
         elif self.op == "SUM":
-            y = np.zeros(bottom[0].shape, DTYPE)
-            for c, b in zip(self.coeffs, bottom):
-                if c == 1:
-                    y += b.data
-                else:
-                    y += c * b.data
-            top[0].data[...] = y
+            self._sum(bottom, top[0])
         else:  # MAX: bottom 1 wins a tie with bottom 0; later bottoms must be strictly greater
             a, b = bottom[0].data, bottom[1].data
             mask = (~(a > b)).astype(np.int32)  # Caffe: a > b ? 0 : 1
@@ -158,6 +152,25 @@ class Eltwise(Layer):
                 np.copyto(mask, k, where=upd)
             self._mask = mask
             top[0].data[...] = y
+
+    def _sum(self, bottom: List[Blob], top: Blob) -> None:
+        """The weighted sum, accumulated straight into the top (a temporary only when the top is
+        a later bottom, which the first term would overwrite)."""
+        y = top.data
+        if any(np.shares_memory(y, b.data) for b in bottom[1:]):
+            y = np.empty(bottom[0].shape, DTYPE)
+        first, c0 = bottom[0].data, self.coeffs[0]
+        if c0 != 1:
+            np.multiply(first, c0, out=y)
+        elif y is not first:
+            np.copyto(y, first)
+        for c, b in zip(self.coeffs[1:], bottom[1:]):
+            if c == 1:
+                y += b.data
+            else:
+                y += c * b.data
+        if y is not top.data:
+            top.data[...] = y
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         dy = top[0].diff
