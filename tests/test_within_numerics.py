@@ -4,6 +4,7 @@ Gaussian draws, stage 2's moments."""
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import pytest
 
 from caffe_utils.fillers import fill
@@ -78,6 +79,27 @@ def test_cholesky_whitening_is_zca_up_to_a_rotation():
     z = x.astype(np.float64) @ _zca64(x, eps)
     # the Gram matrix of the whitened patches does not see a rotation of them
     np.testing.assert_allclose(y @ y.T, z @ z.T, rtol=0, atol=2e-4 * np.abs(z @ z.T).max())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_whitening_factor_in_place_and_its_float64_retry(overwrite):
+    """The factor is L with L L^T = cov + eps I, lower triangular; with ``overwrite`` it is made
+    in cov's own memory. A cov that float32 cannot factor (rank 3, tiny eps) is factored again
+    in float64 from what the float32 attempt left of it."""
+    x = _spd(30, 500)
+    cov, eps = weights.covariance(x)
+    want = np.linalg.cholesky(cov.astype(np.float64) + eps * np.eye(30))
+    given = cov.copy()
+    factor = weights.whitening_factor(given, eps, overwrite=overwrite)
+    assert np.shares_memory(factor, given) == overwrite
+    np.testing.assert_allclose(factor, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert not np.triu(factor, 1).any()
+    u = np.random.default_rng(1).standard_normal((50, 3))
+    low_rank = (u @ u.T).astype(np.float32)
+    want = scipy.linalg.cholesky(low_rank.astype(np.float64) + 1e-6 * np.eye(50), lower=True).astype(np.float32)
+    with pytest.raises(np.linalg.LinAlgError):
+        scipy.linalg.cholesky(low_rank + np.float32(1e-6) * np.eye(50, dtype=np.float32), lower=True)
+    np.testing.assert_array_equal(weights.whitening_factor(low_rank.copy(), 1e-6, overwrite=overwrite), want)
 
 
 def _kmeans_zca_naive(x, k, iters, rng):

@@ -271,19 +271,33 @@ def zca_filters(cov: np.ndarray, eps: float, k: int, rng) -> np.ndarray:
     return w
 
 
-def whitening_factor(cov: np.ndarray, eps: float) -> np.ndarray:
-    """L, lower triangular (float32), with L L^T = cov + eps I: ``y = L^-1 x`` whitens a patch.
-    It differs from ZCA's whitening only by a rotation, y = Q z with Q orthogonal, and needs a
-    Cholesky factorization instead of an eigendecomposition. Float32, with a float64 retry."""
-    a = cov.copy()
-    a.flat[::a.shape[0] + 1] += np.float32(eps)
+def whitening_factor(cov: np.ndarray, eps: float, overwrite: bool = False) -> np.ndarray:
+    """L, lower triangular (float32, Fortran order), with L L^T = cov + eps I for symmetric
+    ``cov``: ``y = L^-1 x`` whitens a patch. It differs from ZCA's whitening only by a rotation,
+    y = Q z with Q orthogonal, and needs a Cholesky factorization instead of an
+    eigendecomposition. Float32, with a float64 retry.
+
+    With ``overwrite``, a contiguous float32 ``cov`` is factored in its own memory (a symmetric
+    C-order matrix is its own transpose, which is in Fortran order, as LAPACK wants it): no copy of
+    it is made, and it is lost."""
+    d = cov.shape[0]
+    if overwrite and cov.dtype == np.float32 and (cov.flags.f_contiguous or cov.flags.c_contiguous):
+        a = cov if cov.flags.f_contiguous else cov.T
+    else:
+        a = np.array(cov, np.float32, order="F")
+    diag = a.diagonal().astype(np.float64)
+    a.flat[::d + 1] += np.float32(eps)
     with one_lapack_thread():
-        try:
-            return scipy.linalg.cholesky(a, lower=True, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            a = cov.astype(np.float64)
-            a.flat[::a.shape[0] + 1] += eps
-            return scipy.linalg.cholesky(a, lower=True, check_finite=False).astype(np.float32)
+        factor, info = scipy.linalg.lapack.spotrf(a, lower=1, clean=0, overwrite_a=1)
+    if info == 0:
+        for j in range(1, d):  # the strict upper triangle still holds cov's
+            factor[:j, j] = 0
+        return factor
+    # not positive definite in float32: cov is intact in the strict upper triangle
+    upper = np.triu(factor.astype(np.float64), 1)
+    a64 = upper + upper.T
+    a64.flat[::d + 1] = diag + eps
+    return scipy.linalg.cholesky(a64, lower=True, check_finite=False).astype(np.float32)
 
 
 def whiten_rows(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -298,12 +312,12 @@ def whiten_rows(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 def kmeans_filters(x: np.ndarray, cov: np.ndarray, eps: float, k: int, rng, iters: int) -> np.ndarray:
     """``k`` filters (k, D) by spherical k-means (Coates & Ng 2012) on whitened, unit-length
-    patches; ``x`` (M, D) is overwritten by them.
+    patches; ``x`` (M, D) is overwritten by them, and ``cov`` by the whitening factor.
 
     The patches are whitened by a Cholesky factor L (y = L^-1 x) rather than by ZCA: the two
     differ by a rotation, which k-means on the sphere and its Gaussian initial centres do not
     see, so the filters (w with w.x = c.y, i.e. w = L^-T c) have the same distribution."""
-    factor = whitening_factor(cov, eps)
+    factor = whitening_factor(cov, eps, overwrite=True)
     whiten_rows(x, factor)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms += np.float32(1e-8)
