@@ -1,5 +1,5 @@
 """Tests of the vision layers (caffe_utils/layers/vision.py), Pooling (layers/pooling.py), LRN
-(layers/normalization.py) and im2col (layers/im2col.py).
+(layers/lrn.py) and im2col (layers/im2col.py).
 
 Oracles: the loop transcriptions in ``tests/oracles.py`` (direct 7-loop convolution and its
 backward, scatter loops for deconvolution, Caffe's pooling, LRN and im2col/col2im loops),

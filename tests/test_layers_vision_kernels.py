@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils.layers import blas, conv_kernels, normalization, pooling, vision
+from caffe_utils.layers import blas, conv_kernels, lrn, pooling, vision
 from caffe_utils.layers import im2col as i2c
 from tests.gradcheck import check_gradients
 from tests.oracles import (naive_conv, naive_conv_backward, naive_lrn_across, naive_lrn_within, naive_pool,
@@ -298,7 +298,7 @@ def test_lrn_across_channels_in_blocks(monkeypatch, split, size, alpha, beta, k,
     """ACROSS_CHANNELS against the loop oracle, whole-batch and one image per block in 2 threads
     (windows wider than the channel count included)."""
     if split == "blocks":
-        monkeypatch.setattr(normalization, "LRN_BLOCK", 1)
+        monkeypatch.setattr(lrn, "LRN_BLOCK", 1)
         monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
         monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
     layer, bottom, top = make_layer(f'name: "n" type: "LRN" lrn_param {{ local_size: {size} alpha: {alpha} '
