@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -108,32 +109,26 @@ def train_one(caffe, name, seed, data, iterations, checkpoints, n_test, tmp):
             "train_seconds": train_s, "finite": bool(np.all(np.isfinite(losses)))}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the training length, the number of seeds and where the results go."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=250)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "fashion_mnist"))
     ap.add_argument("--reduced", action="store_true")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    from scripts.support.datasets import fashion_mnist
-    from caffe_utils.engine.caffe_net import import_caffe
-    from caffe_utils.errors import MagicInitError
-    from caffe_utils.pipeline import write_json_atomic
-    try:
-        caffe = import_caffe()
-        raw = fashion_mnist()
-    except MagicInitError as exc:
-        print(f"fashion_mnist: {exc}", file=sys.stderr)
-        return 1
+    return ap
+
+
+def _scaled(raw: Dict[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) as the blobs take them: pixels scaled by 1/255."""
     scale = np.float32(1.0 / 255)
-    data = (raw["train_images"][:, None].astype(np.float32) * scale, raw["train_labels"].astype(np.float32),
+    return (raw["train_images"][:, None].astype(np.float32) * scale, raw["train_labels"].astype(np.float32),
             raw["test_images"][:, None].astype(np.float32) * scale, raw["test_labels"].astype(np.int64))
-    inits = ["caffe-gaussian", "ours-kmeans"] if args.reduced else list(INITS)
-    iterations = 30 if args.reduced else args.iterations
-    seeds = 1 if args.reduced else args.seeds
-    n_test = 1000 if args.reduced else data[2].shape[0]
-    checkpoints = sorted({c for c in (iterations // 10, iterations // 4, iterations // 2, iterations) if c > 0})
+
+
+def _train_all(caffe: Any, inits: Sequence[str], seeds: int, data: Tuple[np.ndarray, ...], iterations: int,
+               checkpoints: Sequence[int], n_test: int) -> Tuple[List[dict], float]:
+    """Every initialization on every seed (same mini-batches per seed), progress on stderr; (runs, seconds)."""
     runs = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,12 +138,12 @@ def main(argv=None) -> int:
                 runs.append(r)
                 print(f"{name:28s} seed {seed}: loss {r['loss_at'][iterations]:.4f}, test accuracy "
                       f"{r['test_accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    total = time.perf_counter() - t0
-    command = "python scripts/fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    write_json_atomic(str(out.with_suffix(".json")), {"command": command, "iterations": iterations, "batch": BATCH,
-                                                      "seeds": seeds, "test_images": n_test, "seconds": total,
-                                                      "runs": runs})
+    return runs, time.perf_counter() - t0
+
+
+def _table(runs: Sequence[dict], inits: Sequence[str], iterations: int, seeds: int, n_test: int,
+           checkpoints: Sequence[int], command: str, total: float) -> str:
+    """The Markdown table: per initialization, the checkpoints' losses and test accuracy, mean ± std over seeds."""
     lines = [f"Fashion-MNIST, models/fashion, {iterations} SGD iterations of batch {BATCH} (lr 0.01, momentum 0.9), "
              f"{seeds} seed(s); training loss = mean of the {SMOOTH} iterations before; test accuracy on "
              f"{n_test} test images. Command: `{command}` ({total / 60:.1f} min on this machine).", "",
@@ -162,11 +157,11 @@ def main(argv=None) -> int:
             cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
         acc = np.array([r["test_accuracy"] for r in rs])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * acc.mean():.2f} ± {100 * acc.std():.2f} % |")
-    table = "\n".join(lines) + "\n"
-    tmp_md = out.with_suffix(".md.part")
-    tmp_md.write_text(table)
-    os.replace(tmp_md, out.with_suffix(".md"))
-    print(table)
+    return "\n".join(lines) + "\n"
+
+
+def _plot(runs: Sequence[dict], inits: Sequence[str], iterations: int, out: Path) -> None:
+    """Draw every initialization's mean loss curve to ``<out>.png`` (without matplotlib, only say so)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -192,6 +187,40 @@ def main(argv=None) -> int:
     except ImportError:
         print("fashion_mnist: matplotlib is not installed; no loss-curve PNG (pip install matplotlib)",
               file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train every initialization on every seed and write the table, the JSON and the curves; the exit status."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    from scripts.support.datasets import fashion_mnist
+    from caffe_utils.engine.caffe_net import import_caffe
+    from caffe_utils.errors import MagicInitError
+    from caffe_utils.pipeline import write_json_atomic
+    try:
+        caffe = import_caffe()
+        raw = fashion_mnist()
+    except MagicInitError as exc:
+        print(f"fashion_mnist: {exc}", file=sys.stderr)
+        return 1
+    data = _scaled(raw)
+    inits = ["caffe-gaussian", "ours-kmeans"] if args.reduced else list(INITS)
+    iterations = 30 if args.reduced else args.iterations
+    seeds = 1 if args.reduced else args.seeds
+    n_test = 1000 if args.reduced else data[2].shape[0]
+    checkpoints = sorted({c for c in (iterations // 10, iterations // 4, iterations // 2, iterations) if c > 0})
+    runs, total = _train_all(caffe, inits, seeds, data, iterations, checkpoints, n_test)
+    command = "python scripts/fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    write_json_atomic(str(out.with_suffix(".json")), {"command": command, "iterations": iterations, "batch": BATCH,
+                                                      "seeds": seeds, "test_images": n_test, "seconds": total,
+                                                      "runs": runs})
+    table = _table(runs, inits, iterations, seeds, n_test, checkpoints, command, total)
+    tmp_md = out.with_suffix(".md.part")
+    tmp_md.write_text(table)
+    os.replace(tmp_md, out.with_suffix(".md"))
+    print(table)
+    _plot(runs, inits, iterations, out)
     return 0
 
 

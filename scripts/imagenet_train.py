@@ -24,16 +24,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if TYPE_CHECKING:
+    from caffe_utils.images import Transform
+    from scripts.support.training import LmdbStream
+
 NETS = ("caffenet", "googlenet", "vgg16")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the LMDBs, the initialization's image list, the net, the schedule, the results TSV."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", choices=NETS, default="caffenet")
     ap.add_argument("--train-lmdb", type=Path, required=True)
@@ -49,13 +55,100 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "imagenet.tsv")
     ap.add_argument("--reduced", action="store_true", help="2 iterations, batch 4, 8 init images")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("GLOG_minloglevel", "2")
+    return ap
+
+
+def _train(solver: Any, train_db: LmdbStream, batch: int, iterations: int, transform: Transform,
+           rng: np.random.RandomState) -> List[float]:
+    """SGD on random crops of the training LMDB's images, in key order; every iteration's loss."""
+    losses = []
+    for _ in range(iterations):
+        for k in range(batch):
+            img, label, pre = train_db.next()
+            solver.net.blobs["data"].data[k] = transform(img, pre, rng)
+            solver.net.blobs["label"].data[k] = label
+        solver.step(1)
+        losses.append(float(solver.net.blobs["loss"].data))
+    return losses
+
+
+def _test_net(caffe: Any, proto: Path, solver: Any) -> Any:
+    """A TEST-phase net of ``proto`` holding the solver's trained params (no dropout)."""
+    test = caffe.Net(str(proto), caffe.TEST)
+    for name, blobs in solver.net.params.items():
+        for dst, src in zip(test.params[name], blobs):
+            dst.data[...] = src.data
+    return test
+
+
+def _validate(test: Any, classifier: str, val_db: LmdbStream, batch: int, centre: Transform,
+              rng: np.random.RandomState) -> Tuple[int, int, int]:
+    """(top-1 hits, top-5 hits, images) over one pass of the validation LMDB, on centre crops."""
+    top1 = top5 = seen = 0
+    while seen < val_db.size:
+        n = min(batch, val_db.size - seen)
+        labels = np.zeros(n, np.int64)
+        for k in range(n):
+            img, labels[k], pre = val_db.next()
+            test.blobs["data"].data[k] = centre(img, pre, rng)
+        out = test.forward(end=classifier)[classifier][:n]
+        ranked = np.argsort(-out, axis=1)
+        top1 += int((ranked[:, 0] == labels).sum())
+        top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
+        seen += n
+    return top1, top5, seen
+
+
+def _train_and_validate(args: argparse.Namespace, iterations: int, batch: int, n_init: int, train_db: LmdbStream,
+                        val_db: LmdbStream) -> Tuple[Tuple[int, int, int], List[float], float, str]:
+    """Initialize, train and validate the net: ((top-1, top-5, images), losses, seconds, change-rate flatness)."""
     from caffe_utils import images
     from caffe_utils.engine.caffe_net import import_caffe
+    from scripts.support import training
+    caffe = import_caffe(args.gpu)
+    caffe.set_random_seed(args.seed)
+    text, classifier, (c, h, w) = training.training_net(args.net, batch, None, None, "SoftmaxWithLoss")
+    rng = np.random.RandomState(args.seed)
+    train_tf = images.Transform(c, h, w, resize=256, mirror=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        proto = tmp / "train.prototxt"
+        proto.write_text(text)
+        weights = tmp / "init.caffemodel"
+        recs = images.list_source(args.init_list, args.root) if args.init != "caffe" else []
+        flat = training.initial_caffemodel(proto, args.net, classifier, args.init, weights, recs, n_init,
+                                           images.Transform(c, h, w), rng, between=not args.no_between,
+                                           zero_classifier=True, seed=args.seed)
+        solver_file = tmp / "solver.prototxt"
+        solver_file.write_text(training.solver_text(proto, 0.01, 0.1, 100000, iterations, args.seed, args.gpu))
+        solver = caffe.SGDSolver(str(solver_file))
+        solver.net.copy_from(str(weights))
+        losses = _train(solver, train_db, batch, iterations, train_tf, rng)
+        train_s = time.perf_counter() - t0
+        test = _test_net(caffe, proto, solver)
+        centre = images.Transform(c, h, w, resize=256, centre=True)
+        hits = _validate(test, classifier, val_db, batch, centre, rng)
+    return hits, losses, train_s, flat
+
+
+def _append_row(args: argparse.Namespace, iterations: int, top1: int, top5: int, seen: int, losses: Sequence[float],
+                train_s: float) -> None:
+    """Append this run's row (settings, top-1 and top-5 accuracy, final loss, seconds) to the results TSV."""
+    from caffe_utils.pipeline import append_tsv_row
+    header = ["date", "net", "init", "between", "iterations", "top-1", "top-5", "final loss", "seconds"]
+    row = [datetime.datetime.now().isoformat(timespec="seconds"), args.net, args.init,
+           "no" if args.no_between else "yes", str(iterations), f"{100 * top1 / seen:.2f}", f"{100 * top5 / seen:.2f}",
+           f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"]
+    append_tsv_row(args.results, header, row)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train one net from scratch, validate it and append its row; the exit status."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("GLOG_minloglevel", "2")
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
-    from caffe_utils.pipeline import append_tsv_row
     from scripts.support import training
 
     iterations, batch = (2, 4) if args.reduced else (args.iterations, args.batch)
@@ -66,61 +159,14 @@ def main(argv=None) -> int:
         return 2
     try:
         train_db, val_db = training.LmdbStream(args.train_lmdb), training.LmdbStream(args.val_lmdb)
-        caffe = import_caffe(args.gpu)
-        caffe.set_random_seed(args.seed)
-        text, classifier, (c, h, w) = training.training_net(args.net, batch, None, None, "SoftmaxWithLoss")
-        rng = np.random.RandomState(args.seed)
-        train_tf = images.Transform(c, h, w, resize=256, mirror=True)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            proto = tmp / "train.prototxt"
-            proto.write_text(text)
-            weights = tmp / "init.caffemodel"
-            recs = images.list_source(args.init_list, args.root) if args.init != "caffe" else []
-            flat = training.initial_caffemodel(proto, args.net, classifier, args.init, weights, recs, n_init,
-                                               images.Transform(c, h, w), rng, between=not args.no_between,
-                                               zero_classifier=True, seed=args.seed)
-            solver_file = tmp / "solver.prototxt"
-            solver_file.write_text(training.solver_text(proto, 0.01, 0.1, 100000, iterations, args.seed, args.gpu))
-            solver = caffe.SGDSolver(str(solver_file))
-            solver.net.copy_from(str(weights))
-            losses = []
-            for _ in range(iterations):
-                for k in range(batch):
-                    img, label, pre = train_db.next()
-                    solver.net.blobs["data"].data[k] = train_tf(img, pre, rng)
-                    solver.net.blobs["label"].data[k] = label
-                solver.step(1)
-                losses.append(float(solver.net.blobs["loss"].data))
-            train_s = time.perf_counter() - t0
-            test = caffe.Net(str(proto), caffe.TEST)
-            for name, blobs in solver.net.params.items():
-                for dst, src in zip(test.params[name], blobs):
-                    dst.data[...] = src.data
-            centre = images.Transform(c, h, w, resize=256, centre=True)
-            top1 = top5 = seen = 0
-            while seen < val_db.size:
-                n = min(batch, val_db.size - seen)
-                labels = np.zeros(n, np.int64)
-                for k in range(n):
-                    img, labels[k], pre = val_db.next()
-                    test.blobs["data"].data[k] = centre(img, pre, rng)
-                out = test.forward(end=classifier)[classifier][:n]
-                ranked = np.argsort(-out, axis=1)
-                top1 += int((ranked[:, 0] == labels).sum())
-                top5 += int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
-                seen += n
+        (top1, top5, seen), losses, train_s, flat = _train_and_validate(args, iterations, batch, n_init, train_db,
+                                                                        val_db)
         train_db.close()
         val_db.close()
     except MagicInitError as exc:
         print(f"imagenet_train: {exc}", file=sys.stderr)
         return 1
-    header = ["date", "net", "init", "between", "iterations", "top-1", "top-5", "final loss", "seconds"]
-    row = [datetime.datetime.now().isoformat(timespec="seconds"), args.net, args.init,
-           "no" if args.no_between else "yes", str(iterations), f"{100 * top1 / seen:.2f}", f"{100 * top5 / seen:.2f}",
-           f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"]
-    append_tsv_row(args.results, header, row)
+    _append_row(args, iterations, top1, top5, seen, losses, train_s)
     print(f"{args.net} init {args.init}: top-1 {100 * top1 / seen:.2f} %, top-5 {100 * top5 / seen:.2f} % on {seen} "
           f"validation images after {iterations} iterations (change-rate flatness {flat}); appended to {args.results}")
     return 0

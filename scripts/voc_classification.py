@@ -28,12 +28,15 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import List, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from caffe_utils.images import Record, Transform
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -92,7 +95,8 @@ def voc07_ap(scores: np.ndarray, gt: np.ndarray) -> float:
     return float(ap)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the VOCdevkit, the net and its initialization, the schedule, the results TSV."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("devkit", type=Path, help="VOCdevkit folder (or its VOC2007 subfolder)")
     ap.add_argument("--net", choices=NETS, default="caffenet")
@@ -108,14 +112,106 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "voc2007.tsv")
     ap.add_argument("--reduced", action="store_true", help="2 iterations, 2 crops, 16 init images")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("GLOG_minloglevel", "2")
+    return ap
+
+
+def _train(solver: Any, recs: Sequence[Record], train_gt: np.ndarray, batch: int, iterations: int,
+           transform: Transform, rng: np.random.RandomState) -> List[float]:
+    """SGD on random crops of the trainval images in one random order, wrapping around; each iteration's loss."""
+    from caffe_utils import images
+    targets = (train_gt != -1).astype(np.float32)  # difficult-only objects count as present
+    order = rng.permutation(len(recs))
+    losses = []
+    for it in range(iterations):
+        idx = [order[(it * batch + k) % len(order)] for k in range(batch)]
+        for k, i in enumerate(idx):
+            img, pre = images.load_record(recs[i])
+            solver.net.blobs["data"].data[k] = transform(img, pre, rng)
+        solver.net.blobs["label"].data[...] = targets[idx]
+        solver.step(1)
+        losses.append(float(solver.net.blobs["loss"].data))
+    return losses
+
+
+def _test_net(caffe: Any, proto: Path, solver: Any) -> Any:
+    """A TEST-phase net of ``proto`` holding the solver's trained params (no dropout)."""
+    test_net = caffe.Net(str(proto), caffe.TEST)
+    for name, blobs in solver.net.params.items():
+        for dst, src in zip(test_net.params[name], blobs):
+            dst.data[...] = src.data
+    return test_net
+
+
+def _test_scores(test_net: Any, classifier: str, test_paths: Sequence[Path], crops: int, batch: int,
+                 chw: Tuple[int, int, int], transform: Transform, rng: np.random.RandomState) -> np.ndarray:
+    """Each test image's 20 class scores: the classifier's sigmoid, averaged over ``crops`` random crops."""
+    from caffe_utils import images
+    scores = np.zeros((len(test_paths), len(CLASSES)), np.float64)
+    data = np.zeros((batch,) + chw, np.float32)
+    for i, path in enumerate(test_paths):
+        img, pre = images.load_record(images.Record(path))
+        total = np.zeros(len(CLASSES))
+        for start in range(0, crops, batch):
+            n = min(batch, crops - start)
+            for k in range(n):
+                data[k] = transform(img, pre, rng)
+            test_net.blobs["data"].data[...] = data
+            out = test_net.forward(end=classifier)[classifier]
+            total += (0.5 * (1.0 + np.tanh(0.5 * out[:n].astype(np.float64)))).sum(axis=0)  # sigmoid
+        scores[i] = total / crops
+    return scores
+
+
+def _fine_tune(args: argparse.Namespace, iterations: int, crops: int, n_init: int, train_paths: Sequence[Path],
+               train_gt: np.ndarray, test_paths: Sequence[Path]) -> Tuple[np.ndarray, List[float], float, str]:
+    """Initialize and fine-tune the net, then score the test images: (scores, losses, seconds, flatness)."""
     from caffe_utils import images
     from caffe_utils.engine.caffe_net import import_caffe
+    from scripts.support import training
+    caffe = import_caffe(args.gpu)
+    caffe.set_random_seed(args.seed)
+    text, classifier, (c, h, w) = training.training_net(args.net, args.batch, len(CLASSES), len(CLASSES),
+                                                         "SigmoidCrossEntropyLoss")
+    rng = np.random.RandomState(args.seed)
+    transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=256, mirror=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train_proto = tmp / "train.prototxt"
+        train_proto.write_text(text)
+        weights_file = tmp / "init.caffemodel"
+        recs = [images.Record(p) for p in train_paths]
+        flat = training.initial_caffemodel(train_proto, args.net, classifier, args.init, weights_file, recs,
+                                           n_init, transform, rng, between=not args.no_between,
+                                           weights=args.weights, seed=args.seed)
+        solver_file = tmp / "solver.prototxt"
+        solver_file.write_text(training.solver_text(train_proto, 0.001, 0.5, 10000, iterations, args.seed, args.gpu))
+        solver = caffe.SGDSolver(str(solver_file))
+        solver.net.copy_from(str(weights_file))
+        losses = _train(solver, recs, train_gt, args.batch, iterations, transform, rng)
+        train_s = time.perf_counter() - t0
+        scores = _test_scores(_test_net(caffe, train_proto, solver), classifier, test_paths, crops, args.batch,
+                              (c, h, w), transform, rng)
+    return scores, losses, train_s, flat
+
+
+def _append_row(args: argparse.Namespace, iterations: int, mean_ap: float, aps: Sequence[float],
+                losses: Sequence[float], train_s: float) -> None:
+    """Append this run's row (settings, mAP, final loss, seconds, AP per class) to the results TSV."""
+    from caffe_utils.pipeline import append_tsv_row
+    row = [datetime.datetime.now().isoformat(timespec="seconds"), args.net, args.init,
+           "no" if args.no_between else "yes", str(args.weights or "-"), str(iterations), f"{100 * mean_ap:.2f}",
+           f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"] + [f"{100 * a:.2f}" for a in aps]
+    header = ["date", "net", "init", "between", "weights", "iterations", "mAP", "final loss", "seconds"] + list(CLASSES)
+    append_tsv_row(args.results, header, row)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Fine-tune one net on VOC 2007, evaluate it and append its row; the exit status."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("GLOG_minloglevel", "2")
     from caffe_utils.errors import MagicInitError
     from caffe_utils.magic import INIT_TYPES
-    from caffe_utils.pipeline import append_tsv_row
-    from scripts.support import training
 
     iterations = 2 if args.reduced else args.iterations
     crops = 2 if args.reduced else args.crops
@@ -128,65 +224,14 @@ def main(argv=None) -> int:
     try:
         train_paths, train_gt = read_split(voc, "trainval")
         test_paths, test_gt = read_split(voc, "test")
-        caffe = import_caffe(args.gpu)
-        caffe.set_random_seed(args.seed)
-        text, classifier, (c, h, w) = training.training_net(args.net, args.batch, len(CLASSES), len(CLASSES),
-                                                             "SigmoidCrossEntropyLoss")
-        rng = np.random.RandomState(args.seed)
-        transform = images.Transform(channels=c, crop_h=h, crop_w=w, resize=256, mirror=True)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            train_proto = tmp / "train.prototxt"
-            train_proto.write_text(text)
-            weights_file = tmp / "init.caffemodel"
-            recs = [images.Record(p) for p in train_paths]
-            flat = training.initial_caffemodel(train_proto, args.net, classifier, args.init, weights_file, recs,
-                                               n_init, transform, rng, between=not args.no_between,
-                                               weights=args.weights, seed=args.seed)
-            solver_file = tmp / "solver.prototxt"
-            solver_file.write_text(training.solver_text(train_proto, 0.001, 0.5, 10000, iterations, args.seed, args.gpu))
-            solver = caffe.SGDSolver(str(solver_file))
-            solver.net.copy_from(str(weights_file))
-            targets = (train_gt != -1).astype(np.float32)  # difficult-only objects count as present
-            order = rng.permutation(len(train_paths))
-            losses = []
-            for it in range(iterations):
-                idx = [order[(it * args.batch + k) % len(order)] for k in range(args.batch)]
-                for k, i in enumerate(idx):
-                    img, pre = images.load_record(recs[i])
-                    solver.net.blobs["data"].data[k] = transform(img, pre, rng)
-                solver.net.blobs["label"].data[...] = targets[idx]
-                solver.step(1)
-                losses.append(float(solver.net.blobs["loss"].data))
-            train_s = time.perf_counter() - t0
-            test_net = caffe.Net(str(train_proto), caffe.TEST)
-            for name, blobs in solver.net.params.items():
-                for dst, src in zip(test_net.params[name], blobs):
-                    dst.data[...] = src.data
-            scores = np.zeros(test_gt.shape, np.float64)
-            batch = np.zeros((args.batch, c, h, w), np.float32)
-            for i, path in enumerate(test_paths):
-                img, pre = images.load_record(images.Record(path))
-                total = np.zeros(len(CLASSES))
-                for start in range(0, crops, args.batch):
-                    n = min(args.batch, crops - start)
-                    for k in range(n):
-                        batch[k] = transform(img, pre, rng)
-                    test_net.blobs["data"].data[...] = batch
-                    out = test_net.forward(end=classifier)[classifier]
-                    total += (0.5 * (1.0 + np.tanh(0.5 * out[:n].astype(np.float64)))).sum(axis=0)  # sigmoid
-                scores[i] = total / crops
+        scores, losses, train_s, flat = _fine_tune(args, iterations, crops, n_init, train_paths, train_gt,
+                                                   test_paths)
         aps = [voc07_ap(scores[:, k], test_gt[:, k]) for k in range(len(CLASSES))]
         mean_ap = float(np.mean(aps))
     except (VocError, MagicInitError) as exc:
         print(f"voc_classification: {exc}", file=sys.stderr)
         return 1
-    row = [datetime.datetime.now().isoformat(timespec="seconds"), args.net, args.init,
-           "no" if args.no_between else "yes", str(args.weights or "-"), str(iterations), f"{100 * mean_ap:.2f}",
-           f"{losses[-1]:.4f}" if losses else "-", f"{train_s:.0f}"] + [f"{100 * a:.2f}" for a in aps]
-    header = ["date", "net", "init", "between", "weights", "iterations", "mAP", "final loss", "seconds"] + list(CLASSES)
-    append_tsv_row(args.results, header, row)
+    _append_row(args, iterations, mean_ap, aps, losses, train_s)
     print(f"{args.net} init {args.init}{' --no-between' if args.no_between else ''}: mAP {100 * mean_ap:.2f} % "
           f"after {iterations} iterations (change-rate flatness {flat}); "
           f"appended to {args.results}")
