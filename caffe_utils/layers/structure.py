@@ -160,11 +160,14 @@ class Eltwise(Layer):
         if any(np.shares_memory(y, b.data) for b in bottom[1:]):
             y = np.empty(bottom[0].shape, DTYPE)
         first, c0 = bottom[0].data, self.coeffs[0]
-        if c0 != 1:
+        rest = list(zip(self.coeffs[1:], bottom[1:]))
+        if c0 == 1 and rest[0][0] == 1:  # the first two terms in one pass
+            np.add(first, rest.pop(0)[1].data, out=y)
+        elif c0 != 1:
             np.multiply(first, c0, out=y)
         elif y is not first:
             np.copyto(y, first)
-        for c, b in zip(self.coeffs[1:], bottom[1:]):
+        for c, b in rest:
             if c == 1:
                 y += b.data
             else:
