@@ -266,6 +266,32 @@ def test_scale_in_place_uses_saved_input():
     np.testing.assert_allclose(layer.blobs[0].diff, ref.blobs[0].diff, rtol=1e-6)
 
 
+def test_scale_in_place_without_param_diffs_keeps_no_copy():
+    """With the parameters' diffs off (as the initialization runs it), an in-place Scale keeps
+    no copy of its input and backward still gives the bottom diff; a backward that wants the
+    scale's diff after such a forward is an error naming the layer, not a wrong diff."""
+    x = rand((2, 3, 4), 19)
+    dy = rand(x.shape, 20)
+    ref, rb, rt = make_layer('name: "s" type: "Scale" scale_param { bias_term: true }', [x])
+    ref.blobs[0].data[...] = [2, -1, 0.5]
+    ref.forward(rb, rt)
+    rt[0].diff[...] = dy
+    ref.backward(rt, [True], rb)
+    layer, bottom, _ = make_layer('name: "s" type: "Scale" scale_param { bias_term: true }', [x], in_place=True)
+    layer.blobs[0].data[...] = [2, -1, 0.5]
+    layer.set_param_propagate_down(0, False)
+    layer.set_param_propagate_down(1, False)
+    layer.forward(bottom, bottom)
+    assert layer._saved is None
+    bottom[0].diff[...] = 0
+    layer.backward([TopView(bottom[0], dy)], [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, rb[0].diff, rtol=1e-6)
+    assert not layer.blobs[0].diff.any() and not layer.blobs[1].diff.any()
+    layer.set_param_propagate_down(0, True)
+    with pytest.raises(LayerSetupError, match="layer 's'.*run forward again"):
+        layer.backward([TopView(bottom[0], dy)], [True], bottom)
+
+
 def test_scale_bias_errors():
     x = rand((2, 3, 4))
     with pytest.raises(LayerSetupError, match="extends past"):

@@ -383,3 +383,35 @@ def test_gram_energies_match_the_formed_gradient(transpose):
     np.testing.assert_allclose(layout.inner_product_gradient_energies(x, dy), layout.input_energies(lp, w),
                                rtol=1e-10)
 
+
+
+SCALE_NET = """
+input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "prelu" type: "PReLU" bottom: "conv" top: "conv" }
+"""
+
+
+def test_the_initialization_computes_only_affine_param_diffs(tmp_path):
+    """Within the block the non-affine layers (an in-place Scale, PReLU) compute no parameter
+    diff, and keep no copy for one; the convolution does; after it every setting is back,
+    one turned off before included."""
+    from caffe_utils.magic.context import affine_param_diffs_only
+    p = tmp_path / "net.prototxt"
+    p.write_text(SCALE_NET)
+    net = Net(str(p))
+    layers = dict(zip(net.layer_names, net.layers))
+    layers["prelu"].set_param_propagate_down(0, False)
+    net.blobs["data"].data[...] = np.random.RandomState(0).standard_normal(net.blobs["data"].data.shape)
+    with affine_param_diffs_only(net):
+        net.forward()
+        assert layers["scale"]._saved is None
+        net.blobs["conv"].diff[...] = 1
+        net.backward()
+        assert not any(b.diff.any() for name in ("scale", "prelu") for b in net.params[name])
+        assert net.params["conv"][0].diff.any()
+    assert [layers["scale"].param_propagate_down(i) for i in (0, 1)] == [True, True]
+    assert not layers["prelu"].param_propagate_down(0)
+    assert layers["conv"].param_propagate_down(0)

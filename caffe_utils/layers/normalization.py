@@ -264,10 +264,8 @@ class Scale(Layer):
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         outer, dim, inner = self.dims
         x = bottom[0].data
-        if _shares(bottom[0], top[0]):
-            self._saved = x.copy()  # Caffe's temp_
-        else:
-            self._saved = None
+        # Caffe's temp_: an in-place top overwrites the input that the scale's diff needs
+        self._saved = x.copy() if _shares(bottom[0], top[0]) and self._scale_diff_possible(bottom) else None
         s = self._scale(bottom).data.reshape(1, dim, 1)
         y = top[0].data
         np.multiply(x.reshape(outer, dim, inner), s, out=y.reshape(outer, dim, inner))
@@ -275,17 +273,26 @@ class Scale(Layer):
             bo, bd, bi = self.bias_dims
             y.reshape(bo, bd, bi)[...] += self.blobs[-1].data.reshape(1, bd, 1)
 
+    def _scale_diff_possible(self, bottom: List[Blob]) -> bool:
+        """Whether a backward may compute the scale's diff: always for a scale bottom (its
+        propagate_down is known only then), for the scale parameter unless its
+        ``param_propagate_down`` is off (the initialization, which never reads it)."""
+        return len(bottom) > 1 or self.param_propagate_down(0)
+
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         outer, dim, inner = self.dims
         dy = top[0].diff
-        if self.bias_term:
+        if self.bias_term and self.param_propagate_down(len(self.blobs) - 1):
             bo, bd, bi = self.bias_dims
             bias = self.blobs[-1]
             bias.diff += _csum(dy.reshape(bo, bd, bi)).reshape(bias.shape)
         s = self._scale(bottom)
-        if len(bottom) == 1 or propagate_down[1]:
+        if propagate_down[1] if len(bottom) > 1 else self.param_propagate_down(0):
             x = bottom[0].data
-            if _shares(bottom[0], top[0]) and self._saved is not None and self._saved.shape == x.shape:
+            if _shares(bottom[0], top[0]):
+                if self._saved is None or self._saved.shape != x.shape:
+                    raise self.error("backward needs the input its in-place forward overwrote, and that forward "
+                                     "ran with the scale's param_propagate_down off; run forward again")
                 x = self._saved
             s.diff += _cdot(dy.reshape(outer, dim, inner), x.reshape(outer, dim, inner)).reshape(s.shape)
         if propagate_down[0]:

@@ -29,7 +29,7 @@ import numpy as np
 from caffe_utils.errors import DataError
 from caffe_utils.layout import AFFINE_TYPES
 from caffe_utils.magic import between, weights, within
-from caffe_utils.magic.context import InitContext, Progress
+from caffe_utils.magic.context import InitContext, Progress, affine_param_diffs_only
 from caffe_utils.magic.options import DATA_DRIVEN, INIT_TYPES, InitOptions
 from caffe_utils.magic.prepare import PreparedNet, prepare_net
 from caffe_utils.magic.report import Fallback, InitReport, LayerReport
@@ -44,21 +44,22 @@ def initialize(net, prepared: PreparedNet, sample: np.ndarray, options: InitOpti
     layers whose weights came from a caffemodel. Returns the report."""
     ctx = InitContext.create(net, prepared, sample, options, progress)
     todo = _layers_to_initialize(ctx, loaded)
-    for step, lp in enumerate(todo):
-        ctx.tick("within-layer", step, len(todo))
-        idx = ctx.index(lp)
-        if lp.type == "BatchNorm":
-            within.batchnorm_statistics(ctx, lp, idx)
-            continue
-        weights.initialize_weights(ctx, lp, idx)          # stage 1
-        if options.within:
-            within.normalize(ctx, lp, idx)                # stage 2
-        else:
-            within.pass_through(ctx, idx)
-    if todo:
-        ctx.tick("within-layer", len(todo), len(todo))
-    ctx.batches = None  # the sample's checkpoint is not needed any more
-    between.equalize(ctx)                                 # stage 3
+    with affine_param_diffs_only(net):
+        for step, lp in enumerate(todo):
+            ctx.tick("within-layer", step, len(todo))
+            idx = ctx.index(lp)
+            if lp.type == "BatchNorm":
+                within.batchnorm_statistics(ctx, lp, idx)
+                continue
+            weights.initialize_weights(ctx, lp, idx)      # stage 1
+            if options.within:
+                within.normalize(ctx, lp, idx)            # stage 2
+            else:
+                within.pass_through(ctx, idx)
+        if todo:
+            ctx.tick("within-layer", len(todo), len(todo))
+        ctx.batches = None  # the sample's checkpoint is not needed any more
+        between.equalize(ctx)                             # stage 3
     if options.zero_classifier:
         _zero_classifier(ctx)
     ctx.report.layers = list(ctx.layers.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Set
 
@@ -111,6 +112,26 @@ class SampleBatches:
             return None
         return {n: np.empty((self.count * self.batch,) + tuple(self.net.blobs[n].data.shape[1:]), np.float32)
                 for n in names}
+
+
+@contextmanager
+def affine_param_diffs_only(net) -> Iterator[None]:
+    """Within the block the numpy engine computes no parameter diff of a layer that is not affine
+    (Scale's, Bias's, PReLU's): the initialization reads only the affine layers' (stage 3), and an
+    in-place Scale then keeps no copy of its input (Caffe's ``temp_``) for a diff nobody reads.
+    The layers' settings are restored after; pycaffe's layers are left as they are."""
+    changed = []
+    for layer in getattr(net, "layers", []):
+        if layer.type in AFFINE_TYPES or not hasattr(layer, "set_param_propagate_down"):
+            continue
+        for i in range(len(getattr(layer, "blobs", ()))):
+            changed.append((layer, i, layer.param_propagate_down(i)))
+            layer.set_param_propagate_down(i, False)
+    try:
+        yield
+    finally:
+        for layer, i, value in changed:
+            layer.set_param_propagate_down(i, value)
 
 
 def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: int) -> None:
