@@ -72,15 +72,6 @@ def _train(solver: Any, train_db: LmdbStream, batch: int, iterations: int, trans
     return losses
 
 
-def _test_net(caffe: Any, proto: Path, solver: Any) -> Any:
-    """A TEST-phase net of ``proto`` holding the solver's trained params (no dropout)."""
-    test = caffe.Net(str(proto), caffe.TEST)
-    for name, blobs in solver.net.params.items():
-        for dst, src in zip(test.params[name], blobs):
-            dst.data[...] = src.data
-    return test
-
-
 def _validate(test: Any, classifier: str, val_db: LmdbStream, batch: int, centre: Transform,
               rng: np.random.RandomState) -> Tuple[int, int, int]:
     """(top-1 hits, top-5 hits, images) over one pass of the validation LMDB, on centre crops."""
@@ -126,7 +117,7 @@ def _train_and_validate(args: argparse.Namespace, iterations: int, batch: int, n
         solver.net.copy_from(str(weights))
         losses = _train(solver, train_db, batch, iterations, train_tf, rng)
         train_s = time.perf_counter() - t0
-        test = _test_net(caffe, proto, solver)
+        test = training.trained_test_net(caffe, proto, solver)
         centre = images.Transform(c, h, w, resize=256, centre=True)
         hits = _validate(test, classifier, val_db, batch, centre, rng)
     return hits, losses, train_s, flat

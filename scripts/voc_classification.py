@@ -133,15 +133,6 @@ def _train(solver: Any, recs: Sequence[Record], train_gt: np.ndarray, batch: int
     return losses
 
 
-def _test_net(caffe: Any, proto: Path, solver: Any) -> Any:
-    """A TEST-phase net of ``proto`` holding the solver's trained params (no dropout)."""
-    test_net = caffe.Net(str(proto), caffe.TEST)
-    for name, blobs in solver.net.params.items():
-        for dst, src in zip(test_net.params[name], blobs):
-            dst.data[...] = src.data
-    return test_net
-
-
 def _test_scores(test_net: Any, classifier: str, test_paths: Sequence[Path], crops: int, batch: int,
                  chw: Tuple[int, int, int], transform: Transform, rng: np.random.RandomState) -> np.ndarray:
     """Each test image's 20 class scores: the classifier's sigmoid, averaged over ``crops`` random crops."""
@@ -190,8 +181,8 @@ def _fine_tune(args: argparse.Namespace, iterations: int, crops: int, n_init: in
         solver.net.copy_from(str(weights_file))
         losses = _train(solver, recs, train_gt, args.batch, iterations, transform, rng)
         train_s = time.perf_counter() - t0
-        scores = _test_scores(_test_net(caffe, train_proto, solver), classifier, test_paths, crops, args.batch,
-                              (c, h, w), transform, rng)
+        test_net = training.trained_test_net(caffe, train_proto, solver)
+        scores = _test_scores(test_net, classifier, test_paths, crops, args.batch, (c, h, w), transform, rng)
     return scores, losses, train_s, flat
 
 

@@ -15,7 +15,7 @@ Caffe's LMDB/LevelDB backends nor its OpenCV support.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Set, Tuple
+from typing import Any, Optional, Set, Tuple
 
 import numpy as np
 
@@ -157,3 +157,12 @@ def initial_caffemodel(proto: Path, model: str, classifier: str, init: str, out:
         flat = f"{report.flatness_before:.3g} -> {report.flatness_after:.3g}"
     net.save(out)
     return flat
+
+
+def trained_test_net(caffe: Any, proto: Path, solver: Any) -> Any:
+    """A TEST-phase pycaffe net of ``proto`` (no dropout) holding the solver's trained params."""
+    net = caffe.Net(str(proto), caffe.TEST)
+    for name, blobs in solver.net.params.items():
+        for dst, src in zip(net.params[name], blobs):
+            dst.data[...] = src.data
+    return net
