@@ -292,6 +292,19 @@ def test_scale_in_place_without_param_diffs_keeps_no_copy():
         layer.backward([TopView(bottom[0], dy)], [True], bottom)
 
 
+def test_bias_param_diff_honours_param_propagate_down():
+    x = rand((2, 3, 4), 21)
+    layer, bottom, top = make_layer('name: "b" type: "Bias"', [x])
+    top[0].diff[...] = rand(x.shape, 22)
+    layer.set_param_propagate_down(0, False)
+    layer.backward(top, [True], bottom)
+    assert not layer.blobs[0].diff.any()
+    np.testing.assert_array_equal(bottom[0].diff, top[0].diff)
+    layer.set_param_propagate_down(0, True)
+    layer.backward(top, [False], bottom)
+    np.testing.assert_allclose(layer.blobs[0].diff, top[0].diff.sum(axis=(0, 2)), rtol=1e-6)
+
+
 def test_scale_bias_errors():
     x = rand((2, 3, 4))
     with pytest.raises(LayerSetupError, match="extends past"):

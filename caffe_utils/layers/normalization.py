@@ -12,7 +12,8 @@ with Caffe's exact semantics (LRN is in :mod:`.lrn`).
 * MVN, like Caffe's, works on blobs of at most 4 axes and outputs a 4-axis blob.
 
 In-place use is supported as in Caffe (BatchNorm keeps its normalised output, Scale a copy of
-its input). Backward adds into diffs (see :mod:`.base`).
+its input, unless the scale's ``param_propagate_down`` is off: then no backward needs it). Scale
+and Bias honour ``param_propagate_down``. Backward adds into diffs (see :mod:`.base`).
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class Bias(Layer):
         if propagate_down[0]:
             bottom[0].diff += dy
         outer, dim, inner = self.dims
-        if len(bottom) == 1 or propagate_down[1]:
+        if propagate_down[1] if len(bottom) > 1 else self.param_propagate_down(0):
             b = self._bias(bottom)
             b.diff += _csum(dy.reshape(outer, dim, inner)).reshape(b.shape)
 
