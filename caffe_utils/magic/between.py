@@ -28,14 +28,13 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from caffe_utils import layout, measure
-from caffe_utils.magic.context import InitContext
+from caffe_utils.magic.context import InitContext, param_diffs_off
 from caffe_utils.magic.plan import ScalePlan, apply_scales, build_plan
 from caffe_utils.magic.report import RoundReport
 from caffe_utils.magic.solve import Energies, RateModel, solve
@@ -201,16 +200,9 @@ class _Passes:
         x = self.net.blobs[lp.bottom[0]].data
         return layout.inner_product_gradient_energies(x.reshape(rows, -1), dy.reshape(rows, -1))
 
-    @contextmanager
-    def weight_diffs_off(self) -> Iterator[None]:
+    def weight_diffs_off(self) -> ContextManager[None]:
         """Within the block the :func:`_gram_layers` compute no weight diff."""
-        for layer in self.gram.values():
-            layer.set_param_propagate_down(0, False)
-        try:
-            yield
-        finally:
-            for layer in self.gram.values():
-                layer.set_param_propagate_down(0, True)
+        return param_diffs_off((layer, 0) for layer in self.gram.values())
 
 
 def _gram_layers(net, lps) -> Dict[str, object]:

@@ -13,7 +13,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Set
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -115,23 +115,27 @@ class SampleBatches:
 
 
 @contextmanager
-def affine_param_diffs_only(net) -> Iterator[None]:
+def param_diffs_off(switches: Iterable[Tuple[object, int]]) -> Iterator[None]:
+    """Within the block the numpy engine's layers compute no diff of the parameters
+    ``(layer, index)`` (Caffe's ``param_propagate_down`` off); each setting is restored after."""
+    saved = [(layer, i, layer.param_propagate_down(i)) for layer, i in switches]
+    for layer, i, _ in saved:
+        layer.set_param_propagate_down(i, False)
+    try:
+        yield
+    finally:
+        for layer, i, value in saved:
+            layer.set_param_propagate_down(i, value)
+
+
+def affine_param_diffs_only(net) -> ContextManager[None]:
     """Within the block the numpy engine computes no parameter diff of a layer that is not affine
     (Scale's, Bias's, PReLU's): the initialization reads only the affine layers' (stage 3), and an
     in-place Scale then keeps no copy of its input (Caffe's ``temp_``) for a diff nobody reads.
     The layers' settings are restored after; pycaffe's layers are left as they are."""
-    changed = []
-    for layer in getattr(net, "layers", []):
-        if layer.type in AFFINE_TYPES or not hasattr(layer, "set_param_propagate_down"):
-            continue
-        for i in range(len(getattr(layer, "blobs", ()))):
-            changed.append((layer, i, layer.param_propagate_down(i)))
-            layer.set_param_propagate_down(i, False)
-    try:
-        yield
-    finally:
-        for layer, i, value in changed:
-            layer.set_param_propagate_down(i, value)
+    return param_diffs_off((layer, i) for layer in getattr(net, "layers", [])
+                           if layer.type not in AFFINE_TYPES and hasattr(layer, "set_param_propagate_down")
+                           for i in range(len(getattr(layer, "blobs", ()))))
 
 
 def _check_sample(net, prepared: PreparedNet, sample: np.ndarray, batch_size: int) -> None:
