@@ -292,8 +292,9 @@ class Scale(Layer):
             x = bottom[0].data
             if _shares(bottom[0], top[0]):
                 if self._saved is None or self._saved.shape != x.shape:
-                    raise self.error("backward needs the input its in-place forward overwrote, and that forward "
-                                     "ran with the scale's param_propagate_down off; run forward again")
+                    raise self.error("backward needs the input its in-place forward overwrote, and no copy of it "
+                                     "was kept (no forward at this shape, or one with the scale's "
+                                     "param_propagate_down off); run forward again")
                 x = self._saved
             s.diff += _cdot(dy.reshape(outer, dim, inner), x.reshape(outer, dim, inner)).reshape(s.shape)
         if propagate_down[0]:
