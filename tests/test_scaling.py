@@ -327,7 +327,8 @@ def test_plan_builder_dispatches_on_registered_rules(tmp_path):
 
 def test_broyden_correction_makes_the_model_reproduce_the_measured_step(tmp_path):
     """After a measured round, the corrected model predicts exactly the rates measured for
-    the step it took (the secant condition), and nothing for a step orthogonal to it."""
+    the step it took (the secant condition), and nothing new for a step orthogonal to it; so
+    does the model after a second round."""
     net, plan = _chain(tmp_path)
     energies = _energies(net, plan)
     model = solve.RateModel(plan, energies)
@@ -342,6 +343,15 @@ def test_broyden_correction_makes_the_model_reproduce_the_measured_step(tmp_path
     other = np.zeros_like(rho)
     other[plan.group_of["a"]], other[plan.group_of["b"]] = 0.2, 0.4
     np.testing.assert_allclose(corrected.log_rates(other)[0], model.log_rates(other)[0], atol=1e-12)
+    # a second round's update keeps the secant condition for the model that already carries a
+    # correction: what it learns is the corrected model's own error, not the bare model's
+    step = other + 0.5 * rho  # along the first step too, where the correction acts
+    again = corrected.predict(step)
+    measured = solve.Energies({n: g * (0.7 if n == "a" else 1.0) for n, g in again.grad.items()},
+                              again.weight, again.degrees)
+    twice = solve.RateModel(plan, energies, between._broyden(corrected, step, again, measured))
+    np.testing.assert_allclose(np.exp(twice.log_rates(step)[0]), [measured.rates()[n] for n in plan.affine],
+                               rtol=1e-9)
 
 
 def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):

@@ -319,6 +319,7 @@ def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: E
     err = np.array([math.log(meas[n] / pred[n]) if meas[n] > 0 and pred[n] > 0 else 0.0 for n in order])
     err = np.where(np.isfinite(err), err, 0.0)
     base = np.zeros((len(order), rho.size)) if model.correction is None else model.correction
+    err = err - base @ rho  # the corrected model's own error at the step
     norm = float(rho @ rho)
     return base + np.outer(err, rho) / norm if norm > 0 else base
 
