@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caffe_utils.magic import between, plan as scale_plan, scale_rules, solve
+from caffe_utils.magic import between, degrees, plan as scale_plan, scale_rules, solve
 from caffe_utils.engine.numpy_net import Net
 
 DAG = """
@@ -133,7 +133,7 @@ def test_degree_estimates_and_blobs_end_as_after_forward(tmp_path):
     net = _net(tmp_path, CHAIN)
     net.forward()
     ref = {k: b.data.copy() for k, b in net.blobs.items()}
-    deg = between.forward_estimating_degrees(net, ["norm", "sq", "t"])
+    deg = degrees.forward_estimating_degrees(net, ["norm", "sq", "t"])
     for k, b in net.blobs.items():
         np.testing.assert_array_equal(b.data, ref[k], err_msg=k)
     # LRN with k << alpha * sum x^2 is nearly homogeneous of degree 1 - 2 beta = -0.5
@@ -150,13 +150,13 @@ def test_kept_degree_inputs_replace_the_forward_pass(tmp_path):
     plan = scale_plan.build_plan(net)
     rho = np.zeros(len(plan.affine) + 1)
     rho[plan.group_of["c1"]] = 0.7
-    ref = between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False)
+    ref = degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False)
     kept: dict = {}
-    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
+    assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
     assert set(kept) == {"norm", "sq", "t"}
     net.blobs["data"].data[...] = 0  # a forward pass would now see other inputs
-    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
-    assert between.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False) != ref
+    assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
+    assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False) != ref
 
 
 def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
@@ -177,7 +177,7 @@ def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
     passes.rescale({plan.group_of["c1"]: 20.0}, before[0])
     after = passes.step_degrees(rho, {})
     net.set_data("data", passes.check_batch)
-    assert after == between.step_degrees(net, plan, rho, {}, finish=False) != before
+    assert after == degrees.step_degrees(net, plan, rho, {}, finish=False) != before
 
 
 def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
@@ -188,7 +188,7 @@ def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
     for use_degrees in (False, True):
         net = _net(tmp_path, text)
         plan = scale_plan.build_plan(net)
-        deg = between.forward_estimating_degrees(net, plan.degree_layers)
+        deg = degrees.forward_estimating_degrees(net, plan.degree_layers)
         before = net.blobs["fc"].data.copy()
         scale_plan.apply_scales(net, plan, {plan.group_of["c1"]: 1.2}, deg if use_degrees else None)
         net.forward()
@@ -207,7 +207,7 @@ def _energies(net, plan, seed=3):
             e = layout.input_energies(lp, net.params[lp.name][0].diff)
             grad[lp.name] = grad.get(lp.name, 0) + e
     weight = {lp.name: layout.input_energies(lp, net.params[lp.name][0].data) for lp in lps}
-    deg = between.forward_estimating_degrees(net, plan.degree_layers) if plan.degree_layers else {}
+    deg = degrees.forward_estimating_degrees(net, plan.degree_layers) if plan.degree_layers else {}
     return solve.Energies(grad, weight, deg)
 
 
@@ -358,7 +358,7 @@ def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):
     net = _net(tmp_path, CHAIN)
     plan = scale_plan.build_plan(net)
     before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
-    deg = between.forward_estimating_degrees(net, plan.degree_layers)
+    deg = degrees.forward_estimating_degrees(net, plan.degree_layers)
     best = between._Best(None, None, 2.0)
     for r in (1.7, 0.4):
         scale = {plan.group_of["c1"]: r}

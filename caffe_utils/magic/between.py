@@ -13,12 +13,13 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   ``damping`` is the fraction of the solution applied per round;
 * **correcting passes**: the model is exact on homogeneous paths, so a net without inexact
   layers needs no more passes. Behind LRN, Sigmoid, TanH... the model takes each inexact
-  layer's degree and backward degree along the step itself (:func:`step_degrees`), but a large
-  rescaling also changes the distribution of their outputs. So each later round measures the
-  calibration's first ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the
-  model's energies by measured / predicted per input channel, and learns what the model got
-  wrong as a linear correction of the log rates in the step (Broyden's update), at most
-  ``iterations`` times, until every rate is within ``tolerance`` of a common one;
+  layer's degree and backward degree along the step itself
+  (:func:`~caffe_utils.magic.degrees.step_degrees`), but a large rescaling also changes the
+  distribution of their outputs. So each later round measures the calibration's first
+  ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the model's energies by
+  measured / predicted per input channel, and learns what the model got wrong as a linear
+  correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
+  until every rate is within ``tolerance`` of a common one;
 * **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
   (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
   alphas (``lrn_alphas``);
@@ -29,12 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from caffe_utils import layout, measure
 from caffe_utils.magic.context import InitContext, param_diffs_off
+from caffe_utils.magic.degrees import DegreeInputs, step_degrees
 from caffe_utils.magic.plan import ScalePlan, apply_scales, build_plan
 from caffe_utils.magic.report import RoundReport
 from caffe_utils.magic.solve import Energies, RateModel, solve
@@ -47,10 +49,6 @@ INEXACT_MAX_STEP = math.log(1000.0)
 #: measures again behind inexact layers: one batch alone corrects GoogLeNet's LRN-dependent
 #: energies too noisily to converge (README, "How the between-layer stage converges")
 CHECK_IMAGES = 32
-
-#: per degree layer, its input x on the check batch and the direction u of its backward degree
-DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
-
 
 def equalize(ctx: InitContext) -> None:
     """Measure the change rates and, unless ``--no-between``, equalize them; fill the report."""
@@ -328,8 +326,8 @@ def _step(plan: ScalePlan, passes: _Passes, now: Energies, damping: float,
           correction: Optional[np.ndarray] = None) -> Tuple[np.ndarray, RateModel]:
     """A round's log scales (the fraction ``damping`` of the solve's) and the model they were
     solved on. Behind inexact layers the model takes their degrees along the step itself
-    (:func:`step_degrees`), re-solved until those settle (at most 3 times), and no group's log
-    scale moves further than ``INEXACT_MAX_STEP``."""
+    (:func:`~caffe_utils.magic.degrees.step_degrees`), re-solved until those settle (at most 3
+    times), and no group's log scale moves further than ``INEXACT_MAX_STEP``."""
     exact = not plan.degree_layers
     model = RateModel(plan, now, correction)
     rho = solve(model, max_step=None if exact else INEXACT_MAX_STEP) * damping
@@ -376,112 +374,3 @@ def _output_deviation(net, before: Mapping[str, np.ndarray]) -> float:
         diff = float(np.max(np.abs(np.asarray(net.blobs[o].data, np.float64) - ref))) if ref.size else 0.0
         dev = max(dev, diff / max(float(np.max(np.abs(ref))), 1e-12))
     return dev
-
-
-def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25) -> Dict[str, float]:
-    """Run ``net`` forward and return the effective degree of each layer in ``layers``.
-
-    The degree ``d`` of layer f at the current activations x is the secant slope
-    ``log(|f(factor x)|_c / |f(x)|_c) / log(factor)`` of its output's channel-centred norm
-    (``d = 1`` for a homogeneous layer, ``1 - 2 beta`` for an LRN whose sum term dominates).
-    Each listed layer runs twice more, on its scaled and then its real input, which works for
-    in-place layers too; the blobs end as after a plain forward pass. Works on both engines.
-    """
-    return _secant_degrees(net, layers, lambda name, x: (np.float32(factor), factor))[0]
-
-
-def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float], local: bool = False,
-                 finish: bool = True, inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """The effective degree of each of the plan's degree layers along the rescaling ``rho``
-    (log scales over group ids): the secant slope from the current input x to the input
-    ``R x`` the rescaling gives it (``R`` from :meth:`ScalePlan.input_factors`, through the
-    upstream inexact layers at ``degrees``), ``log(|f(R x)|_c / |f(x)|_c) / log(|R x|_c /
-    |x|_c)``. An LRN that a large step pushes from its linear regime into its saturating one
-    passes that step with a degree far from its local one. A step too small to measure gets
-    the local degree (factor 1.25), and so does every layer with ``local``. With the degrees,
-    the backward degrees (see :func:`_secant_degrees`, also for ``inputs``); with ``finish``
-    the blobs end as after a plain forward pass."""
-    def step(name: str, x: np.ndarray):
-        f = None if local else plan.input_factors(name, rho, degrees)
-        if f is not None and f.size == int(np.prod(x.shape[1:])):
-            f = f.reshape(x.shape[1:]).astype(np.float32)
-            base = _centred_norm(x)
-            gain = _centred_norm(x * f) / base if base > 0 else 1.0
-            if gain > 0 and abs(math.log(gain)) >= 1e-3:
-                return f, gain
-        return np.float32(1.25), 1.25
-
-    return _secant_degrees(net, plan.degree_layers, step, finish, inputs)
-
-
-def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
-                    inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
-    ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
-    ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J along a
-    fixed random direction u (forward differences): how a gradient through it scales
-    (``e = d`` for a homogeneous f). Both clipped to [-3, 3].
-
-    ``inputs``, when given, keeps each layer's x and u: an empty one is filled by the forward
-    pass, and a full one (from an earlier call at the same weights and net input) replaces
-    that pass, so that only the listed layers run; with ``finish`` the whole net then runs."""
-    names = list(net.layer_names)
-    index = {n: i for i, n in enumerate(names)}
-    lps = {lp.name: lp for lp in net.net_param.layer}
-    order = sorted(index[n] for n in layers if n in index)
-    if any(len(lps[names[i]].bottom) != 1 for i in order):
-        inputs = None  # a second bottom would be stale without the forward pass
-    known = inputs is not None and bool(order) and all(names[i] in inputs for i in order)
-    pos = 1 if net.net_param.layer[0].type == "Input" else 0
-    degrees: Dict[str, float] = {}
-    back: Dict[str, float] = {}
-    for i in order:
-        lp = lps[names[i]]
-        if known:
-            x, u = inputs[names[i]]
-        else:
-            if i > pos:
-                net.forward(start=names[pos], end=names[i - 1])
-            x = np.array(net.blobs[lp.bottom[0]].data)
-            u = np.random.RandomState(0).standard_normal(x.shape).astype(np.float32)
-            if inputs is not None:
-                inputs[names[i]] = (x, u)
-        f, gain = step(names[i], x)
-        y2, j2 = _response(net, lp, names[i], x * f, u)
-        y1, j1 = _response(net, lp, names[i], x, u)  # last: the blobs hold the real output
-        degrees[names[i]] = _clip_degree(math.log(y2 / y1) / math.log(gain) if y1 > 0 and y2 > 0 else 1.0)
-        e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
-        back[names[i]] = _clip_degree(e)
-        pos = i + 1
-    if finish and known:
-        net.forward()
-    elif finish and pos < len(names):
-        net.forward(start=names[pos])
-    return degrees, back
-
-
-def _response(net, lp, name: str, x: np.ndarray, u: np.ndarray) -> Tuple[float, float]:
-    """Layer ``lp``'s output's centred norm at input ``x``, and the norm of its derivative
-    along the unit-variance direction ``u`` (a forward difference of relative size 1e-3); the
-    layer's top holds ``f(x)`` afterwards."""
-    h = np.float32(1e-3 * math.sqrt(float(np.mean(np.square(x, dtype=np.float64)))) or 1e-3)
-    top = net.blobs[lp.top[0]]
-    net.set_data(lp.bottom[0], x + h * u)
-    net.forward(start=name, end=name)
-    shifted = np.array(top.data, np.float64)
-    net.set_data(lp.bottom[0], x)
-    net.forward(start=name, end=name)
-    out = np.asarray(top.data, np.float64)
-    return _centred_norm(out), float(np.sqrt(np.sum(np.square(shifted - out)))) / float(h)
-
-
-def _clip_degree(d: float) -> float:
-    return float(min(max(d, -3.0), 3.0)) if math.isfinite(d) else 1.0
-
-
-def _centred_norm(a: np.ndarray) -> float:
-    x = np.asarray(a, np.float64)
-    if x.ndim >= 2:
-        x = x.reshape(x.shape[0], x.shape[1], -1)
-        x = x - x.mean(axis=(0, 2), keepdims=True)
-    return float(np.sqrt(np.sum(x * x)))
