@@ -21,7 +21,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -104,6 +104,26 @@ def channel_stats(top: np.ndarray, valid: Optional[int]):
         s += a.sum(1)
         q += np.einsum("ij,ij->i", a, a)
     return s, q, x.shape[0] * x.shape[2]
+
+
+#: fewer batches than this give no usable spread: :func:`log_rate_errors` calls the error unknown
+MIN_ERROR_BATCHES = 4
+
+
+def log_rate_errors(per_batch: Mapping[str, Sequence[float]]) -> Dict[str, float]:
+    """Per layer, the standard error of the log of its change rate over several batches, each
+    under its own top gradient: how far the sample's rate may lie from the rate on other images
+    of its kind. ``per_batch`` holds each batch's gradient energy per image; the rate is the
+    square root of their mean over the weights' energy, which the batches share, so its log
+    has the standard error ``std(g) / (2 mean(g) sqrt(B))`` (the delta method); nan where fewer
+    than ``MIN_ERROR_BATCHES`` batches, or no energy, tell."""
+    out = {}
+    for name, values in per_batch.items():
+        g = np.asarray(values, np.float64)
+        mean = float(g.mean()) if g.size else 0.0
+        ok = g.size >= MIN_ERROR_BATCHES and mean > 0 and math.isfinite(mean)
+        out[name] = float(g.std(ddof=1) / (2 * mean * math.sqrt(g.size))) if ok else float("nan")
+    return out
 
 
 def flatness(rates: Dict[str, float]) -> float:

@@ -19,7 +19,9 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the model's energies by
   measured / predicted per input channel, and learns what the model got wrong as a linear
   correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
-  until every rate is within ``tolerance`` of a common one;
+  until every rate is within ``tolerance`` of a common one, or within its standard error
+  over the calibration's batches where that is larger (the sample cannot tell such rates
+  apart, and more passes would only fit them to its images);
 * **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
   (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
   alphas (``lrn_alphas``);
@@ -63,6 +65,8 @@ def equalize(ctx: InitContext) -> None:
     with measure.param_diffs_only(net), passes.weight_diffs_off():
         now, first, before = passes.calibrate()
         _record(ctx, now, "before")
+        for name, e in passes.errors.items():
+            ctx.layers[name].rate_error = e
         report.flatness_before = measure.flatness(_trained(plan, now.rates()))
         if opts.between:
             now = _rounds(ctx, plan, passes, now, first)
@@ -102,6 +106,7 @@ class _Passes:
         self.seed = opts.seed + 2
         self.measured = 0
         self.gram = _gram_layers(net, self.lps)
+        self.errors: Dict[str, float] = {}
         #: the degree layers' inputs on the check batch at the net's current scales
         self.inputs: DegreeInputs = {}
 
@@ -114,10 +119,13 @@ class _Passes:
     def calibrate(self) -> Tuple[Energies, Energies, Dict[str, np.ndarray]]:
         """The energies over all calibration images, and over the checked ones alone; and the
         net's outputs on the check batch (the calibration's first batch), which the rescaled
-        net must reproduce."""
+        net must reproduce. Sets ``errors``, the standard errors of the calibration's log rates
+        (:func:`~caffe_utils.measure.log_rate_errors`)."""
         degrees, back, resume = self._degrees()
         outputs: Dict[str, np.ndarray] = {}
-        full, first = self._gradients(self.images, resume, outputs)
+        per_batch: Dict[str, List[float]] = {}
+        full, first = self._gradients(self.images, resume, outputs, per_batch)
+        self.errors = measure.log_rate_errors(per_batch)
         weight = self.weights()
         return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back), outputs
 
@@ -160,12 +168,14 @@ class _Passes:
         return degrees, back, names[last + 1] if fresh and last + 1 < len(names) else None
 
     def _gradients(self, images: np.ndarray, resume: Optional[str] = None,
-                   outputs: Optional[Dict[str, np.ndarray]] = None
+                   outputs: Optional[Dict[str, np.ndarray]] = None,
+                   per_batch: Optional[Dict[str, List[float]]] = None
                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
         over their checked ones alone (the same top gradients either way). With ``resume``,
         the first batch, the check batch, has run through the layers before that one; an empty
-        ``outputs`` gets the net's outputs on that batch."""
+        ``outputs`` gets the net's outputs on that batch; ``per_batch`` gets each batch's total
+        gradient energy per image, per layer."""
         sums: Dict[str, np.ndarray] = {}
         first: Dict[str, np.ndarray] = {}
         counted = 0
@@ -184,6 +194,8 @@ class _Passes:
             for lp in self.lps:
                 e = self._energies(lp)
                 sums[lp.name] = e if lp.name not in sums else sums[lp.name] + e
+                if per_batch is not None:
+                    per_batch.setdefault(lp.name, []).append(float(e.sum()) / valid)
             if not first and counted >= self.check_images.shape[0]:
                 first = {n: e * (self.batch / counted) for n, e in sums.items()}
         return {n: e * (self.batch / counted) for n, e in sums.items()}, first
@@ -232,19 +244,21 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
 
 def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, first: Energies) -> Energies:
     """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
-    is within ``tolerance`` of a common one, at most ``iterations`` rounds; the last energies.
+    is within ``tolerance`` of a common one (after a measured round: or within its standard
+    error, :func:`_flat`), at most ``iterations`` rounds; the last energies.
     Behind inexact layers a round can land flatter than predicted or not: a round that does not
     beat the flattest state so far is undone, and the next one starts there again with half the
     step and the model corrected by what that round measured (a trust region)."""
     opts, report = ctx.opts, ctx.report
     exact = not plan.degree_layers
+    errors = None if exact else passes.errors  # the measured rounds stop within them
     correction = None
     damping = opts.damping
     best = _Best(now, first, measure.flatness(_trained(plan, now.rates())))
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
         rates = _trained(plan, now.rates())
-        if _flat(rates, opts.tolerance):
+        if _flat(rates, opts.tolerance, errors if it > 1 else None):  # errors spare later rounds only
             report.converged = True
             break
         rho, model = _step(plan, passes, now, damping, correction)
@@ -275,7 +289,7 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             now, first = best.restore(passes.rescale)
             damping /= 2
     ctx.tick("between-layer", opts.iterations, opts.iterations)
-    report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance)
+    report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance, errors)
     report.passes = passes.measured
     return now
 
@@ -345,9 +359,19 @@ def _trained(plan: ScalePlan, rates: Mapping[str, float]) -> Dict[str, float]:
     return {n: r for n, r in rates.items() if n not in plan.frozen}
 
 
-def _flat(rates: Mapping[str, float], tolerance: float) -> bool:
-    """Every finite rate is within ``tolerance`` of one common rate."""
-    return measure.flatness(rates) <= (1 + tolerance) / (1 - tolerance)
+def _flat(rates: Mapping[str, float], tolerance: float, errors: Optional[Mapping[str, float]] = None) -> bool:
+    """Every finite rate is within ``tolerance`` of one common rate; with ``errors``, the
+    standard errors of the log rates, each rate may instead be within its standard error of it
+    where that is larger: the sample cannot tell such rates apart."""
+    if not errors:
+        return measure.flatness(rates) <= (1 + tolerance) / (1 - tolerance)
+    half = 0.5 * math.log((1 + tolerance) / (1 - tolerance))
+    bands = []
+    for name, r in rates.items():
+        if r > 0 and math.isfinite(r):
+            e = errors.get(name, float("nan"))
+            bands.append((math.log(r), max(half, e) if math.isfinite(e) else half))
+    return bool(bands) and max(lo - w for lo, w in bands) <= min(lo + w for lo, w in bands)
 
 
 def _record(ctx: InitContext, energies: Energies, when: str) -> None:

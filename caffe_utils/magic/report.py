@@ -32,6 +32,9 @@ class LayerReport:
     zeroed: bool = False
     rate_before: float = float("nan")
     rate_after: float = float("nan")
+    #: the standard error of log(rate_before) over the calibration's batches
+    #: (:func:`~caffe_utils.measure.log_rate_errors`; nan where too few batches tell)
+    rate_error: float = float("nan")
     cv_before: float = float("nan")
     cv_after: float = float("nan")
     act_mean: float = float("nan")
