@@ -427,3 +427,20 @@ def test_measured_rounds_stop_once_the_rates_are_within_their_errors(tmp_path):
     assert rep.flatness_after > 1.01 / 0.99
     after = {layer.name: layer.rate_after for layer in rep.layers}
     assert between._flat(after, 0.01, errors) and not between._flat(after, 0.01)
+
+
+def test_a_rounds_prediction_carries_the_models_correction(tmp_path):
+    """What a round reports as predicted, and judges its gain by, is the corrected model's
+    prediction: the rates its solve aimed at."""
+    net, plan = _chain(tmp_path)
+    energies = _energies(net, plan)
+    rho = np.zeros(len(plan.affine) + 1)
+    rho[plan.group_of["a"]], rho[plan.group_of["b"]] = 0.4, -0.2
+    bare = solve.RateModel(plan, energies)
+    correction = np.zeros((len(plan.affine), rho.size))
+    correction[plan.affine.index("b"), plan.group_of["a"]] = 0.5
+    want = bare.predict(rho).rates()
+    assert between._aimed(plan, bare, rho) == want
+    want["b"] *= np.exp(0.5 * 0.4)
+    got = between._aimed(plan, solve.RateModel(plan, energies, correction), rho)
+    np.testing.assert_allclose([got[n] for n in plan.affine], [want[n] for n in plan.affine], rtol=1e-9)

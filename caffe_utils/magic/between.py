@@ -262,13 +262,14 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             report.converged = True
             break
         rho, model = _step(plan, passes, now, damping, correction)
-        predicted = model.predict(rho)
-        if not _gains(plan, predicted, rates) and correction is not None:
+        aimed = _aimed(plan, model, rho)
+        if not _gains(aimed, rates) and correction is not None:
             correction = None  # what the last rounds learnt leaves no way down: solve without it
             rho, model = _step(plan, passes, now, damping, correction)
-            predicted = model.predict(rho)
-        if not _gains(plan, predicted, rates):
+            aimed = _aimed(plan, model, rho)
+        if not _gains(aimed, rates):
             break  # the model's optimum: no rescaling flattens the rates further
+        predicted = model.predict(rho)
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
@@ -277,11 +278,11 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
         report.iterations = it
         if exact:
             now, first = predicted, predicted_first
-            report.rounds.append(RoundReport(_trained(plan, predicted.rates())))
+            report.rounds.append(RoundReport(aimed))
         else:
             now, first = passes.correct(predicted, predicted_first)
             correction = _broyden(model, rho, predicted, now)
-            report.rounds.append(RoundReport(_trained(plan, predicted.rates()), _trained(plan, now.rates())))
+            report.rounds.append(RoundReport(aimed, _trained(plan, now.rates())))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
         if best.offer(now, first, report.flatness_rounds[-1]):
             damping = min(opts.damping, 2 * damping)
@@ -294,9 +295,19 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     return now
 
 
-def _gains(plan: ScalePlan, predicted: Energies, rates: Mapping[str, float]) -> bool:
-    """The ``predicted`` energies are flatter than ``rates``."""
-    return measure.flatness(_trained(plan, predicted.rates())) < measure.flatness(rates) * (1 - 1e-6)
+def _aimed(plan: ScalePlan, model: RateModel, rho: np.ndarray) -> Dict[str, float]:
+    """The learning layers' rates that ``model`` predicts at ``rho``, with the correction the
+    measured rounds taught it (what its solve aimed at)."""
+    if model.correction is None:
+        return _trained(plan, model.predict(rho).rates())
+    logs, _ = model.log_rates(rho)
+    return _trained(plan, {name: math.exp(v) if math.isfinite(v) else float("nan")
+                           for (name, *_), v in zip(model.layers, logs)})
+
+
+def _gains(predicted: Mapping[str, float], rates: Mapping[str, float]) -> bool:
+    """The ``predicted`` rates are flatter than ``rates``."""
+    return measure.flatness(predicted) < measure.flatness(rates) * (1 - 1e-6)
 
 
 class _Best:

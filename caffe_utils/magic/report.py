@@ -60,9 +60,9 @@ class LayerReport:
 
 @dataclass
 class RoundReport:
-    """One round of stage 3: the change rates its solve predicted and, behind inexact layers,
-    the ones its correcting pass measured (None where the model is exact and nothing was
-    measured)."""
+    """One round of stage 3: the change rates its solve predicted (with the correction the
+    earlier measured rounds taught the model) and, behind inexact layers, the ones its
+    correcting pass measured (None where the model is exact and nothing was measured)."""
     predicted: Dict[str, float]
     measured: Optional[Dict[str, float]] = None
 
