@@ -290,7 +290,8 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             now, first = best.restore(passes.rescale)
             damping /= 2
     ctx.tick("between-layer", opts.iterations, opts.iterations)
-    report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance, errors)
+    report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance,
+                                                 errors if report.iterations else None)
     report.passes = passes.measured
     return now
 
