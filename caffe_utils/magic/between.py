@@ -21,7 +21,8 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
   until every rate is within ``tolerance`` of a common one, or within its standard error
   over the calibration's batches where that is larger (the sample cannot tell such rates
-  apart, and more passes would only fit them to its images);
+  apart, and more passes would only fit them to its images), or until ``STALL_ROUNDS``
+  rounds in a row were undone (see :func:`_rounds`);
 * **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
   (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
   alphas (``lrn_alphas``);
@@ -46,6 +47,10 @@ from caffe_utils.magic.solve import Energies, RateModel, solve
 #: per round, no group's log scale moves further than this behind inexact layers (a factor of
 #: 1000): a safeguard for degrees measured far from where a step lands
 INEXACT_MAX_STEP = math.log(1000.0)
+
+#: behind inexact layers, stage 3 stops after this many rounds in a row that were undone (no
+#: flatter than the best state so far): on GoogLeNet no later round became the flattest (README)
+STALL_ROUNDS = 2
 
 #: how many of the calibration images (rounded up to whole batches) each correcting pass
 #: measures again behind inexact layers: one batch alone corrects GoogLeNet's LRN-dependent
@@ -248,12 +253,14 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     error, :func:`_flat`), at most ``iterations`` rounds; the last energies.
     Behind inexact layers a round can land flatter than predicted or not: a round that does not
     beat the flattest state so far is undone, and the next one starts there again with half the
-    step and the model corrected by what that round measured (a trust region)."""
+    step and the model corrected by what that round measured (a trust region); after
+    ``STALL_ROUNDS`` such rounds in a row the best state stands."""
     opts, report = ctx.opts, ctx.report
     exact = not plan.degree_layers
     errors = None if exact else passes.errors  # the measured rounds stop within them
     correction = None
     damping = opts.damping
+    undone = 0  # rounds in a row undone
     best = _Best(now, first, measure.flatness(_trained(plan, now.rates())))
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
@@ -285,10 +292,12 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             report.rounds.append(RoundReport(aimed, _trained(plan, now.rates())))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
         if best.offer(now, first, report.flatness_rounds[-1]):
-            damping = min(opts.damping, 2 * damping)
+            damping, undone = min(opts.damping, 2 * damping), 0
         else:
             now, first = best.restore(passes.rescale)
-            damping /= 2
+            damping, undone = damping / 2, undone + 1
+            if undone >= STALL_ROUNDS:
+                break  # the trust region keeps failing: the best state so far stands
     ctx.tick("between-layer", opts.iterations, opts.iterations)
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance,
                                                  errors if report.iterations else None)
