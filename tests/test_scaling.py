@@ -118,6 +118,12 @@ layer { name: "fc" type: "InnerProduct" bottom: "sq" top: "fc" inner_product_par
 """
 
 
+#: CHAIN without Power and TanH: conv, ReLU, LRN, InnerProduct
+_LRN_CHAIN = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
+                           '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n',
+                                       '').replace('bottom: "sq" top: "fc"', 'bottom: "norm" top: "fc"')
+
+
 def test_paths_record_the_inexact_layers_each_column_passed(tmp_path):
     net = _net(tmp_path, CHAIN)
     plan = scale_plan.build_plan(net)
@@ -181,12 +187,9 @@ def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
 
 
 def test_undo_with_degrees_keeps_the_function_closer(tmp_path):
-    text = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
-                         '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n', '')
-    text = text.replace('bottom: "sq" top: "fc"', 'bottom: "norm" top: "fc"')
     devs = []
     for use_degrees in (False, True):
-        net = _net(tmp_path, text)
+        net = _net(tmp_path, _LRN_CHAIN)
         plan = scale_plan.build_plan(net)
         deg = degrees.forward_estimating_degrees(net, plan.degree_layers)
         before = net.blobs["fc"].data.copy()
@@ -408,11 +411,6 @@ def test_rates_within_their_standard_errors_count_as_flat():
     assert between._flat(rates, 0.01, {"a": 0.0, "b": 0.0}) == between._flat(rates, 0.01)
 
 
-#: CHAIN without Power and TanH: conv, ReLU, LRN, InnerProduct
-_LRN_CHAIN = CHAIN.replace('layer { name: "sq" type: "Power" bottom: "norm" top: "sq" power_param { power: 2 } }\n',
-                           '').replace('layer { name: "t" type: "TanH" bottom: "sq" top: "sq" }\n',
-                                       '').replace('bottom: "sq" top: "fc"', 'bottom: "norm" top: "fc"')
-
 
 def test_measured_rounds_stop_once_the_rates_are_within_their_errors(tmp_path):
     """Behind LRN, stage 3 stops measuring once every rate is within its calibration standard
@@ -444,9 +442,9 @@ def test_a_rounds_prediction_carries_the_models_correction(tmp_path):
     correction = np.zeros((len(plan.affine), rho.size))
     correction[plan.affine.index("b"), plan.group_of["a"]] = 0.5
     want = bare.predict(rho).rates()
-    assert between._aimed(plan, bare, rho) == want
+    assert between._predict(plan, bare, rho)[1] == want
     want["b"] *= np.exp(0.5 * 0.4)
-    got = between._aimed(plan, solve.RateModel(plan, energies, correction), rho)
+    got = between._predict(plan, solve.RateModel(plan, energies, correction), rho)[1]
     np.testing.assert_allclose([got[n] for n in plan.affine], [want[n] for n in plan.affine], rtol=1e-9)
 
 

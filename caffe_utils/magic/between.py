@@ -269,14 +269,13 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             report.converged = True
             break
         rho, model = _step(plan, passes, now, damping, correction)
-        aimed = _aimed(plan, model, rho)
+        predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates) and correction is not None:
             correction = None  # what the last rounds learnt leaves no way down: solve without it
             rho, model = _step(plan, passes, now, damping, correction)
-            aimed = _aimed(plan, model, rho)
+            predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates):
             break  # the model's optimum: no rescaling flattens the rates further
-        predicted = model.predict(rho)
         predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
                                                   back_degrees=model.energies.back_degrees)).predict(rho)
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
@@ -305,14 +304,15 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
     return now
 
 
-def _aimed(plan: ScalePlan, model: RateModel, rho: np.ndarray) -> Dict[str, float]:
-    """The learning layers' rates that ``model`` predicts at ``rho``, with the correction the
-    measured rounds taught it (what its solve aimed at)."""
+def _predict(plan: ScalePlan, model: RateModel, rho: np.ndarray) -> Tuple[Energies, Dict[str, float]]:
+    """The energies ``model`` predicts at ``rho``, and the learning layers' rates it predicts
+    there with the correction the measured rounds taught it (what its solve aimed at)."""
+    predicted = model.predict(rho)
     if model.correction is None:
-        return _trained(plan, model.predict(rho).rates())
+        return predicted, _trained(plan, predicted.rates())
     logs, _ = model.log_rates(rho)
-    return _trained(plan, {name: math.exp(v) if math.isfinite(v) else float("nan")
-                           for (name, *_), v in zip(model.layers, logs)})
+    return predicted, _trained(plan, {name: math.exp(v) if math.isfinite(v) else float("nan")
+                                      for (name, *_), v in zip(model.layers, logs)})
 
 
 def _gains(predicted: Mapping[str, float], rates: Mapping[str, float]) -> bool:

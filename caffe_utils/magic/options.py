@@ -18,9 +18,9 @@ class InitOptions:
     layers), the fraction of the solved rescaling each round applies and its stop (after a
     measured round, a rate within its standard error over the ``rate_images`` calibration
     images' batches counts as within ``tolerance``); the change rates are measured over
-    ``rate_images`` images. ``mem_limit`` bytes bound the cached
-    activations and patches. With ``lrn_alpha`` stage 3 may scale an LRN layer's ``alpha`` by
-    ``1/r^2`` where it scales its input by ``r``, which keeps the layer exact: the net then
+    ``rate_images`` images. ``mem_limit`` bytes bound the cached activations and patches.
+    With ``lrn_alpha`` stage 3 may scale an LRN layer's ``alpha`` by ``1/r^2`` where it
+    scales its input by ``r``, which keeps the layer exact: the net then
     computes what it did only with the new alphas (the report's ``lrn_alphas``), which is why
     the CLI turns it on with ``--output-prototxt`` alone."""
     init: str = "kmeans"
