@@ -18,7 +18,11 @@ from scripts.support.datasets import held_out_split, opencv_doc_photos, skimage_
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow, pytest.mark.acceptance]
 
-FLATNESS = {"caffenet": 1.5, "googlenet": 2.0, "vgg16": 2.0}
+#: issue 14's bounds (main measured 1.089, 1.236 and 1.340 on 2026-12-03); the looser 1.5 / 2.0 /
+#: 2.0 of before let a k-means patch subset pass at VGG16 1.603 (README)
+FLATNESS = {"caffenet": 1.3, "googlenet": 1.6, "vgg16": 1.6}
+#: with the LRN alphas (not an issue target; 1.297 and 1.416 on 2026-12-03, 1.199 and 1.279 at e45a9f9)
+LRN_ALPHA_FLATNESS = {"caffenet": 1.5, "googlenet": 2.0}
 # VGG16 is initialized by the numpy engine (faster than pycaffe on 2 cores) and measured in real
 # Caffe on 64 held-out crops (pycaffe needs about 3 s per VGG16 image forward and backward here)
 ENGINE = {"caffenet": "caffe", "googlenet": "caffe", "vgg16": "numpy"}
@@ -119,7 +123,7 @@ def test_lrn_alpha_rates_are_flat_on_held_out_photos(caffe, split_photos, tmp_pa
     flat = measure.flatness(measure.rates_of(measure.measure(net, prepared.input_name, held_out, seed=5)))
     print(f"{model} with the LRN alphas: flatness {rep.flatness_before:.3g} -> {rep.flatness_after:.3f} "
           f"(initialization batch), {flat:.3f} held out")
-    assert flat <= FLATNESS[model]
+    assert flat <= LRN_ALPHA_FLATNESS[model]
     before = _caffe_net(magic.prepare_net(netio.read_net(proto)), within, 16)
     for a in (net, before):
         a.set_data(prepared.input_name, held_out[:16])
