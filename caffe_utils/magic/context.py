@@ -4,7 +4,9 @@
 layers in topological order and each needs the real input (or output) of one layer on every
 image, so the sample's activations are kept at a checkpoint: the blobs that later layers still
 read, stored once they fit in half of ``mem_limit`` (the old checkpoint lives until the new one
-is complete). A batch then runs from the checkpoint instead of from the images; without one it
+is complete). A blob of the new checkpoint that no layer since the old one wrote is the old
+checkpoint's array, not a copy (an inception module's input is kept once for all its
+branches). A batch then runs from the checkpoint instead of from the images; without one it
 is recomputed from the last checkpoint. The stages see only :meth:`SampleBatches.through`.
 """
 from __future__ import annotations
@@ -63,6 +65,8 @@ class SampleBatches:
         self._blobs: Dict[str, np.ndarray] = {input_name: padded}
         for name, rows in (aux or {}).items():
             self._blobs[name] = np.concatenate([rows, np.resize(rows, (pad,) + rows.shape[1:])]) if pad else rows
+        #: the sample's own arrays (the images and ``aux``), which no checkpoint overwrites
+        self._inputs = set(self._blobs)
         self._fresh: Optional[Dict[str, np.ndarray]] = None
 
     def valid(self, b: int) -> int:
@@ -70,37 +74,57 @@ class SampleBatches:
         return min(self.batch, self.n - b * self.batch)
 
     def through(self, upto: int) -> Iterator[int]:
-        """For every batch, leave the net's blobs as after layers 0..``upto`` and yield how many
-        of its rows are real images. The blobs layers after ``upto`` read become the new
-        checkpoint when they fit (see :meth:`checkpointed`)."""
+        """For every batch, leave the blobs layer ``upto + 1`` reads and those layer ``upto``
+        writes as after layers 0..``upto`` and yield how many of the batch's rows are real
+        images (other blobs may hold another batch's values). The blobs layers after ``upto``
+        read become the new checkpoint when they fit (see :meth:`checkpointed`)."""
         self._fresh = None
         buf = self._start(upto + 1)
+        written = self._written(upto)
+        fed = self._fed(upto)
         for b in range(self.count):
-            self._run(b, upto)
+            self._run(b, upto, fed)
             if buf is not None:
                 sl = slice(b * self.batch, (b + 1) * self.batch)
-                for n, arr in buf.items():
-                    arr[sl] = self.net.blobs[n].data
+                for n in written.intersection(buf):
+                    buf[n][sl] = self.net.blobs[n].data
             yield self.valid(b)
-        self._fresh = buf
+        self._fresh = {n: buf[n] for n in written.intersection(buf)} if buf is not None else None
         if buf is not None:
             self._blobs, self._pos = buf, upto + 1
 
     def checkpointed(self, name: str) -> Optional[np.ndarray]:
-        """Blob ``name`` over the whole sample, when the last :meth:`through` checkpointed it
-        (a stage that changes a layer's output corrects it there instead of re-running)."""
+        """Blob ``name`` over the whole sample, when the last :meth:`through` wrote it into its
+        checkpoint (a stage that changes a layer's output corrects it there instead of
+        re-running)."""
         return None if self._fresh is None else self._fresh.get(name)
 
-    def _run(self, b: int, upto: int) -> None:
+    def _written(self, upto: int) -> Set[str]:
+        """The blobs layers ``_pos``..``upto`` write (their tops, in-place ones included)."""
+        lps = self.net.net_param.layer
+        return {t for lp in lps[self._pos:upto + 1] for t in lp.top}
+
+    def _fed(self, upto: int) -> List[str]:
+        """The checkpoint's blobs a batch must set in the net: those layers ``_pos``..``upto``
+        and the next layer read, and those layer ``upto`` writes (all of them when the
+        checkpoint lies past ``upto + 1``)."""
+        lps = self.net.net_param.layer
+        if upto + 1 < self._pos:
+            return list(self._blobs)
+        read = {b for lp in lps[self._pos:upto + 2] for b in lp.bottom} | set(lps[upto].top)
+        return [n for n in self._blobs if n in read]
+
+    def _run(self, b: int, upto: int, fed: List[str]) -> None:
         sl = slice(b * self.batch, (b + 1) * self.batch)
-        for name, arr in self._blobs.items():
-            self.net.set_data(name, arr[sl])
+        for name in fed:
+            self.net.set_data(name, self._blobs[name][sl])
         if upto >= self._pos:
             self.net.forward(start=self.names[self._pos], end=self.names[upto])
 
     def _start(self, pos: int) -> Optional[Dict[str, np.ndarray]]:
         """Buffers for a checkpoint at ``pos`` if it fits in memory; the old checkpoint lives
-        until the new one is complete, so each may take half the limit."""
+        until the new one is complete, so each may take half the limit. A blob that no layer
+        from the old checkpoint up to ``pos`` writes keeps the old checkpoint's array."""
         if pos <= self._pos:
             return None
         names = frontier(self.net, pos)
@@ -110,8 +134,20 @@ class SampleBatches:
         size = sum(int(np.prod(shape[1:])) * 4 * self.count * self.batch for shape in shapes)
         if size > self.mem_limit // 2:
             return None
-        return {n: np.empty((self.count * self.batch,) + tuple(self.net.blobs[n].data.shape[1:]), np.float32)
-                for n in names}
+        written = self._written(pos - 1)
+        return {n: self._blobs[n] if self._keeps(n, shape, n in written) else
+                np.empty((self.count * self.batch,) + shape[1:], np.float32)
+                for n, shape in zip(names, shapes)}
+
+    def _keeps(self, name: str, shape: Tuple[int, ...], written: bool) -> bool:
+        """Whether the new checkpoint takes blob ``name`` (``shape`` per batch) in the old
+        checkpoint's array: one that no layer since wrote, or one of this object's own that a
+        layer overwrote in place (batch b's rows are fed to the net before batch b's new rows
+        replace them, and no other batch reads them); the sample's arrays are never written."""
+        old = self._blobs.get(name)
+        if old is None:
+            return False
+        return not written or (name not in self._inputs and old.shape[1:] == shape[1:] and old.dtype == np.float32)
 
 
 @contextmanager
