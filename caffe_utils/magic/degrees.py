@@ -4,12 +4,14 @@ net's current activations. Stage 3's rate model (:mod:`caffe_utils.magic.solve`)
 where no exact scale rule passes a scale (:mod:`caffe_utils.magic.between`)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from caffe_utils.magic.plan import ScalePlan
+from caffe_utils.magic.within import image_moments
 
 #: per degree layer, its input x on the check batch and the direction u of its backward degree
 DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
@@ -80,7 +82,7 @@ def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
             if i > pos:
                 net.forward(start=names[pos], end=names[i - 1])
             x = np.array(net.blobs[lp.bottom[0]].data)
-            u = np.random.RandomState(0).standard_normal(x.shape).astype(np.float32)
+            u = _direction(x.shape)
             if inputs is not None:
                 inputs[names[i]] = (x, u)
         f, gain = step(names[i], x)
@@ -101,24 +103,45 @@ def _response(net, lp, name: str, x: np.ndarray, u: np.ndarray) -> Tuple[float, 
     """Layer ``lp``'s output's centred norm at input ``x``, and the norm of its derivative
     along the unit-variance direction ``u`` (a forward difference of relative size 1e-3); the
     layer's top holds ``f(x)`` afterwards."""
-    h = np.float32(1e-3 * math.sqrt(float(np.mean(np.square(x, dtype=np.float64)))) or 1e-3)
+    h = np.float32(1e-3 * math.sqrt(_sum_squares(x) / max(x.size, 1)) or 1e-3)
     top = net.blobs[lp.top[0]]
-    net.set_data(lp.bottom[0], x + h * u)
+    shifted = x + h * u
+    net.set_data(lp.bottom[0], shifted)
     net.forward(start=name, end=name)
-    shifted = np.array(top.data, np.float64)
+    shifted[...] = top.data
     net.set_data(lp.bottom[0], x)
     net.forward(start=name, end=name)
-    out = np.asarray(top.data, np.float64)
-    return _centred_norm(out), float(np.sqrt(np.sum(np.square(shifted - out)))) / float(h)
+    # f(x + hu) - f(x) in float32 is exact where the two are within a factor 2 of each other
+    diff = np.subtract(shifted, top.data, out=shifted)
+    return _centred_norm(top.data), math.sqrt(_sum_squares(diff)) / float(h)
+
+
+@functools.lru_cache(maxsize=8)
+def _direction(shape: Tuple[int, ...]) -> np.ndarray:
+    """The fixed random direction (float32, read-only) of a backward degree at an input of
+    ``shape``: the same for every probe, so the degrees of two rounds differ by the net only."""
+    u = np.random.RandomState(0).standard_normal(shape).astype(np.float32)
+    u.setflags(write=False)
+    return u
 
 
 def _clip_degree(d: float) -> float:
     return float(min(max(d, -3.0), 3.0)) if math.isfinite(d) else 1.0
 
 
+def _sum_squares(a: np.ndarray) -> float:
+    """The sum of squares of float32 ``a``, accumulated in float64 an image at a time."""
+    x = np.asarray(a)
+    if x.ndim < 2:
+        return float(np.sum(np.square(x, dtype=np.float64)))
+    return float(image_moments(x, x.shape[0])[1].sum())
+
+
 def _centred_norm(a: np.ndarray) -> float:
-    x = np.asarray(a, np.float64)
-    if x.ndim >= 2:
-        x = x.reshape(x.shape[0], x.shape[1], -1)
-        x = x - x.mean(axis=(0, 2), keepdims=True)
-    return float(np.sqrt(np.sum(x * x)))
+    """The norm of ``a`` (N, C, ...) with each channel's mean over images and positions taken
+    out: from float64 sums per channel, an image at a time (no float64 copy of ``a``)."""
+    x = np.asarray(a)
+    if x.ndim < 2:
+        return math.sqrt(_sum_squares(x))
+    s1, s2, count = image_moments(x, x.shape[0])
+    return math.sqrt(max(float(np.sum(s2 - s1 * s1 / max(count, 1))), 0.0))
