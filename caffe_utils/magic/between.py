@@ -39,7 +39,7 @@ import numpy as np
 
 from caffe_utils import layout, measure
 from caffe_utils.magic.context import InitContext, param_diffs_off
-from caffe_utils.magic.degrees import DegreeInputs, step_degrees
+from caffe_utils.magic.degrees import DegreeInputs, Directions, step_degrees
 from caffe_utils.magic.plan import ScalePlan, apply_scales, build_plan
 from caffe_utils.magic.report import RoundReport
 from caffe_utils.magic.solve import Energies, RateModel, solve
@@ -114,6 +114,8 @@ class _Passes:
         self.errors: Dict[str, float] = {}
         #: the degree layers' inputs on the check batch at the net's current scales
         self.inputs: DegreeInputs = {}
+        #: the random directions of the backward degrees, drawn once for the whole stage
+        self.directions: Directions = {}
 
     def rescale(self, scale: Mapping[int, float], degrees: Mapping[str, float]) -> None:
         """Scale the plan's groups by ``scale`` (undone downstream, through the inexact layers
@@ -156,7 +158,8 @@ class _Passes:
         """The degree layers' degrees and backward degrees along the rescaling ``rho``, on the
         check batch."""
         self.net.set_data(self.input_name, self.check_batch)
-        return step_degrees(self.net, self.plan, rho, degrees, finish=False, inputs=self.inputs)
+        return step_degrees(self.net, self.plan, rho, degrees, finish=False, inputs=self.inputs,
+                            directions=self.directions)
 
     def _degrees(self) -> Tuple[Dict[str, float], Dict[str, float], Optional[str]]:
         """The local degrees and backward degrees, on the check batch; and when they ran the
@@ -167,7 +170,7 @@ class _Passes:
         fresh = not self.inputs
         self.net.set_data(self.input_name, self.check_batch)
         degrees, back = step_degrees(self.net, self.plan, np.zeros(0), {}, local=True, finish=False,
-                                     inputs=self.inputs)
+                                     inputs=self.inputs, directions=self.directions)
         names = list(self.net.layer_names)
         last = max(names.index(n) for n in self.plan.degree_layers)
         return degrees, back, names[last + 1] if fresh and last + 1 < len(names) else None

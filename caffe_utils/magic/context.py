@@ -79,18 +79,18 @@ class SampleBatches:
         images (other blobs may hold another batch's values). The blobs layers after ``upto``
         read become the new checkpoint when they fit (see :meth:`checkpointed`)."""
         self._fresh = None
-        buf = self._start(upto + 1)
         written = self._written(upto)
+        buf = self._start(upto + 1, written)
+        stored = [n for n in buf if n in written] if buf is not None else []
         fed = self._fed(upto)
         for b in range(self.count):
             self._run(b, upto, fed)
-            if buf is not None:
-                sl = slice(b * self.batch, (b + 1) * self.batch)
-                for n in written.intersection(buf):
-                    buf[n][sl] = self.net.blobs[n].data
+            sl = slice(b * self.batch, (b + 1) * self.batch)
+            for n in stored:
+                buf[n][sl] = self.net.blobs[n].data
             yield self.valid(b)
-        self._fresh = {n: buf[n] for n in written.intersection(buf)} if buf is not None else None
         if buf is not None:
+            self._fresh = {n: buf[n] for n in stored}
             self._blobs, self._pos = buf, upto + 1
 
     def checkpointed(self, name: str) -> Optional[np.ndarray]:
@@ -121,10 +121,11 @@ class SampleBatches:
         if upto >= self._pos:
             self.net.forward(start=self.names[self._pos], end=self.names[upto])
 
-    def _start(self, pos: int) -> Optional[Dict[str, np.ndarray]]:
+    def _start(self, pos: int, written: Set[str]) -> Optional[Dict[str, np.ndarray]]:
         """Buffers for a checkpoint at ``pos`` if it fits in memory; the old checkpoint lives
-        until the new one is complete, so each may take half the limit. A blob that no layer
-        from the old checkpoint up to ``pos`` writes keeps the old checkpoint's array."""
+        until the new one is complete, so each may take half the limit. A blob that the layers
+        from the old checkpoint up to ``pos`` do not write (``written``) keeps the old
+        checkpoint's array."""
         if pos <= self._pos:
             return None
         names = frontier(self.net, pos)
@@ -134,7 +135,6 @@ class SampleBatches:
         size = sum(int(np.prod(shape[1:])) * 4 * self.count * self.batch for shape in shapes)
         if size > self.mem_limit // 2:
             return None
-        written = self._written(pos - 1)
         return {n: self._blobs[n] if self._keeps(n, shape, n in written) else
                 np.empty((self.count * self.batch,) + shape[1:], np.float32)
                 for n, shape in zip(names, shapes)}
@@ -147,7 +147,7 @@ class SampleBatches:
         old = self._blobs.get(name)
         if old is None:
             return False
-        return not written or (name not in self._inputs and old.shape[1:] == shape[1:] and old.dtype == np.float32)
+        return not written or (name not in self._inputs and old.shape[1:] == shape[1:])
 
 
 @contextmanager

@@ -4,7 +4,6 @@ net's current activations. Stage 3's rate model (:mod:`caffe_utils.magic.solve`)
 where no exact scale rule passes a scale (:mod:`caffe_utils.magic.between`)."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -15,6 +14,8 @@ from caffe_utils.magic.within import image_moments
 
 #: per degree layer, its input x on the check batch and the direction u of its backward degree
 DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
+#: per input shape, the random direction u of a backward degree (drawn once, see :func:`_direction`)
+Directions = Dict[Tuple[int, ...], np.ndarray]
 
 
 def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25) -> Dict[str, float]:
@@ -30,7 +31,8 @@ def forward_estimating_degrees(net, layers: Sequence[str], factor: float = 1.25)
 
 
 def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, float], local: bool = False,
-                 finish: bool = True, inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+                 finish: bool = True, inputs: Optional[DegreeInputs] = None,
+                 directions: Optional[Directions] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
     """The effective degree of each of the plan's degree layers along the rescaling ``rho``
     (log scales over group ids): the secant slope from the current input x to the input
     ``R x`` the rescaling gives it (``R`` from :meth:`ScalePlan.input_factors`, through the
@@ -38,8 +40,8 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
     |x|_c)``. An LRN that a large step pushes from its linear regime into its saturating one
     passes that step with a degree far from its local one. A step too small to measure gets
     the local degree (factor 1.25), and so does every layer with ``local``. With the degrees,
-    the backward degrees (see :func:`_secant_degrees`, also for ``inputs``); with ``finish``
-    the blobs end as after a plain forward pass."""
+    the backward degrees (see :func:`_secant_degrees`, also for ``inputs`` and
+    ``directions``); with ``finish`` the blobs end as after a plain forward pass."""
     def step(name: str, x: np.ndarray):
         f = None if local else plan.input_factors(name, rho, degrees)
         if f is not None and f.size == int(np.prod(x.shape[1:])):
@@ -50,11 +52,11 @@ def step_degrees(net, plan: ScalePlan, rho: np.ndarray, degrees: Mapping[str, fl
                 return f, gain
         return np.float32(1.25), 1.25
 
-    return _secant_degrees(net, plan.degree_layers, step, finish, inputs)
+    return _secant_degrees(net, plan.degree_layers, step, finish, inputs, directions)
 
 
-def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
-                    inputs: Optional[DegreeInputs] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True, inputs: Optional[DegreeInputs] = None,
+                    directions: Optional[Directions] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per layer of ``layers``, its degree ``d = log(|f(F x)|_c / |f(x)|_c) / log(gain)`` for
     ``(F, gain) = step(name, x)`` at its current input x, and its backward degree
     ``e = 1 + log(|J(F x) u| / |J(x) u|) / log(gain)`` for the layer's Jacobian J along a
@@ -63,7 +65,9 @@ def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
 
     ``inputs``, when given, keeps each layer's x and u: an empty one is filled by the forward
     pass, and a full one (from an earlier call at the same weights and net input) replaces
-    that pass, so that only the listed layers run; with ``finish`` the whole net then runs."""
+    that pass, so that only the listed layers run; with ``finish`` the whole net then runs.
+    ``directions``, when given, keeps the drawn u by shape across calls (whose ``inputs`` the
+    caller empties at every rescaling)."""
     names = list(net.layer_names)
     index = {n: i for i, n in enumerate(names)}
     lps = {lp.name: lp for lp in net.net_param.layer}
@@ -82,7 +86,7 @@ def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True,
             if i > pos:
                 net.forward(start=names[pos], end=names[i - 1])
             x = np.array(net.blobs[lp.bottom[0]].data)
-            u = _direction(x.shape)
+            u = _direction(x.shape, directions)
             if inputs is not None:
                 inputs[names[i]] = (x, u)
         f, gain = step(names[i], x)
@@ -116,12 +120,15 @@ def _response(net, lp, name: str, x: np.ndarray, u: np.ndarray) -> Tuple[float, 
     return _centred_norm(top.data), math.sqrt(_sum_squares(diff)) / float(h)
 
 
-@functools.lru_cache(maxsize=8)
-def _direction(shape: Tuple[int, ...]) -> np.ndarray:
-    """The fixed random direction (float32, read-only) of a backward degree at an input of
-    ``shape``: the same for every probe, so the degrees of two rounds differ by the net only."""
+def _direction(shape: Tuple[int, ...], directions: Optional[Directions] = None) -> np.ndarray:
+    """The fixed random direction (float32) of a backward degree at an input of ``shape``: the
+    same for every probe, so the degrees of two rounds differ by the net only; taken from
+    ``directions`` when drawn before, and kept there."""
+    if directions is not None and shape in directions:
+        return directions[shape]
     u = np.random.RandomState(0).standard_normal(shape).astype(np.float32)
-    u.setflags(write=False)
+    if directions is not None:
+        directions[shape] = u
     return u
 
 
