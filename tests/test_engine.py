@@ -80,6 +80,74 @@ def test_in_place_after_an_earlier_reader(tmp_path):
         np.testing.assert_allclose(nets[0].params[name][0].diff, nets[1].params[name][0].diff, rtol=1e-5, atol=1e-6)
 
 
+IN_PLACE_CHAIN = """
+name: "in_place_chain"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 3 dim: 2 dim: 6 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 5 kernel_size: 3 } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" batch_norm_param { use_global_stats: true } }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "leaky" type: "ReLU" bottom: "pool" top: "pool" relu_param { negative_slope: 0.1 } }
+layer { name: "drop" type: "Dropout" bottom: "pool" top: "pool" }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "out" inner_product_param { num_output: 4 } }
+"""
+
+
+#: the same net with every layer writing a blob of its own
+OUT_OF_PLACE_CHAIN = IN_PLACE_CHAIN
+for _old, _new in [('"bn" type: "BatchNorm" bottom: "conv" top: "conv"', '"bn" type: "BatchNorm" bottom: "conv" top: "bn"'),
+                   ('bottom: "conv" top: "conv" scale_param', 'bottom: "bn" top: "scale" scale_param'),
+                   ('bottom: "conv" top: "conv" }', 'bottom: "scale" top: "relu" }'),
+                   ('bottom: "conv" top: "pool"', 'bottom: "relu" top: "pool"'),
+                   ('bottom: "pool" top: "pool" relu_param', 'bottom: "pool" top: "leaky" relu_param'),
+                   ('bottom: "pool" top: "pool" }', 'bottom: "leaky" top: "drop" }'),
+                   ('bottom: "pool" top: "out"', 'bottom: "drop" top: "out"')]:
+    assert _old in OUT_OF_PLACE_CHAIN
+    OUT_OF_PLACE_CHAIN = OUT_OF_PLACE_CHAIN.replace(_old, _new)
+
+
+@pytest.mark.parametrize("phase", [0, 1])  # TRAIN: Dropout masks (seeded alike in both nets), TEST
+def test_in_place_backward_equals_out_of_place(tmp_path, phase):
+    """ReLU, Dropout, BatchNorm (stored statistics) and Scale turn the diff of the blob they
+    work in place on into their bottom diff where it lies (:meth:`Layer.backward_in_place`):
+    every diff equals that of the same net with each layer writing a blob of its own."""
+    nets = [Net(_write(tmp_path, t, f"{i}.prototxt"), phase=phase)
+            for i, t in enumerate((IN_PLACE_CHAIN, OUT_OF_PLACE_CHAIN))]
+    rng = np.random.RandomState(7)
+    for name, blobs in nets[0].params.items():
+        for a, b in zip(blobs, nets[1].params[name]):
+            a.data[...] = b.data[...] = rng.uniform(0.5, 1.5, a.shape) if name == "bn" else rng.standard_normal(a.shape)
+    x = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    d = rng.standard_normal((3, 4)).astype(np.float32)
+    for net in nets:
+        net.blobs["data"].data[...] = x
+        net.forward()
+        net.blobs["out"].diff[...] = d
+        net.clear_param_diffs()
+        net.backward()
+    assert np.array_equal(nets[0].blobs["out"].data, nets[1].blobs["out"].data)
+    assert np.array_equal(nets[0].blobs["data"].diff, nets[1].blobs["data"].diff)
+    for name, blobs in nets[0].params.items():
+        for a, b in zip(blobs, nets[1].params[name]):
+            assert np.array_equal(a.diff, b.diff), name
+    assert np.abs(nets[0].params["scale"][0].diff).sum() > 0
+
+
+def test_in_place_backward_replaces_the_general_path(tmp_path, monkeypatch):
+    """The net runs an in-place layer's :meth:`backward_in_place`, not its ``backward`` with a
+    copied top diff and a zeroed bottom diff."""
+    net = Net(_write(tmp_path, IN_PLACE_CHAIN))
+    called = []
+    for layer in net.layers:
+        if layer.type in ("ReLU", "Scale", "BatchNorm", "Dropout"):
+            monkeypatch.setattr(layer, "backward", lambda *a, t=layer.type: called.append(t))
+    net.forward()
+    net.blobs["out"].diff[...] = 1
+    net.backward()
+    assert called == ["Scale"]  # Scale's in-place backward takes its parameter diffs from backward
+
+
 def test_forward_and_backward_ranges(tmp_path):
     net = Net(_write(tmp_path, BRANCHY))
     rng = np.random.RandomState(0)

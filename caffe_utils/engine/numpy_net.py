@@ -394,6 +394,10 @@ class Net:
             pd = [layer.can_propagate(k) and (k >= len(lp.propagate_down) or lp.propagate_down[k])
                   and (self.input_diffs or bottoms[k] not in input_blobs)
                   for k in range(len(bottoms))]
+            if pd == [True] and self._inplace[i] == [True] and layer.in_place_backward:
+                layer.backward_in_place(bottoms[0])  # the diff becomes the bottom's where it lies
+                zeroed.add(id(bottoms[0]))
+                continue
             call_tops: List = list(tops)
             inplace_ids = set()
             for k, t in enumerate(tops):

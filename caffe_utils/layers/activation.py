@@ -22,6 +22,7 @@ from typing import List, Optional
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.im2col import parallel
 
 _F = np.float32
 
@@ -51,7 +52,12 @@ class ReLU(NeuronLayer):
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         x = bottom[0].data
         if self.slope == 0:
-            np.maximum(x, _F(0), out=top[0].data)
+            x2, y2 = _rows(x), _rows(top[0].data)
+
+            def work(images: slice) -> None:
+                np.maximum(x2[images], _F(0), out=y2[images])
+
+            parallel(work, x2.shape[0], x2.size)
         else:
             top[0].data[...] = np.maximum(x, _F(0)) + self.slope * np.minimum(x, _F(0))
 
@@ -67,6 +73,32 @@ class ReLU(NeuronLayer):
             f = pos.astype(DTYPE)
             f += self.slope * ~pos
             bottom[0].diff += dy * f
+
+    @property
+    def in_place_backward(self) -> bool:
+        return True
+
+    def backward_in_place(self, blob: Blob) -> None:
+        """The diff times the top's ``> 0`` mask (in place Caffe reads the top as its bottom
+        data), an image at a time in threads: no temporary the size of the blob."""
+        y, d = _rows(blob.data), _rows(blob.diff)
+
+        def work(images: slice) -> None:
+            for i in range(images.start, images.stop):
+                pos = y[i] > 0
+                if self.slope == 0:
+                    np.multiply(d[i], pos, out=d[i])
+                else:
+                    f = pos.astype(DTYPE)
+                    f += self.slope * ~pos
+                    d[i] *= f
+
+        parallel(work, y.shape[0], y.size)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``a`` as (first axis, the rest): the items element-wise kernels run on in threads."""
+    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
 
 
 @register
@@ -318,6 +350,15 @@ class Dropout(NeuronLayer):
             bottom[0].diff += top[0].diff * self._mask
         else:
             bottom[0].diff += top[0].diff
+
+    @property
+    def in_place_backward(self) -> bool:
+        return True
+
+    def backward_in_place(self, blob: Blob) -> None:
+        """TRAIN: the diff times the mask; TEST: the identity, so nothing to do."""
+        if self.train:
+            blob.diff *= self._mask
 
 
 @register

@@ -11,7 +11,12 @@ string with :func:`register`. A layer follows Caffe's protocol:
   ``bottom[i].diff`` for each ``propagate_down[i]`` and into ``self.blobs[j].diff``. The net zeroes
   bottom diffs before a backward pass (parameter diffs accumulate across passes, as in Caffe,
   until :meth:`Net.clear_param_diffs`); that is how a blob with several consumers gets the sum of
-  their gradients.
+  their gradients;
+* optionally ``backward_in_place(blob)``, for a layer whose one top is its one bottom: Caffe's
+  in-place backward, which turns the top diff in ``blob.diff`` into the bottom diff where it
+  lies. No other layer reads an in-place blob's old contents (the net gives such a top a blob
+  of its own), so nothing else adds into that diff; the net then needs no copy of the top diff
+  and no zeroed bottom diff, two passes over the blob (:attr:`Layer.in_place_backward`).
 
 Layer parameters are read from the LayerParameter message, whose descriptor supplies Caffe's
 defaults. All arithmetic is float32, as in Caffe's CPU build.
@@ -155,6 +160,17 @@ class Layer:
         raise NotImplementedError
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
+        raise NotImplementedError
+
+    @property
+    def in_place_backward(self) -> bool:
+        """Whether the net may call :meth:`backward_in_place` when the layer runs in place."""
+        return False
+
+    def backward_in_place(self, blob: Blob) -> None:
+        """Backward of the layer run in place on ``blob`` (its top and bottom), with the bottom's
+        ``propagate_down`` on: ``blob.diff`` holds the top diff and is overwritten by the bottom
+        diff, as Caffe's in-place layers do; parameter diffs are added as by :meth:`backward`."""
         raise NotImplementedError
 
     def can_propagate(self, bottom_index: int) -> bool:

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
+from caffe_utils.layers.im2col import parallel
 from caffe_utils.layers.structure import canonical_axis
 
 _F = np.float32
@@ -43,6 +44,30 @@ def _csum(a: np.ndarray) -> np.ndarray:
 def _cdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-channel dot product of two (outer, C, inner) arrays: shape (C,), float32."""
     return np.einsum("ijk,ijk->j", a, b)
+
+
+#: elements of the outer-axis items :func:`_channelwise` takes at a time (at least one item)
+CHANNELWISE_BLOCK = 1 << 18
+
+
+def _channelwise(a: np.ndarray, v: np.ndarray, op: np.ufunc, x: Optional[np.ndarray] = None,
+                 then: Optional[Tuple[np.ndarray, np.ufunc]] = None) -> None:
+    """``a = op(x, v)`` for (outer, C, inner) arrays ``a`` and ``x`` (default: ``a`` itself, in
+    place) and a per-channel ``v`` (C,), followed by ``a = op2(a, v2)`` for ``then = (v2, op2)``:
+    item by item of the outer axis, in threads, so the second step finds the item in cache."""
+    vb = v.reshape(1, -1, 1)
+    src = a if x is None else x
+    v2 = None if then is None else then[0].reshape(1, -1, 1)
+    step = max(1, CHANNELWISE_BLOCK // max(a[:1].size, 1))
+
+    def work(items: slice) -> None:
+        for i in range(items.start, items.stop, step):
+            part = slice(i, min(i + step, items.stop))
+            op(src[part], vb, out=a[part])
+            if then is not None:
+                then[1](a[part], v2, out=a[part])
+
+    parallel(work, a.shape[0], a.size)
 
 
 def softmax(x: np.ndarray, axis: int, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -124,24 +149,25 @@ class BatchNorm(Layer):
             scale = _F(0) if f == 0 else _F(1) / f
             mean = self.blobs[0].data * scale
             var = self.blobs[1].data * scale
-            np.subtract(x3, mean[None, :, None], out=y)
-        else:
-            inv_m = _F(1.0 / (n * s))
-            mean = _csum(x3) * inv_m
-            np.subtract(x3, mean[None, :, None], out=y)
-            var = _cdot(y, y) * inv_m
-            b2 = self.blobs[2].data
-            b2 *= self.maf
-            b2 += _F(1)
-            self.blobs[0].data[...] = mean + self.maf * self.blobs[0].data
-            m = x.size // c
-            bias_correction = _F(m) / _F(m - 1) if m > 1 else _F(1)
-            self.blobs[1].data[...] = bias_correction * var + self.maf * self.blobs[1].data
+            self.std, self.x_norm = np.sqrt(var + self.eps), None
+            _channelwise(y, mean, np.subtract, x3, then=(self.std, np.divide))
+            return
+        inv_m = _F(1.0 / (n * s))
+        mean = _csum(x3) * inv_m
+        np.subtract(x3, mean[None, :, None], out=y)
+        var = _cdot(y, y) * inv_m
+        b2 = self.blobs[2].data
+        b2 *= self.maf
+        b2 += _F(1)
+        self.blobs[0].data[...] = mean + self.maf * self.blobs[0].data
+        m = x.size // c
+        bias_correction = _F(m) / _F(m - 1) if m > 1 else _F(1)
+        self.blobs[1].data[...] = bias_correction * var + self.maf * self.blobs[1].data
         std = np.sqrt(var + self.eps)
         np.divide(y, std[None, :, None], out=y)
         self.std = std
         # kept apart from top: an in-place layer downstream may change the top (Caffe: x_norm_)
-        self.x_norm = None if self.use_global_stats else y.copy()
+        self.x_norm = y.copy()
 
     def backward(self, top: List[Blob], propagate_down: List[bool], bottom: List[Blob]) -> None:
         if not propagate_down[0]:
@@ -162,6 +188,16 @@ class BatchNorm(Layer):
         g += dy
         g /= std
         bottom[0].diff += g.reshape(shape)
+
+    @property
+    def in_place_backward(self) -> bool:
+        """With stored statistics the layer is a per-channel affine map, whose gradient is
+        the diff divided by the channel's std."""
+        return self.use_global_stats
+
+    def backward_in_place(self, blob: Blob) -> None:
+        n, c, s = self._dims(blob.shape)
+        _channelwise(blob.diff.reshape(n, c, s), self.std, np.divide)
 
 
 def _param_shape(layer: Layer, shape: Tuple[int, ...], axis: int, num_axes: int) -> Tuple[int, ...]:
@@ -245,6 +281,7 @@ class Scale(Layer):
         self.blobs = []
         if len(bottom) == 1:
             self.blobs.append(Blob(_param_shape(self, bottom[0].shape, p.axis, p.num_axes)))
+        self._scale_from_bottom = len(bottom) > 1
         self.bias_term = bool(p.bias_term)
         if self.bias_term:
             num_axes = len(bottom[1].shape) if len(bottom) > 1 else int(p.num_axes)
@@ -265,14 +302,23 @@ class Scale(Layer):
     def forward(self, bottom: List[Blob], top: List[Blob]) -> None:
         outer, dim, inner = self.dims
         x = bottom[0].data
-        # Caffe's temp_: an in-place top overwrites the input that the scale's diff needs
-        self._saved = x.copy() if _shares(bottom[0], top[0]) and self._scale_diff_possible(bottom) else None
-        s = self._scale(bottom).data.reshape(1, dim, 1)
-        y = top[0].data
-        np.multiply(x.reshape(outer, dim, inner), s, out=y.reshape(outer, dim, inner))
+        # Caffe's temp_: an in-place top overwrites the input that the scale's diff needs (kept in
+        # the array of the last forward when the shape allows)
+        if _shares(bottom[0], top[0]) and self._scale_diff_possible(bottom):
+            if self._saved is None or self._saved.shape != x.shape:
+                self._saved = np.empty_like(x)
+            np.copyto(self._saved, x)
+        else:
+            self._saved = None
+        s = self._scale(bottom).data.reshape(-1)
+        y = top[0].data.reshape(outer, dim, inner)
+        if self.bias_term and self.bias_dims == self.dims:
+            _channelwise(y, s, np.multiply, x.reshape(outer, dim, inner), then=(self.blobs[-1].data, np.add))
+            return
+        _channelwise(y, s, np.multiply, x.reshape(outer, dim, inner))
         if self.bias_term:
             bo, bd, bi = self.bias_dims
-            y.reshape(bo, bd, bi)[...] += self.blobs[-1].data.reshape(1, bd, 1)
+            top[0].data.reshape(bo, bd, bi)[...] += self.blobs[-1].data.reshape(1, bd, 1)
 
     def _scale_diff_possible(self, bottom: List[Blob]) -> bool:
         """Whether a backward may compute the scale's diff: always for a scale bottom (its
@@ -300,6 +346,17 @@ class Scale(Layer):
         if propagate_down[0]:
             g = dy.reshape(outer, dim, inner) * s.data.reshape(1, dim, 1)
             bottom[0].diff += g.reshape(bottom[0].shape)
+
+    @property
+    def in_place_backward(self) -> bool:
+        """With the scale a parameter (one bottom): the parameter diffs from the top diff, then
+        the diff times the scale, per channel."""
+        return not self._scale_from_bottom
+
+    def backward_in_place(self, blob: Blob) -> None:
+        self.backward([blob], [False], [blob])  # the parameter diffs only, from the top diff
+        outer, dim, inner = self.dims
+        _channelwise(blob.diff.reshape(outer, dim, inner), self.blobs[0].data.reshape(-1), np.multiply)
 
 
 @register
