@@ -16,7 +16,10 @@ Semantics that follow Caffe:
 * a blob read by several layers receives the sum of their gradients;
 * backward always reaches the inputs (``force_backward``) and computes every parameter diff;
   bottom diffs are zeroed by the pass, parameter diffs accumulate until
-  :meth:`clear_param_diffs`, as in Caffe;
+  :meth:`clear_param_diffs`, as in Caffe; a layer run in place gets a copy of its top diff and
+  a zeroed bottom diff, unless it turns the diff into its bottom diff where it lies
+  (:meth:`~caffe_utils.layers.base.Layer.backward_in_place`: ReLU, Dropout, BatchNorm with
+  stored statistics, Scale);
 * a loss layer's top diff holds its loss weight, so ``backward()`` from a loss works as in Caffe;
 * ``outputs`` are Caffe's net outputs and, after them, the blobs that only bottoms with
   ``propagate_down: false`` read (:func:`net_outputs`): a head's inputs, where the gradient starts;
