@@ -165,6 +165,25 @@ def test_kept_degree_inputs_replace_the_forward_pass(tmp_path):
     assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False) != ref
 
 
+def test_kept_degree_inputs_measure_the_response_at_x_once(tmp_path, monkeypatch):
+    """A degree layer's response at its kept input x is measured once: a later step from the
+    same x runs the layer only at its stepped input, with the degrees of a fresh measurement."""
+    net = _net(tmp_path, CHAIN)
+    plan = scale_plan.build_plan(net)
+    rho = np.zeros(len(plan.affine) + 1)
+    kept: dict = {}
+    degrees.step_degrees(net, plan, rho, {}, local=True, finish=False, inputs=kept)
+    assert all(probe.at_x is not None for probe in kept.values())
+    rho[plan.group_of["c1"]] = 0.7
+    ref = degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False)
+    runs = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda start=None, end=None, **kw: runs.append((start, end)) or
+                        forward(start=start, end=end, **kw))
+    assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
+    assert sorted(runs) == sorted((n, n) for n in kept for _ in range(2))  # x + h u and x, at the step only
+
+
 def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
     """Stage 3 keeps the degree layers' inputs between its degree measurements at one set of
     scales; after a rescale its degrees are those of a fresh forward pass again."""

@@ -5,6 +5,7 @@ where no exact scale rule passes a scale (:mod:`caffe_utils.magic.between`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,8 +13,19 @@ import numpy as np
 from caffe_utils.magic.plan import ScalePlan
 from caffe_utils.magic.within import image_moments
 
-#: per degree layer, its input x on the check batch and the direction u of its backward degree
-DegreeInputs = Dict[str, Tuple[np.ndarray, np.ndarray]]
+
+@dataclass
+class DegreeProbe:
+    """A degree layer's input ``x`` on the check batch, the direction ``u`` of its backward
+    degree, and once measured its response at ``x`` (:func:`_response`): the secants of every
+    step from ``x`` share it, so it is measured once while ``x`` holds."""
+    x: np.ndarray
+    u: np.ndarray
+    at_x: Optional[Tuple[float, float]] = None
+
+
+#: per degree layer, its :class:`DegreeProbe` on the check batch
+DegreeInputs = Dict[str, DegreeProbe]
 #: per input shape, the random direction u of a backward degree (drawn once, see :func:`_direction`)
 Directions = Dict[Tuple[int, ...], np.ndarray]
 
@@ -63,9 +75,10 @@ def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True, input
     fixed random direction u (forward differences): how a gradient through it scales
     (``e = d`` for a homogeneous f). Both clipped to [-3, 3].
 
-    ``inputs``, when given, keeps each layer's x and u: an empty one is filled by the forward
-    pass, and a full one (from an earlier call at the same weights and net input) replaces
-    that pass, so that only the listed layers run; with ``finish`` the whole net then runs.
+    ``inputs``, when given, keeps each layer's x and u (and its response at x): an empty one is
+    filled by the forward pass, and a full one (from an earlier call at the same weights and net
+    input) replaces that pass and the responses at x, so that only the listed layers run, at
+    their stepped inputs; with ``finish`` the whole net then runs.
     ``directions``, when given, keeps the drawn u by shape across calls (whose ``inputs`` the
     caller empties at every rescaling)."""
     names = list(net.layer_names)
@@ -81,17 +94,19 @@ def _secant_degrees(net, layers: Sequence[str], step, finish: bool = True, input
     for i in order:
         lp = lps[names[i]]
         if known:
-            x, u = inputs[names[i]]
+            probe = inputs[names[i]]
         else:
             if i > pos:
                 net.forward(start=names[pos], end=names[i - 1])
             x = np.array(net.blobs[lp.bottom[0]].data)
-            u = _direction(x.shape, directions)
+            probe = DegreeProbe(x, _direction(x.shape, directions))
             if inputs is not None:
-                inputs[names[i]] = (x, u)
-        f, gain = step(names[i], x)
-        y2, j2 = _response(net, lp, names[i], x * f, u)
-        y1, j1 = _response(net, lp, names[i], x, u)  # last: the blobs hold the real output
+                inputs[names[i]] = probe
+        f, gain = step(names[i], probe.x)
+        y2, j2 = _response(net, lp, names[i], probe.x * f, probe.u)
+        if probe.at_x is None:  # a fresh probe: last, so that the blobs hold the real output
+            probe.at_x = _response(net, lp, names[i], probe.x, probe.u)
+        y1, j1 = probe.at_x
         degrees[names[i]] = _clip_degree(math.log(y2 / y1) / math.log(gain) if y1 > 0 and y2 > 0 else 1.0)
         e = 1.0 + math.log(j2 / j1) / math.log(gain) if j1 > 0 and j2 > 0 else degrees[names[i]]
         back[names[i]] = _clip_degree(e)
