@@ -181,7 +181,7 @@ def test_kept_degree_inputs_measure_the_response_at_x_once(tmp_path, monkeypatch
     monkeypatch.setattr(net, "forward", lambda start=None, end=None, **kw: runs.append((start, end)) or
                         forward(start=start, end=end, **kw))
     assert degrees.step_degrees(net, plan, rho, {"norm": 0.5, "sq": 2.0}, finish=False, inputs=kept) == ref
-    assert sorted(runs) == sorted((n, n) for n in kept for _ in range(2))  # x + h u and x, at the step only
+    assert sorted(runs) == sorted((n, n) for n in kept for _ in range(2))  # F x + h u and F x: the stepped input only
 
 
 def test_stage3_measures_the_degree_inputs_again_after_a_rescale(tmp_path):
