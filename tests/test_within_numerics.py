@@ -7,6 +7,7 @@ import numpy as np
 import scipy.linalg
 import pytest
 
+from caffe_utils import fillers
 from caffe_utils.fillers import fill
 from caffe_utils.layers.im2col import im2col_batch, out_shape
 from caffe_utils.magic import patches as pmod
@@ -168,6 +169,33 @@ def test_fill_with_a_generator_into_out(kind):
     assert out.std() == pytest.approx(old.std(), rel=0.01)
     if kind == "uniform":
         assert out.min() >= -2 and out.max() <= 3
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_a_large_blob_is_drawn_in_parts_by_seeded_generators(monkeypatch, kind):
+    """Past fillers.PART values each part has its own generator, seeded by the caller's: the
+    threaded fill equals a plain loop over the parts, and the parts are independent streams."""
+    monkeypatch.setattr(fillers, "PART", 1000)
+    f = caffe_pb2().FillerParameter(type=kind, std=0.2, mean=0.1, min=-2, max=3)
+    got = fill(f, (7, 500), np.random.default_rng(3))
+    seeds = np.random.default_rng(3).integers(0, 2 ** 63, size=4, dtype=np.uint64)
+    ref = np.empty(3500, np.float32)
+    for i, s in enumerate(seeds):                                    # the oracle: one part after another
+        g = np.random.Generator(np.random.SFC64(int(s)))
+        part = ref[i * 1000:(i + 1) * 1000]
+        if kind == "gaussian":
+            part[...] = g.standard_normal(part.size, dtype=np.float32) * np.float32(0.2) + np.float32(0.1)
+        else:
+            part[...] = g.random(part.size, dtype=np.float32) * np.float32(5) + np.float32(-2)
+    np.testing.assert_array_equal(got.reshape(-1), ref)
+    assert not np.array_equal(got.reshape(-1)[:1000], got.reshape(-1)[1000:2000])
+    small = fill(f, (7, 100), np.random.default_rng(3))              # up to PART: the caller's stream
+    if kind == "gaussian":
+        plain = np.random.default_rng(3).standard_normal(700, dtype=np.float32) * np.float32(0.2) + np.float32(0.1)
+        np.testing.assert_array_equal(small.reshape(-1), plain)
+    w = weights.gaussian((4, 1000), np.random.default_rng(5), std=0.5)
+    assert w.dtype == np.float32 and w.std() == pytest.approx(0.5, rel=0.05)
+    np.testing.assert_array_equal(w, weights.gaussian((4, 1000), np.random.default_rng(5), std=0.5))
 
 
 def test_image_moments_match_channel_stats():

@@ -29,7 +29,7 @@ except ImportError:  # optional: without it LAPACK uses the BLAS's own thread co
     threadpool_limits = None
 
 from caffe_utils import layout
-from caffe_utils.fillers import fill
+from caffe_utils.fillers import fill, gaussian32
 from caffe_utils.layers.im2col import out_shape
 from caffe_utils.layers.vision import conv_geometry
 from caffe_utils.magic.context import InitContext
@@ -87,14 +87,13 @@ def _zero_bias(blobs) -> None:
 
 def gaussian(shape, rng, std: float = 0.01, out: Optional[np.ndarray] = None) -> np.ndarray:
     """N(0, std^2) float32 weights of ``shape``, drawn in float32 straight into ``out`` when it is
-    a contiguous float32 array (a large FC blob then needs no temporary of its size). ``rng`` is a
-    Generator, or a RandomState that seeds one."""
+    a contiguous float32 array (a large FC blob then needs no temporary of its size; it is drawn
+    in parts, :func:`~caffe_utils.fillers.gaussian32`). ``rng`` is a Generator, or a RandomState
+    that seeds one."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.Generator(np.random.PCG64(rng.randint(0, 2 ** 31)))
     direct = out is not None and out.dtype == np.float32 and out.flags.c_contiguous
-    w = out if direct else np.empty(shape, np.float32)
-    rng.standard_normal(dtype=np.float32, out=w.reshape(-1))
-    w *= np.float32(std)
+    w = gaussian32(tuple(shape), rng, 0.0, std, out if direct else None)
     if out is not None and not direct:
         out[...] = w
     return w if out is None else out
