@@ -102,3 +102,54 @@ def test_a_blob_no_step_writes_stays_one_array(branches):
     for _ in batches.through(5):  # cat reads a and b: a is still the array stored after a
         pass
     np.testing.assert_array_equal(batches.checkpointed("cat"), _expected(branches, sample, 4, 5)["cat"])
+
+
+SHARED = BRANCHES + """
+layer { name: "flat" type: "Flatten" bottom: "c" top: "flat" }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 2 } }
+"""
+
+
+def test_layers_write_the_checkpoint_where_it_lies(tmp_path):
+    """The numpy engine's layers write a checkpointed blob straight into its checkpoint rows
+    (the net's blob is bound to them, no copy after the batch); a layer that replaces its top's
+    array (Flatten shares its bottom's) is copied as before. Afterwards every blob has its own
+    array again, holding the last batch, and Flatten's top shares c's again."""
+    path = tmp_path / "shared.prototxt"
+    path.write_text(SHARED)
+    sample = np.random.RandomState(3).standard_normal((8, 3, 6, 6)).astype(np.float32)
+    net = _net(path)
+    own = {n: b.data for n, b in net.blobs.items()}
+    batches = SampleBatches(net, "data", sample, 4, 1 << 30)
+    lps = list(net.net_param.layer)
+    for upto in range(1, len(lps) - 1):
+        for b, _ in enumerate(batches.through(upto)):
+            for n in lps[upto].top:
+                if n != "flat":
+                    assert not np.shares_memory(net.blobs[n].data, own[n]), (upto, n)
+        for n in lps[upto].top:
+            stored = batches.checkpointed(n)
+            np.testing.assert_array_equal(stored, _expected(path, sample, 4, upto)[n])
+            np.testing.assert_array_equal(net.blobs[n].data, stored[4:])  # the last batch
+        assert all(net.blobs[n].data is own[n] for n in own if n != "flat")
+        assert np.shares_memory(net.blobs["flat"].data, net.blobs["c"].data)
+
+
+def test_engines_bind_a_blob_to_an_array(tmp_path):
+    """numpy: a bound blob is the given array until unbind, which copies its values back into
+    the blob's own array; an array of another shape is refused."""
+    path = tmp_path / "shared.prototxt"
+    path.write_text(SHARED)
+    net = _net(path)
+    own = net.blobs["c"].data
+    target = np.zeros_like(own)
+    assert not net.bind_data("c", np.zeros((1,) + own.shape[1:], np.float32))
+    assert net.bind_data("c", target)
+    net.blobs["data"].data[...] = 1.0
+    net.forward()
+    assert net.blobs["c"].data is target and target.any()
+    assert np.shares_memory(net.blobs["flat"].data, target)
+    net.unbind_data()
+    assert net.blobs["c"].data is own
+    np.testing.assert_array_equal(own, target)
+    assert np.shares_memory(net.blobs["flat"].data, own)

@@ -421,6 +421,13 @@ class CaffeNet:
         for copy in self._split_tops.get(name, ()):
             self.set_data(copy, data)
 
+    def bind_data(self, name: str, array: np.ndarray) -> bool:
+        """pycaffe's blobs own their memory: never bound (the caller copies)."""
+        return False
+
+    def unbind_data(self) -> None:
+        """Nothing is ever bound (see :meth:`bind_data`)."""
+
     def clear_param_diffs(self) -> None:
         for blobs in self._net.params.values():
             for b in blobs:

@@ -218,6 +218,8 @@ class Net:
         #: compute diffs of the net's input blobs in backward (Caffe's force_backward); turning
         #: it off skips e.g. the first convolution's costly bottom gradient
         self.input_diffs = True
+        #: blob name -> its own data array while :meth:`bind_data` lends it another
+        self._own_data: Dict[str, np.ndarray] = {}
         #: the most bytes the blobs (data and diff) and parameters may take; checked while building
         self.max_bytes = physical_memory() if max_bytes is None else int(max_bytes)
         self._build(input_shapes or {})
@@ -419,6 +421,31 @@ class Net:
     def set_data(self, name: str, data: np.ndarray) -> None:
         """Set blob ``name``'s data (e.g. to restore activations before ``forward(start=...)``)."""
         self.blobs[name].data[...] = data
+
+    def bind_data(self, name: str, array: np.ndarray) -> bool:
+        """Make ``array`` blob ``name``'s data until :meth:`unbind_data` (the blob's own array is
+        kept for then): a layer writing the blob writes there, and one reading it reads there.
+        False, and nothing changed, unless ``array`` is C-contiguous float32 of the blob's shape."""
+        blob = self.blobs[name]
+        if array.shape != blob.data.shape or array.dtype != np.float32 or not array.flags.c_contiguous:
+            return False
+        self._own_data.setdefault(name, blob.data)
+        blob.data = array
+        return True
+
+    def unbind_data(self) -> None:
+        """Give every bound blob its own array back, holding the bound array's values; the
+        layers whose tops share a bottom's data (Split, Reshape...) then share the own arrays
+        again (:meth:`reshape`)."""
+        if not self._own_data:
+            return
+        for name, own in self._own_data.items():
+            blob = self.blobs[name]
+            if blob.data is not own:
+                own[...] = blob.data
+                blob.data = own
+        self._own_data = {}
+        self.reshape()
 
     def clear_param_diffs(self) -> None:
         """Zero every parameter diff. One that is zero already is not written: a diff no backward

@@ -81,6 +81,14 @@ class EngineNet(Protocol):
     def set_data(self, name: str, data: np.ndarray) -> None:
         """Set blob ``name``'s data, so that ``forward(start=...)`` from a later layer sees it."""
 
+    def bind_data(self, name: str, array: np.ndarray) -> bool:
+        """Make ``array`` (C-contiguous float32, of the blob's shape) blob ``name``'s data, so
+        that the layer writing the blob writes straight into it, until :meth:`unbind_data`;
+        False, and nothing changed, where the engine cannot (pycaffe: the caller copies)."""
+
+    def unbind_data(self) -> None:
+        """Give every bound blob its own array back, holding the bound array's values."""
+
     def param_shapes(self) -> Mapping[str, List[Tuple[int, ...]]]:
         """Layer name -> the shapes of its parameter blobs."""
 

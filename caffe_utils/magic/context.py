@@ -83,12 +83,18 @@ class SampleBatches:
         buf = self._start(upto + 1, written)
         stored = [n for n in buf if n in written] if buf is not None else []
         fed = self._fed(upto)
-        for b in range(self.count):
-            self._run(b, upto, fed)
-            sl = slice(b * self.batch, (b + 1) * self.batch)
-            for n in stored:
-                buf[n][sl] = self.net.blobs[n].data
-            yield self.valid(b)
+        try:
+            for b in range(self.count):
+                sl = slice(b * self.batch, (b + 1) * self.batch)
+                bound = {n: buf[n][sl] for n in stored}
+                bound = {n: v for n, v in bound.items() if self.net.bind_data(n, v)}
+                self._run(b, upto, fed)
+                for n in stored:  # a layer may have replaced a bound array (Split shares its bottom's)
+                    if self.net.blobs[n].data is not bound.get(n):
+                        buf[n][sl] = self.net.blobs[n].data
+                yield self.valid(b)
+        finally:
+            self.net.unbind_data()
         if buf is not None:
             self._fresh = {n: buf[n] for n in stored}
             self._blobs, self._pos = buf, upto + 1
@@ -117,7 +123,9 @@ class SampleBatches:
     def _run(self, b: int, upto: int, fed: List[str]) -> None:
         sl = slice(b * self.batch, (b + 1) * self.batch)
         for name in fed:
-            self.net.set_data(name, self._blobs[name][sl])
+            rows = self._blobs[name][sl]
+            if not _same_memory(self.net.blobs[name].data, rows):  # else bound to these rows
+                self.net.set_data(name, rows)
         if upto >= self._pos:
             self.net.forward(start=self.names[self._pos], end=self.names[upto])
 
@@ -148,6 +156,12 @@ class SampleBatches:
         if old is None:
             return False
         return not written or (name not in self._inputs and old.shape[1:] == shape[1:])
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` and ``b`` are the same elements of the same memory."""
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 @contextmanager
