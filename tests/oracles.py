@@ -151,7 +151,8 @@ def naive_pool_backward(x_shape, dy, method, k, p, s, mask=None):
                 for q in range(dy.shape[3]):
                     if method == "MAX":
                         idx = mask[n, c, r, q]
-                        dx[n, c, idx // W, idx % W] += dy[n, c, r, q]
+                        if idx >= 0:  # -1: no value beat -FLT_MAX, the gradient goes nowhere
+                            dx[n, c, idx // W, idx % W] += dy[n, c, r, q]
                         continue
                     hs, ws = r * sh - ph, q * sw - pw
                     he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)

@@ -178,6 +178,38 @@ def test_pooling_in_blocks_and_threads(monkeypatch, method, case):
     _check_pool(shape, pp, method, k, p, s)
 
 
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c[1] for c in POOL_CASES])
+@pytest.mark.parametrize("values", ["normal", "ties"])
+def test_max_pooling_without_backward_expected(monkeypatch, case, values):
+    """A forward with no backward expected keeps only the maxima; a backward after all finds
+    their places from the bottom data: both as Caffe's loops, also where many values tie (a
+    ReLU's zeros: the first in scan order takes the gradient) and windows read only -FLT_MAX
+    or the padding, in blocks and threads."""
+    monkeypatch.setattr(pooling, "BLOCK", 5)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    shape, pp, k, p, s = case
+
+    def init(rng, sh):
+        if values == "normal":
+            return rng.standard_normal(sh)
+        x = np.maximum(rng.randint(-2, 3, size=sh), 0).astype(np.float32)  # many zeros, some twos
+        x[..., 0, :] = -np.finfo(np.float32).max                         # a row nothing beats
+        return x
+
+    layer, bottom, top = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {pp} }}', [shape],
+                                    init=init)
+    layer.expect_backward(False)
+    (y,), (dy,) = fwd_bwd(layer, bottom, top)
+    assert (layer._code is None) != layer._is_global(shape)             # no places kept (but a plane's)
+    ref, mask = naive_pool(bottom[0].data, "MAX", k, p, s)
+    np.testing.assert_array_equal(y, ref.astype(np.float32))
+    close(bottom[0].diff, naive_pool_backward(shape, dy, "MAX", k, p, s, mask), 1e-6)
+    layer.expect_backward(True)
+    fwd_bwd(layer, bottom, top)
+    assert layer._code is not None
+
+
 FLOOR_CASES = [
     # (shape, kernel, pad, stride) with floor rounding
     ((2, 3, 7, 7), 2, 1, 2),

@@ -421,6 +421,9 @@ class CaffeNet:
         for copy in self._split_tops.get(name, ()):
             self.set_data(copy, data)
 
+    def expect_backward(self, follows: bool) -> None:
+        """pycaffe's layers always keep what backward needs: nothing to tell them."""
+
     def bind_data(self, name: str, array: np.ndarray) -> bool:
         """pycaffe's blobs own their memory: never bound (the caller copies)."""
         return False

@@ -422,6 +422,13 @@ class Net:
         """Set blob ``name``'s data (e.g. to restore activations before ``forward(start=...)``)."""
         self.blobs[name].data[...] = data
 
+    def expect_backward(self, follows: bool) -> None:
+        """Tell the layers whether backward passes follow the forward passes from now on (see
+        :meth:`Layer.expect_backward`): without, max pooling does a quarter of its work; a
+        backward pass stays correct either way."""
+        for layer in self.layers:
+            layer.expect_backward(follows)
+
     def bind_data(self, name: str, array: np.ndarray) -> bool:
         """Make ``array`` blob ``name``'s data until :meth:`unbind_data` (the blob's own array is
         kept for then): a layer writing the blob writes there, and one reading it reads there.

@@ -81,6 +81,11 @@ class EngineNet(Protocol):
     def set_data(self, name: str, data: np.ndarray) -> None:
         """Set blob ``name``'s data, so that ``forward(start=...)`` from a later layer sees it."""
 
+    def expect_backward(self, follows: bool) -> None:
+        """Whether backward passes follow the forward passes from now on (True at first): the
+        numpy engine's max pooling then skips recording its maxima's places; a backward pass
+        stays correct either way."""
+
     def bind_data(self, name: str, array: np.ndarray) -> bool:
         """Make ``array`` (C-contiguous float32, of the blob's shape) blob ``name``'s data, so
         that the layer writing the blob writes straight into it, until :meth:`unbind_data`;

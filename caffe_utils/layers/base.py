@@ -173,6 +173,11 @@ class Layer:
         diff, as Caffe's in-place layers do; parameter diffs are added as by :meth:`backward`."""
         raise NotImplementedError
 
+    def expect_backward(self, follows: bool) -> None:
+        """Whether a backward pass follows the next forward passes: a layer may then skip, in
+        a forward pass, state that only backward reads, and find it again in backward if one
+        comes after all (max pooling's places of the maxima). Most layers ignore it."""
+
     def can_propagate(self, bottom_index: int) -> bool:
         """Whether a gradient can flow to ``bottom[bottom_index]`` (False e.g. for labels)."""
         return True

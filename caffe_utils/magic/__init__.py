@@ -29,7 +29,7 @@ import numpy as np
 from caffe_utils.errors import DataError
 from caffe_utils.layout import AFFINE_TYPES
 from caffe_utils.magic import between, weights, within
-from caffe_utils.magic.context import InitContext, Progress, affine_param_diffs_only
+from caffe_utils.magic.context import InitContext, Progress, affine_param_diffs_only, forward_only
 from caffe_utils.magic.options import DATA_DRIVEN, INIT_TYPES, InitOptions
 from caffe_utils.magic.prepare import PreparedNet, prepare_net
 from caffe_utils.magic.report import Fallback, InitReport, LayerReport
@@ -45,17 +45,18 @@ def initialize(net, prepared: PreparedNet, sample: np.ndarray, options: InitOpti
     ctx = InitContext.create(net, prepared, sample, options, progress)
     todo = _layers_to_initialize(ctx, loaded)
     with affine_param_diffs_only(net):
-        for step, lp in enumerate(todo):
-            ctx.tick("within-layer", step, len(todo))
-            idx = ctx.index(lp)
-            if lp.type == "BatchNorm":
-                within.batchnorm_statistics(ctx, lp, idx)
-                continue
-            weights.initialize_weights(ctx, lp, idx)      # stage 1
-            if options.within:
-                within.normalize(ctx, lp, idx)            # stage 2
-            else:
-                within.pass_through(ctx, idx)
+        with forward_only(net):
+            for step, lp in enumerate(todo):
+                ctx.tick("within-layer", step, len(todo))
+                idx = ctx.index(lp)
+                if lp.type == "BatchNorm":
+                    within.batchnorm_statistics(ctx, lp, idx)
+                    continue
+                weights.initialize_weights(ctx, lp, idx)      # stage 1
+                if options.within:
+                    within.normalize(ctx, lp, idx)            # stage 2
+                else:
+                    within.pass_through(ctx, idx)
         if todo:
             ctx.tick("within-layer", len(todo), len(todo))
         ctx.batches = None  # the sample's checkpoint is not needed any more

@@ -178,6 +178,18 @@ def param_diffs_off(switches: Iterable[Tuple[object, int]]) -> Iterator[None]:
             layer.set_param_propagate_down(i, value)
 
 
+@contextmanager
+def forward_only(net) -> Iterator[None]:
+    """Within the block no backward pass follows the net's forward passes (stages 1 and 2), so
+    the engine may skip what only a backward reads (:meth:`~caffe_utils.engine.protocol.
+    EngineNet.expect_backward`); restored after."""
+    net.expect_backward(False)
+    try:
+        yield
+    finally:
+        net.expect_backward(True)
+
+
 def affine_param_diffs_only(net) -> ContextManager[None]:
     """Within the block the numpy engine computes no parameter diff of a layer that is not affine
     (Scale's, Bias's, PReLU's): the initialization reads only the affine layers' (stage 3), and an
