@@ -9,7 +9,11 @@ knowing which engine runs it:
   of the prototxt;
 * ``forward(start=, end=)``, ``backward(start=, end=)`` (pycaffe's order: backward from ``start``
   down to ``end``), ``reshape()``, ``clear_param_diffs()``, ``set_data(name, data)``,
-  ``copy_from(path)``, ``save(path)``; ``phase`` and ``input_diffs``.
+  ``copy_from(path)``, ``save(path)``; ``phase`` and ``input_diffs``;
+* for speed, where the engine can (pycaffe cannot, and the calls then change nothing):
+  ``bind_data(name, array)`` / ``unbind_data()`` (a layer writes a blob straight into the
+  caller's array) and ``expect_backward(follows)`` (forward-only passes skip what only a backward
+  reads).
 
 :class:`~caffe_utils.engine.protocol.EngineNet` spells this interface out as a Protocol.
 

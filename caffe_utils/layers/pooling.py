@@ -11,7 +11,9 @@ The kernels loop over the window offsets (:func:`window_taps`): each offset is o
 slice of the input, clipped to the outputs whose window reads inside the image, so there is no
 padded copy of the input and no padded gradient image; the gradient goes straight into the
 bottom diff. MAX keeps, per output, the offset of its maximum (int8 for windows up to 127
-positions) for the backward pass. The work goes in blocks of images and channels (cache-sized,
+positions) for the backward pass; told that no backward follows (``expect_backward(False)``,
+stages 1 and 2 of the initialization) it keeps only the maxima, a quarter of the work, and a
+backward pass after all finds the offsets again from the bottom data. The work goes in blocks of images and channels (cache-sized,
 split over threads). Global pooling reduces each plane at once.
 
 Limits (each raises a clear error): STOCHASTIC pooling is not implemented (Caffe's CPU build has
