@@ -3,7 +3,7 @@
 
     python scripts/bench_engine.py [--net caffenet|googlenet|vgg16|resnet50|resnet101|mobilenet_v1|FILE]
                                    [--batch 16] [--repeat 3] [--engine both|numpy|caffe]
-                                   [--compare REV]
+                                   [--compare REV] [--layers]
 
 ``--net`` takes a prototxt or a name: the repository's CaffeNet, GoogLeNet and VGG16 deploy nets,
 or ResNet-50 / MobileNet v1 at their published sizes (emitted by tests/corpus.py's generators).
@@ -14,7 +14,10 @@ floor: its GEMM FLOPs (see scripts/support/floor.py) at the sgemm rate measured 
 Random Gaussian weights; BatchNorm layers get mean 0, variance 1.
 
 ``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
-tree, back to back, and prints the ratio new/old of each engine's best time.
+tree, back to back, and prints the ratio new/old of each engine's best time. ``--layers`` also
+prints the numpy engine's seconds per layer type and pass, forward and backward, timed around
+each layer's call inside ``net.forward()`` and ``net.backward()`` (as ``caffe time`` does; a
+profiler that samples only the main thread misses the layers' work in the thread pool).
 Exits 1 when an engine fails (its last error line on stderr); skips pycaffe, saying so, when it
 is not importable.
 """
@@ -44,7 +47,7 @@ def _fill(net, rng) -> None:
             b.data[...] = 0.01 * rng.standard_normal(b.data.shape)
 
 
-def worker(engine: str, net_path: str, batch: int, repeat: int) -> dict:
+def worker(engine: str, net_path: str, batch: int, repeat: int, layers: bool = False) -> dict:
     """Time ``repeat`` forward + backward passes (after one warm-up) of ``engine``, in this process.
 
     Imports only ``caffe_utils`` (found through PYTHONPATH), so that ``--compare`` can run it
@@ -62,7 +65,9 @@ def worker(engine: str, net_path: str, batch: int, repeat: int) -> dict:
     net.blobs[inp.top[0]].data[...] = rng.standard_normal(shape)
     outs = list(net.outputs)
     times = []
-    for _ in range(repeat + 1):
+    for i in range(repeat + 1):
+        if layers and i == 1 and hasattr(net, "layer_times"):  # the numpy engine of this tree or later
+            net.layer_times = {}
         t0 = time.perf_counter()
         net.forward()
         for o in outs:
@@ -71,7 +76,24 @@ def worker(engine: str, net_path: str, batch: int, repeat: int) -> dict:
         times.append(time.perf_counter() - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"engine": engine, "best_s": min(times[1:]), "times_s": times, "peak_rss_mb": peak_kb / 1024.0,
-            "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
+            "caffe_utils": str(Path(caffe_utils.__file__).resolve()),
+            "layer_s": _per_type(net, getattr(net, "layer_times", None) or {}, repeat)}
+
+
+def _per_type(net, layer_times: Dict, passes: int) -> Dict[str, List[float]]:
+    """Seconds per pass of each layer type's forward and backward calls (``Net.layer_times``)."""
+    kinds = dict(zip(net.layer_names, net.layer_types))
+    out: Dict[str, List[float]] = {}
+    for (name, kind), seconds in layer_times.items():
+        out.setdefault(kinds[name], [0.0, 0.0])[kind == "backward"] += seconds / max(passes, 1)
+    return out
+
+
+def _layer_lines(r: dict, total: float) -> List[str]:
+    """The ``--layers`` table of a job: per layer type its seconds per pass, largest first."""
+    rows = sorted(r.get("layer_s", {}).items(), key=lambda kv: -sum(kv[1]))
+    return [f"    {kind:20s} forward {f:.3f} s  backward {b:.3f} s  ({(f + b) / total:.0%} of the pass)"
+            for kind, (f, b) in rows]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--engine", default="both", choices=["both", "numpy", "caffe"])
     ap.add_argument("--compare", metavar="REV", help="also run commit REV (a temporary git worktree), back to back")
+    ap.add_argument("--layers", action="store_true",
+                    help="also print the numpy engine's seconds per layer type (like caffe time)")
     ap.add_argument("--worker", choices=["numpy", "caffe"], help=argparse.SUPPRESS)
     return ap
 
@@ -96,8 +120,9 @@ def _floor(path: str, batch: int) -> Optional[float]:
 def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
     """The worker's result for ``engine`` on ``tree``'s caffe_utils (raises WorkerFailed)."""
     from scripts.support import benchrun
+    extra = ["--layers"] if args.layers else []
     return benchrun.run_worker(__file__, tree, ["--worker", engine, "--net", path, "--batch", str(args.batch),
-                                                "--repeat", str(args.repeat)])
+                                                "--repeat", str(args.repeat)] + extra)
 
 
 def _times(r: dict, floor_s: Optional[float]) -> str:
@@ -121,6 +146,9 @@ def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
             failed.append(engine)
             continue
         print(f"{engine:6s} forward+backward, batch {args.batch}: {_times(r, floor_s)}")
+        if args.layers:
+            print("\n".join(_layer_lines(r, sum(r["times_s"][1:]) / len(r["times_s"][1:]))) if r.get("layer_s") else
+                  f"    ({engine}: no per-layer times; only the numpy engine keeps them)")
     if len(results) == 2:
         ratio = results["caffe"]["best_s"] / results["numpy"]["best_s"]
         print(f"speed ratio pycaffe/numpy: {ratio:.2f} ({'numpy faster' if ratio >= 1 else 'pycaffe faster'})")
@@ -155,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark (or, with ``--worker``, one job); the exit status."""
     args = _parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.net, args.batch, args.repeat)))
+        print(json.dumps(worker(args.worker, args.net, args.batch, args.repeat, args.layers)))
         return 0
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))

@@ -148,6 +148,25 @@ def test_in_place_backward_replaces_the_general_path(tmp_path, monkeypatch):
     assert called == ["Scale"]  # Scale's in-place backward takes its parameter diffs from backward
 
 
+def test_layer_times_add_every_layers_seconds(tmp_path):
+    """With ``layer_times`` a dict, forward and backward add each layer's seconds under (name,
+    kind), in-place backwards included; with None (the default) nothing is kept."""
+    net = Net(_write(tmp_path, IN_PLACE_CHAIN))
+    assert net.layer_times is None
+    net.layer_times = {}
+    net.forward()
+    net.blobs[net.outputs[0]].diff[...] = 1.0
+    net.backward()
+    once = dict(net.layer_times)
+    assert set(once) == {(n, k) for n in net.layer_names for k in ("forward", "backward")}
+    assert all(v >= 0 for v in once.values())
+    net.forward()
+    assert all(net.layer_times[(n, "forward")] >= once[(n, "forward")] for n in net.layer_names)
+    net.layer_times = None
+    net.forward()
+    assert net.layer_times is None
+
+
 def test_forward_and_backward_ranges(tmp_path):
     net = Net(_write(tmp_path, BRANCHY))
     rng = np.random.RandomState(0)

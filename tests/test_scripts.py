@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,11 @@ def test_bench_engine_prints_the_floor_and_both_engines(tmp_path, capsys):
     assert "sgemm:" in out and "GFLOP/s" in out
     assert "numpy  forward+backward, batch 2" in out and "x the GEMM floor" in out
     assert ("speed ratio pycaffe/numpy" in out) if pycaffe_importable() else ("caffe: skipped" in out)
+    assert "Convolution" not in out
+    assert _script("bench_engine").main(["--net", _tiny_net(tmp_path), "--batch", "2", "--repeat", "1",
+                                         "--engine", "numpy", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"    Convolution +forward \d+\.\d{3} s  backward \d+\.\d{3} s  \(\d+% of the pass\)", out), out
     if not (ROOT / ".git").exists():
         return  # --compare needs a git checkout
     assert _script("bench_engine").main(["--net", _tiny_net(tmp_path), "--batch", "1", "--repeat", "1",

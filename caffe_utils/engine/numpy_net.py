@@ -32,10 +32,11 @@ blob over Caffe's 2^31-1 elements, is refused while building, naming the layer.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -218,6 +219,9 @@ class Net:
         #: compute diffs of the net's input blobs in backward (Caffe's force_backward); turning
         #: it off skips e.g. the first convolution's costly bottom gradient
         self.input_diffs = True
+        #: when a dict, forward and backward add every layer's seconds in it under (layer name,
+        #: "forward" or "backward"), as ``caffe time`` reports them (scripts/bench_engine.py --layers)
+        self.layer_times: Optional[Dict[Tuple[str, str], float]] = None
         #: blob name -> its own data array while :meth:`bind_data` lends it another
         self._own_data: Dict[str, np.ndarray] = {}
         #: the most bytes the blobs (data and diff) and parameters may take; checked while building
@@ -376,7 +380,7 @@ class Net:
         s, e = self._range(start, end)
         for i in range(s, e + 1):
             self.layers[i].reshape(self._bottoms[i], self._tops[i])
-            self.layers[i].forward(self._bottoms[i], self._tops[i])
+            self._call(i, "forward", self.layers[i].forward, self._bottoms[i], self._tops[i])
         self._set_loss_diffs()
         outs = set(self.outputs) | set(blobs)
         if end is not None:
@@ -400,7 +404,7 @@ class Net:
                   and (self.input_diffs or bottoms[k] not in input_blobs)
                   for k in range(len(bottoms))]
             if pd == [True] and self._inplace[i] == [True] and layer.in_place_backward:
-                layer.backward_in_place(bottoms[0])  # the diff becomes the bottom's where it lies
+                self._call(i, "backward", layer.backward_in_place, bottoms[0])  # turns the diff where it lies
                 zeroed.add(id(bottoms[0]))
                 continue
             call_tops: List = list(tops)
@@ -414,9 +418,19 @@ class Net:
                 if pd[k] and (id(b) not in zeroed or id(b) in inplace_ids):
                     b.diff[...] = 0
                     zeroed.add(id(b))
-            layer.backward(call_tops, pd, bottoms)
+            self._call(i, "backward", layer.backward, call_tops, pd, bottoms)
         outs = set(self.inputs) | set(diffs)
         return {n: self.blobs[n].diff for n in outs}
+
+    def _call(self, i: int, kind: str, method: Callable[..., None], *args) -> None:
+        """Run layer ``i``'s ``method``; with ``layer_times`` on, add its seconds there."""
+        if self.layer_times is None:
+            method(*args)
+            return
+        start = time.perf_counter()
+        method(*args)
+        key = (self._layer_names[i], kind)
+        self.layer_times[key] = self.layer_times.get(key, 0.0) + time.perf_counter() - start
 
     def set_data(self, name: str, data: np.ndarray) -> None:
         """Set blob ``name``'s data (e.g. to restore activations before ``forward(start=...)``)."""
