@@ -52,7 +52,8 @@ def _target(shape: tuple, out: Optional[np.ndarray]) -> np.ndarray:
 PART = 1 << 22
 
 
-def _fill_parts(gen: np.random.Generator, flat: np.ndarray, draw: Callable[[np.random.Generator, np.ndarray], None]) -> None:
+def _fill_parts(gen: np.random.Generator, flat: np.ndarray,
+                draw: Callable[[np.random.Generator, np.ndarray], None]) -> None:
     """Fill the float32 vector ``flat`` by ``draw(generator, part)``: in one call by ``gen`` up
     to ``PART`` values; past that part by part, part i by an SFC64 generator seeded with the i-th
     of ``gen``'s next integers, so the values depend on ``gen``'s state only, not on the threads."""

@@ -147,8 +147,9 @@ def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
             continue
         print(f"{engine:6s} forward+backward, batch {args.batch}: {_times(r, floor_s)}")
         if args.layers:
-            print("\n".join(_layer_lines(r, sum(r["times_s"][1:]) / len(r["times_s"][1:]))) if r.get("layer_s") else
-                  f"    ({engine}: no per-layer times; only the numpy engine keeps them)")
+            mean_s = sum(r["times_s"][1:]) / len(r["times_s"][1:])
+            lines = _layer_lines(r, mean_s) or [f"    ({engine}: no per-layer times; only the numpy engine keeps them)"]
+            print("\n".join(lines))
     if len(results) == 2:
         ratio = results["caffe"]["best_s"] / results["numpy"]["best_s"]
         print(f"speed ratio pycaffe/numpy: {ratio:.2f} ({'numpy faster' if ratio >= 1 else 'pycaffe faster'})")

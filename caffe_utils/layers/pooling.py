@@ -13,8 +13,9 @@ padded copy of the input and no padded gradient image; the gradient goes straigh
 bottom diff. MAX keeps, per output, the offset of its maximum (int8 for windows up to 127
 positions) for the backward pass; told that no backward follows (``expect_backward(False)``,
 stages 1 and 2 of the initialization) it keeps only the maxima, a quarter of the work, and a
-backward pass after all finds the offsets again from the bottom data. The work goes in blocks of images and channels (cache-sized,
-split over threads). Global pooling reduces each plane at once.
+backward pass after all finds the offsets again from the bottom data. The work goes in blocks
+of images and channels (cache-sized, split over threads). Global pooling reduces each plane at
+once.
 
 Limits (each raises a clear error): STOCHASTIC pooling is not implemented (Caffe's CPU build has
 none either). Pooling reads ``round_mode`` (BVLC) or ``ceil_mode`` (forks such as the one pycaffe
@@ -71,6 +72,16 @@ def _by_blocks(work: Callable[[slice, slice], None], shape, out_hw: Tuple[int, i
             work(ns, cs)
 
     parallel(run, len(blocks), int(np.prod(shape)))
+
+
+def _block_max(x: np.ndarray, taps: Taps, best: np.ndarray) -> np.ndarray:
+    """``best`` (a block of outputs) set to the maximum over the window ``taps`` of input block
+    ``x``, from ``-FLT_MAX`` (what a window that reads nothing keeps); returned."""
+    best[...] = -FLT_MAX
+    for _, ro, co, ri, ci in taps:
+        bv = best[:, :, ro, co]
+        np.maximum(bv, x[:, :, ri, ci], out=bv)
+    return best
 
 
 def ave_divisor(size: int, kernel: int, pad: int, stride: int, out: int) -> np.ndarray:
@@ -274,17 +285,9 @@ class Pooling(Layer):
     def _max_values(self, x: np.ndarray, best: np.ndarray) -> None:
         """Caffe MAX pooling's values into ``best`` (``-FLT_MAX`` for a window that reads
         nothing), without their places: a forward pass that no backward follows (stages 1 and
-        2, the degree probes) needs only these, a quarter of the work of :meth:`_max_forward`."""
+        2) needs only these, a quarter of the work of :meth:`_max_forward`."""
         taps = window_taps(x.shape[2:], self.out, self.kernel, self.pad, self.stride)
-
-        def work(ns: slice, cs: slice) -> None:
-            bb, xb = best[ns, cs], x[ns, cs]
-            bb[...] = -FLT_MAX
-            for _, ro, co, ri, ci in taps:
-                bv = bb[:, :, ro, co]
-                np.maximum(bv, xb[:, :, ri, ci], out=bv)
-
-        _by_blocks(work, x.shape, self.out)
+        _by_blocks(lambda ns, cs: _block_max(x[ns, cs], taps, best[ns, cs]), x.shape, self.out)
 
     def _flat_index(self, code: np.ndarray, width: int) -> np.ndarray:
         """Caffe's mask: index ``h*W + w`` of the maximum in its channel plane (-1 if none)."""
@@ -352,10 +355,7 @@ class Pooling(Layer):
 
         def work(ns: slice, cs: slice) -> None:
             db, xb, dst = dy[ns, cs], x[ns, cs], dx[ns, cs]
-            best = np.full(db.shape, -FLT_MAX, DTYPE)
-            for _, ro, co, ri, ci in taps:
-                bv = best[:, :, ro, co]
-                np.maximum(bv, xb[:, :, ri, ci], out=bv)
+            best = _block_max(xb, taps, np.empty(db.shape, DTYPE))
             claimed = ~(best > -FLT_MAX)
             eq = np.empty(db.shape, bool)
             tmp = np.empty(db.shape, DTYPE)

@@ -86,8 +86,11 @@ class SampleBatches:
         try:
             for b in range(self.count):
                 sl = slice(b * self.batch, (b + 1) * self.batch)
-                bound = {n: buf[n][sl] for n in stored}
-                bound = {n: v for n, v in bound.items() if self.net.bind_data(n, v)}
+                bound = {}
+                for n in stored:  # the layer writing n writes its checkpoint rows where it can
+                    rows = buf[n][sl]
+                    if self.net.bind_data(n, rows):
+                        bound[n] = rows
                 self._run(b, upto, fed)
                 for n in stored:  # a layer may have replaced a bound array (Split shares its bottom's)
                     if self.net.blobs[n].data is not bound.get(n):
