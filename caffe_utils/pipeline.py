@@ -435,7 +435,8 @@ def format_report(result: RunResult) -> str:
                  f"{' (converged)' if r.converged else ''}")
     for i, rnd in enumerate(r.rounds, 1):
         measured = "" if rnd.flatness_measured is None else f", measured {_fmt(rnd.flatness_measured)}"
-        lines.append(f"  round {i}: flatness predicted {_fmt(rnd.flatness_predicted)}{measured}")
+        polished = "" if rnd.polished is None else f", polished {_fmt(rnd.polished)}"
+        lines.append(f"  round {i}: flatness predicted {_fmt(rnd.flatness_predicted)}{measured}{polished}")
     if r.frozen_layers:
         lines.append(f"not counted in the flatness (lr_mult 0, they do not learn): {', '.join(r.frozen_layers)}")
     if r.pinned_layers:

@@ -381,7 +381,7 @@ def test_restoring_the_best_round_undoes_the_later_rescalings(tmp_path):
     plan = scale_plan.build_plan(net)
     before = {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
     deg = degrees.forward_estimating_degrees(net, plan.degree_layers)
-    best = between._Best(None, None, 2.0)
+    best = between._Best(plan, None, between._Polish(np.zeros(1), None, 2.0))
     for r in (1.7, 0.4):
         scale = {plan.group_of["c1"]: r}
         scale_plan.apply_scales(net, plan, scale, deg)
@@ -471,12 +471,12 @@ class _LaterRoundsWorse(between._Passes):
     """Stage 3's passes, but every correcting pass after the first measures a rate 100 times
     too high: each later round lands less flat than the best state and is undone."""
 
-    def correct(self, predicted, predicted_first):
-        now, first = super().correct(predicted, predicted_first)
+    def correct(self):
+        now = super().correct()
         if self.measured > 1:
             name = next(iter(now.grad))
             now.grad[name] = now.grad[name] * 1e4
-        return now, first
+        return now
 
 
 
@@ -492,8 +492,8 @@ def _stage3_rounds(tmp_path, iterations, seed):
     ctx = InitContext.create(net, prepared, sample, opts, None)
     passes = _LaterRoundsWorse(ctx, scale_plan.build_plan(net))
     with np.errstate(all="ignore"):  # the degree probes push this tiny LRN far out
-        now, first, _ = passes.calibrate()
-        between._rounds(ctx, passes.plan, passes, now, first)
+        now, _ = passes.calibrate()
+        between._rounds(ctx, passes.plan, passes, now)
     return ctx.report, passes.measured, {n: [b.data.copy() for b in bl] for n, bl in net.params.items()}
 
 
@@ -508,3 +508,45 @@ def test_stage3_stops_after_two_undone_rounds_in_a_row_at_the_best_state(tmp_pat
     for name, blobs in weights.items():
         for b, ref in zip(blobs, first[name]):
             np.testing.assert_allclose(b, ref, rtol=1e-5, err_msg=name)
+
+
+#: conv, ReLU, a strongly saturating LRN, then layers the rate model is exact for
+_POLISH_NET = """
+name: "polish"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 kernel_size: 3 } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "norm" type: "LRN" bottom: "c1" top: "norm" lrn_param { local_size: 3 alpha: 1 beta: 0.75 } }
+layer { name: "c2" type: "Convolution" bottom: "norm" top: "c2" convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" }
+layer { name: "c3" type: "Convolution" bottom: "c2" top: "c3" convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "r3" type: "ReLU" bottom: "c3" top: "c3" }
+layer { name: "fc" type: "InnerProduct" bottom: "c3" top: "fc" inner_product_param { num_output: 5 } }
+"""
+
+
+def test_the_polish_holds_the_inexact_groups_and_its_prediction_is_exact(tmp_path):
+    """Only c1's channels pass the LRN: the polish solves c2 and c3 (fc is pinned) with c1
+    held, and a measurement after applying it finds the rates it predicted."""
+    from caffe_utils import magic, measure, netio
+    from caffe_utils.magic.context import InitContext
+    net = _net(tmp_path, _POLISH_NET)
+    plan = scale_plan.build_plan(net)
+    assert plan.degree_layers == ["norm"] and plan.inexact_groups == {plan.group_of["c1"]}
+    prepared = magic.prepare_net(netio.read_net(str(tmp_path / "net.prototxt")))
+    sample = np.random.RandomState(2).standard_normal((16, 3, 12, 12)).astype(np.float32)
+    ctx = InitContext.create(net, prepared, sample, magic.InitOptions(batch_size=4, rate_images=16), None)
+    passes = between._Passes(ctx, plan)
+    assert passes.check_images.shape[0] == 16  # the pass measures the calibration's images
+    with measure.param_diffs_only(net):
+        now, _ = passes.calibrate()
+        polish = between._polish(plan, now)
+        assert polish.rho[plan.group_of["c1"]] == 0
+        assert polish.rho[plan.group_of["c2"]] != 0 and polish.rho[plan.group_of["c3"]] != 0
+        assert polish.flatness < measure.flatness(now.rates())
+        c1 = net.params["c1"][0].data.copy()
+        assert between._Best(plan, now, polish).finish(passes) is polish.energies
+        np.testing.assert_array_equal(net.params["c1"][0].data, c1)
+        measured = passes.correct().rates()
+    predicted = polish.energies.rates()
+    np.testing.assert_allclose([measured[n] for n in plan.affine], [predicted[n] for n in plan.affine], rtol=1e-4)

@@ -14,15 +14,19 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
 * **correcting passes**: the model is exact on homogeneous paths, so a net without inexact
   layers needs no more passes. Behind LRN, Sigmoid, TanH... the model takes each inexact
   layer's degree and backward degree along the step itself
-  (:func:`~caffe_utils.magic.degrees.step_degrees`), but a large rescaling also changes the
-  distribution of their outputs. So each later round measures the calibration's first
-  ``CHECK_IMAGES`` images again (same images and ``eta``), corrects the model's energies by
-  measured / predicted per input channel, and learns what the model got wrong as a linear
-  correction of the log rates in the step (Broyden's update), at most ``iterations`` times,
-  until every rate is within ``tolerance`` of a common one, or within its standard error
-  over the calibration's batches where that is larger (the sample cannot tell such rates
-  apart, and more passes would only fit them to its images), or until ``STALL_ROUNDS``
-  rounds in a row were undone (see :func:`_rounds`);
+  (:func:`~caffe_utils.magic.degrees.step_degrees`), but rescaling a group whose channels pass
+  such a layer (:attr:`~caffe_utils.magic.plan.ScalePlan.inexact_groups`) changes what the
+  net computes, not just its scale. So each later round measures the calibration's first
+  ``CHECK_IMAGES`` images again (same images and ``eta``) and takes their energies as the
+  new estimate, and learns what the model got wrong as a linear correction of the log rates
+  in the step (Broyden's update), at most ``iterations`` times;
+* **polish**: the other groups' rescalings keep every layer's input pattern, so from each
+  measured state the model solves them exactly with the inexact groups held
+  (:func:`_polish`). A measured state is judged by the flatness its polish reaches, and the
+  rounds stop once that is within ``tolerance`` of a common rate, or within its standard
+  error where that is larger (the sample cannot tell such rates apart, and more passes would
+  only fit them to its images), or after ``STALL_ROUNDS`` rounds in a row were undone (see
+  :func:`_rounds`). The best state's polish is then applied without another pass;
 * **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
   (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
   alphas (``lrn_alphas``);
@@ -32,7 +36,7 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -68,13 +72,13 @@ def equalize(ctx: InitContext) -> None:
     report.frozen_layers = list(plan.frozen)
     passes = _Passes(ctx, plan)
     with measure.param_diffs_only(net), passes.weight_diffs_off():
-        now, first, before = passes.calibrate()
+        now, before = passes.calibrate()
         _record(ctx, now, "before")
         for name, e in passes.errors.items():
             ctx.layers[name].rate_error = e
         report.flatness_before = measure.flatness(_trained(plan, now.rates()))
         if opts.between:
-            now = _rounds(ctx, plan, passes, now, first)
+            now = _rounds(ctx, plan, passes, now)
         _record(ctx, now, "after")
         report.flatness_after = measure.flatness(_trained(plan, now.rates()))
         net.set_data(passes.input_name, passes.check_batch)
@@ -123,32 +127,30 @@ class _Passes:
         apply_scales(self.net, self.plan, scale, degrees)
         self.inputs = {}
 
-    def calibrate(self) -> Tuple[Energies, Energies, Dict[str, np.ndarray]]:
-        """The energies over all calibration images, and over the checked ones alone; and the
-        net's outputs on the check batch (the calibration's first batch), which the rescaled
-        net must reproduce. Sets ``errors``, the standard errors of the calibration's log rates
+    def calibrate(self) -> Tuple[Energies, Dict[str, np.ndarray]]:
+        """The energies over all calibration images, and the net's outputs on the check batch
+        (the calibration's first batch), which the rescaled net must reproduce. Sets
+        ``errors``, the standard errors of the calibration's log rates
         (:func:`~caffe_utils.measure.log_rate_errors`)."""
         degrees, back, resume = self._degrees()
         outputs: Dict[str, np.ndarray] = {}
         per_batch: Dict[str, List[float]] = {}
-        full, first = self._gradients(self.images, resume, outputs, per_batch)
+        full = self._gradients(self.images, resume, outputs, per_batch)
         self.errors = measure.log_rate_errors(per_batch)
-        weight = self.weights()
-        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back), outputs
+        return Energies(full, self.weights(), degrees, back), outputs
 
-    def correct(self, predicted: Energies, predicted_first: Energies) -> Tuple[Energies, Energies]:
-        """Measure the checked images again and scale the predicted energies by measured /
-        predicted, per input channel (where the prediction is zero, the measurement stands)."""
+    def correct(self) -> Energies:
+        """Measure the checked images again: their energies are the new estimate.
+
+        Not the calibration's energies scaled by measured / predicted on the checked images:
+        behind LRN layers that a rescaling pushed into saturation (GoogLeNet's conv1 output
+        then has a std near 300), a change of an inexact group's scale by 0.1% changes the
+        deeper activations by a few percent and each image's gradient energies as if it were
+        another image, so such a ratio carries the noise of both samples into the estimate
+        (README, "How the between-layer stage converges")."""
         self.measured += 1
         degrees, back, resume = self._degrees()
-        _, first = self._gradients(self.check_images, resume)
-        full = {}
-        for name, g in predicted.grad.items():
-            pf = predicted_first.grad[name]
-            ratio = np.divide(first[name], pf, out=np.ones_like(pf), where=pf > 0)
-            full[name] = g * ratio
-        weight = self.weights()
-        return Energies(full, weight, degrees, back), Energies(first, weight, degrees, back)
+        return Energies(self._gradients(self.check_images, resume), self.weights(), degrees, back)
 
     def weights(self) -> Dict[str, np.ndarray]:
         """Every affine layer's weight energy per input channel/column, read from the net."""
@@ -177,15 +179,13 @@ class _Passes:
 
     def _gradients(self, images: np.ndarray, resume: Optional[str] = None,
                    outputs: Optional[Dict[str, np.ndarray]] = None,
-                   per_batch: Optional[Dict[str, List[float]]] = None
-                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-        """``E_batch`` of each layer's gradient energy per input channel over ``images``, and
-        over their checked ones alone (the same top gradients either way). With ``resume``,
-        the first batch, the check batch, has run through the layers before that one; an empty
-        ``outputs`` gets the net's outputs on that batch; ``per_batch`` gets each batch's total
-        gradient energy per image, per layer."""
+                   per_batch: Optional[Dict[str, List[float]]] = None) -> Dict[str, np.ndarray]:
+        """``E_batch`` of each layer's gradient energy per input channel over ``images`` (the
+        same top gradients for the same images). With ``resume``, the first batch, the check
+        batch, has run through the layers before that one; an empty ``outputs`` gets the net's
+        outputs on that batch; ``per_batch`` gets each batch's total gradient energy per
+        image, per layer."""
         sums: Dict[str, np.ndarray] = {}
-        first: Dict[str, np.ndarray] = {}
         counted = 0
         pending = [resume] if resume is not None else []
 
@@ -204,9 +204,7 @@ class _Passes:
                 sums[lp.name] = e if lp.name not in sums else sums[lp.name] + e
                 if per_batch is not None:
                     per_batch.setdefault(lp.name, []).append(float(e.sum()) / valid)
-            if not first and counted >= self.check_images.shape[0]:
-                first = {n: e * (self.batch / counted) for n, e in sums.items()}
-        return {n: e * (self.batch / counted) for n, e in sums.items()}, first
+        return {n: e * (self.batch / counted) for n, e in sums.items()}
 
     def _energies(self, lp) -> np.ndarray:
         """Layer ``lp``'s gradient energy per input channel after a backward: from its weight
@@ -250,27 +248,28 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
     return int(max(1, min(batch_size, mem_limit // max(per_image, 1))))
 
 
-def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, first: Energies) -> Energies:
+def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -> Energies:
     """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
     is within ``tolerance`` of a common one (after a measured round: or within its standard
     error, :func:`_flat`), at most ``iterations`` rounds; the last energies.
-    Behind inexact layers a round can land flatter than predicted or not: a round that does not
-    beat the flattest state so far is undone, and the next one starts there again with half the
-    step and the model corrected by what that round measured (a trust region); after
-    ``STALL_ROUNDS`` such rounds in a row the best state stands."""
+    Behind inexact layers each measured state is judged by its :func:`_polish`, and a round
+    can land flatter than predicted or not: a round that does not beat the best state so far
+    is undone, and the next one starts there again with half the step and the model corrected
+    by what that round measured (a trust region); after ``STALL_ROUNDS`` such rounds in a row
+    the best state stands. Its polish is applied last."""
     opts, report = ctx.opts, ctx.report
     exact = not plan.degree_layers
     errors = None if exact else passes.errors  # the measured rounds stop within them
     correction = None
     damping = opts.damping
     undone = 0  # rounds in a row undone
-    best = _Best(now, first, measure.flatness(_trained(plan, now.rates())))
+    best = _Best(plan, now, None if exact else _polish(plan, now))
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
-        rates = _trained(plan, now.rates())
-        if _flat(rates, opts.tolerance, errors if it > 1 else None):  # errors spare later rounds only
+        if _flat(best.judged(), opts.tolerance, errors if it > 1 else None):  # errors spare later rounds
             report.converged = True
             break
+        rates = _trained(plan, now.rates())
         rho, model = _step(plan, passes, now, damping, correction)
         predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates) and correction is not None:
@@ -279,32 +278,56 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies, f
             predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates):
             break  # the model's optimum: no rescaling flattens the rates further
-        predicted_first = RateModel(plan, replace(first, degrees=model.energies.degrees,
-                                                  back_degrees=model.energies.back_degrees)).predict(rho)
         scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
         passes.rescale(scale, model.energies.degrees)
         best.applied.append((scale, model.energies.degrees))
         report.iterations = it
+        polish = None
         if exact:
-            now, first = predicted, predicted_first
+            now = predicted
             report.rounds.append(RoundReport(aimed))
         else:
-            now, first = passes.correct(predicted, predicted_first)
+            now = passes.correct()
             correction = _broyden(model, rho, predicted, now)
-            report.rounds.append(RoundReport(aimed, _trained(plan, now.rates())))
+            polish = _polish(plan, now)
+            report.rounds.append(RoundReport(aimed, _trained(plan, now.rates()), polish.flatness))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
-        if best.offer(now, first, report.flatness_rounds[-1]):
+        if best.offer(now, polish):
             damping, undone = min(opts.damping, 2 * damping), 0
         else:
-            now, first = best.restore(passes.rescale)
+            now = best.restore(passes.rescale)
             damping, undone = damping / 2, undone + 1
             if undone >= STALL_ROUNDS:
                 break  # the trust region keeps failing: the best state so far stands
     ctx.tick("between-layer", opts.iterations, opts.iterations)
+    now = best.finish(passes)
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance,
                                                  errors if report.iterations else None)
     report.passes = passes.measured
     return now
+
+
+@dataclass
+class _Polish:
+    """What the groups for which the rate model is exact can still do from a measured state
+    (:func:`_polish`): their log scales, the energies they lead to and those energies'
+    flatness."""
+    rho: np.ndarray
+    energies: Energies
+    flatness: float
+
+
+def _polish(plan: ScalePlan, energies: Energies) -> _Polish:
+    """The solve from ``energies`` with the inexact groups
+    (:attr:`~caffe_utils.magic.plan.ScalePlan.inexact_groups`) held at their scales. Rescaling
+    only the other groups changes no layer's input pattern, so the model predicts its rates
+    exactly and applying it needs no measured pass. Behind GoogLeNet's saturated LRN layers a
+    measured state's own rates carry the noise of a pass's few images in every layer, and
+    the polish leaves that noise only in the layers next to the held groups."""
+    model = RateModel(plan, energies)
+    rho = solve(model, hold=plan.inexact_groups)
+    predicted = model.predict(rho)
+    return _Polish(rho, predicted, measure.flatness(_trained(plan, predicted.rates())))
 
 
 def _predict(plan: ScalePlan, model: RateModel, rho: np.ndarray) -> Tuple[Energies, Dict[str, float]]:
@@ -324,27 +347,47 @@ def _gains(predicted: Mapping[str, float], rates: Mapping[str, float]) -> bool:
 
 
 class _Best:
-    """The flattest state stage 3's rounds reached, and the rescalings applied since."""
+    """The best state stage 3's rounds reached (the flattest, or behind inexact layers the
+    one whose polish is flattest), and the rescalings applied since."""
 
-    def __init__(self, now: Energies, first: Energies, flatness: float) -> None:
-        self.now, self.first, self.flatness = now, first, flatness
+    def __init__(self, plan: ScalePlan, now: Energies, polish: Optional[_Polish]) -> None:
+        self.plan, self.now, self.polish = plan, now, polish
+        self.flatness = self._score(now, polish)
         self.applied: List[Tuple[Dict[int, float], Dict[str, float]]] = []
 
-    def offer(self, now: Energies, first: Energies, flatness: float) -> bool:
-        """Keep ``now`` if it is flatter than the best so far; whether it was."""
+    def _score(self, now: Energies, polish: Optional[_Polish]) -> float:
+        return polish.flatness if polish is not None else measure.flatness(_trained(self.plan, now.rates()))
+
+    def judged(self) -> Dict[str, float]:
+        """The learning layers' rates the best state is judged by: its polish's, if any."""
+        return _trained(self.plan, (self.polish.energies if self.polish is not None else self.now).rates())
+
+    def offer(self, now: Energies, polish: Optional[_Polish]) -> bool:
+        """Keep ``now`` (with its ``polish``) if it beats the best so far; whether it did."""
+        flatness = self._score(now, polish)
         if not flatness < self.flatness:
             return False
-        self.now, self.first, self.flatness = now, first, flatness
+        self.now, self.polish, self.flatness = now, polish, flatness
         self.applied = []
         return True
 
-    def restore(self, rescale: Callable[[Dict[int, float], Dict[str, float]], None]) -> Tuple[Energies, Energies]:
+    def restore(self, rescale: Callable[[Dict[int, float], Dict[str, float]], None]) -> Energies:
         """Undo the later rescalings by ``rescale(scale, degrees)``, last first, each with the
         degrees it was applied with."""
         for scale, degrees in reversed(self.applied):
             rescale({g: 1.0 / r for g, r in scale.items()}, degrees)
         self.applied = []
-        return self.now, self.first
+        return self.now
+
+    def finish(self, passes: _Passes) -> Energies:
+        """Apply the best state's polish (the net is at the best state); the energies then."""
+        if self.polish is None:
+            return self.now
+        rho = self.polish.rho
+        scale = {g: math.exp(rho[g]) for g in self.plan.groups if rho[g] != 0.0}
+        passes.rescale(scale, self.now.degrees)
+        self.now, self.polish = self.polish.energies, None
+        return self.now
 
 
 def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: Energies) -> np.ndarray:

@@ -67,6 +67,22 @@ class ScalePlan:
         seen = {name for path in self.paths for name in path}
         return [name for name in self.inexact if name in seen]
 
+    @property
+    def inexact_groups(self) -> Set[int]:
+        """The groups some of whose channels pass an inexact layer before their scale is undone:
+        rescaling one of them changes what the net computes. Rescaling any other group changes
+        no layer's input pattern, so the rate model is exact for it."""
+        out: Set[int] = set()
+        entries = [(c.groups, c.via) for c in self.consumers] + [(g, v) for _, g, v in self.batchnorms]
+        entries += [(g, v) for _, _, g, v in self.biases]
+        for groups, via in entries:
+            if via is not None:
+                passed = np.array([bool(p) for p in self.paths])[via]
+                out.update(int(g) for g in np.unique(groups[passed]) if g != UNSCALED)
+        for groups, _ in self.inexact_inputs.values():
+            out.update(int(g) for g in np.unique(groups) if g != UNSCALED)
+        return out
+
     def powers(self, via: Optional[np.ndarray], degrees: Optional[Mapping[str, float]]) -> Optional[np.ndarray]:
         """The exponent with which each channel of ``via`` receives its producer's scale."""
         if via is None or not degrees:

@@ -62,9 +62,12 @@ class LayerReport:
 class RoundReport:
     """One round of stage 3: the change rates its solve predicted (with the correction the
     earlier measured rounds taught the model) and, behind inexact layers, the ones its
-    correcting pass measured (None where the model is exact and nothing was measured)."""
+    correcting pass measured (None where the model is exact and nothing was measured), and
+    the flatness that rescaling only the groups the model is exact for reaches from there
+    (``polished``; the round is judged by it, see :func:`caffe_utils.magic.between._polish`)."""
     predicted: Dict[str, float]
     measured: Optional[Dict[str, float]] = None
+    polished: Optional[float] = None
 
     @property
     def flatness_predicted(self) -> float:
@@ -94,8 +97,8 @@ class InitReport:
     flatness_before: float = float("nan")
     flatness_after: float = float("nan")
     #: the flatness after each between-layer round, measured where a pass measured it; behind
-    #: inexact layers a round that was no flatter than the best so far was undone, so
-    #: flatness_after is the lowest of them
+    #: inexact layers a round whose polish was no flatter than the best so far was undone, and
+    #: flatness_after is the flatness of the best state's polish (``RoundReport.polished``)
     flatness_rounds: List[float] = field(default_factory=list)
     inexact_layers: List[str] = field(default_factory=list)
     pinned_layers: List[str] = field(default_factory=list)

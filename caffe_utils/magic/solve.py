@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import AbstractSet, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -152,21 +152,23 @@ def _own_powers(plan: ScalePlan, energies: Energies) -> np.ndarray:
     return own
 
 
-def solve(model: RateModel, max_step: Optional[float] = None) -> np.ndarray:
+def solve(model: RateModel, max_step: Optional[float] = None, hold: AbstractSet[int] = frozenset()) -> np.ndarray:
     """The log scales (over group ids; pinned groups 0) that flatten the model's change rates
     as far as the plan allows: a least-squares fit of every counted log rate to one common
     target (:func:`_least_squares`), then, where the rates cannot all meet (pinned layers at
     several depths, tied groups), a narrowing of their spread, the log flatness, by sequential
     linear programs (:func:`_narrow`). ``max_step`` bounds every ``|rho_g|`` (a trust region
-    for models that hold only near the measurement)."""
+    for models that hold only near the measurement); the groups in ``hold`` keep scale 1, as
+    pinned ones do."""
     plan = model.plan
-    free = [g for g in plan.groups if g not in plan.pinned]
+    free = [g for g in plan.groups if g not in plan.pinned and g not in hold]
     rho = np.zeros(model.n + 1)
     logs, _ = model.log_rates(rho)
     ok = np.isfinite(logs) & model.counted
     if not ok.any() or not free:
         return rho
-    rho = _least_squares(model, rho, free, ok, None if plan.pinned else float(np.mean(logs[ok])), max_step)
+    fixed = plan.pinned or any(g in hold for g in plan.groups)
+    rho = _least_squares(model, rho, free, ok, None if fixed else float(np.mean(logs[ok])), max_step)
     return _narrow(model, rho, free, ok, max_step)
 
 
