@@ -278,7 +278,7 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -
             predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates):
             break  # the model's optimum: no rescaling flattens the rates further
-        scale = {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
+        scale = _scales(plan, rho)
         passes.rescale(scale, model.energies.degrees)
         best.applied.append((scale, model.energies.degrees))
         report.iterations = it
@@ -328,6 +328,11 @@ def _polish(plan: ScalePlan, energies: Energies) -> _Polish:
     rho = solve(model, hold=plan.inexact_groups)
     predicted = model.predict(rho)
     return _Polish(rho, predicted, measure.flatness(_trained(plan, predicted.rates())))
+
+
+def _scales(plan: ScalePlan, rho: np.ndarray) -> Dict[int, float]:
+    """The scale factor of every group that log scales ``rho`` move."""
+    return {g: math.exp(rho[g]) for g in plan.groups if rho[g] != 0.0}
 
 
 def _predict(plan: ScalePlan, model: RateModel, rho: np.ndarray) -> Tuple[Energies, Dict[str, float]]:
@@ -383,9 +388,7 @@ class _Best:
         """Apply the best state's polish (the net is at the best state); the energies then."""
         if self.polish is None:
             return self.now
-        rho = self.polish.rho
-        scale = {g: math.exp(rho[g]) for g in self.plan.groups if rho[g] != 0.0}
-        passes.rescale(scale, self.now.degrees)
+        passes.rescale(_scales(self.plan, self.polish.rho), self.now.degrees)
         self.now, self.polish = self.polish.energies, None
         return self.now
 

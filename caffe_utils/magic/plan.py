@@ -68,17 +68,21 @@ class ScalePlan:
         return [name for name in self.inexact if name in seen]
 
     @property
+    def undone_at(self) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Per place a scale is undone (a consumer's input columns, a BatchNorm's channels):
+        the group of each channel and the inexact layers it passed on its way (``via``)."""
+        return [(c.groups, c.via) for c in self.consumers] + [(g, v) for _, g, v in self.batchnorms]
+
+    @property
     def inexact_groups(self) -> Set[int]:
         """The groups some of whose channels pass an inexact layer before their scale is undone:
         rescaling one of them changes what the net computes. Rescaling any other group changes
         no layer's input pattern, so the rate model is exact for it."""
         out: Set[int] = set()
-        entries = [(c.groups, c.via) for c in self.consumers] + [(g, v) for _, g, v in self.batchnorms]
-        entries += [(g, v) for _, _, g, v in self.biases]
-        for groups, via in entries:
+        passed_any = np.array([bool(p) for p in self.paths])  # per via index: an inexact layer
+        for groups, via in self.undone_at + [(g, v) for _, _, g, v in self.biases]:
             if via is not None:
-                passed = np.array([bool(p) for p in self.paths])[via]
-                out.update(int(g) for g in np.unique(groups[passed]) if g != UNSCALED)
+                out.update(int(g) for g in np.unique(groups[passed_any[via]]) if g != UNSCALED)
         for groups, _ in self.inexact_inputs.values():
             out.update(int(g) for g in np.unique(groups) if g != UNSCALED)
         return out

@@ -133,8 +133,7 @@ def _own_powers(plan: ScalePlan, energies: Energies) -> np.ndarray:
     ``s^(sum_i P_(i-1) (e_i - 1) - P_m)`` with ``P_i = d_1 ... d_i``, so
     ``q = P_m - sum_i P_(i-1) (e_i - 1)`` (1 again where ``e_i = d_i``)."""
     vias: Dict[int, set] = {}
-    entries = [(c.groups, c.via) for c in plan.consumers] + [(g, v) for _, g, v in plan.batchnorms]
-    for groups, via in entries:
+    for groups, via in plan.undone_at:
         if via is None:
             via = np.zeros(groups.size, np.int64)
         for g, v in zip(groups.tolist(), via.tolist()):
