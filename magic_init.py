@@ -60,8 +60,9 @@ class _Progress:
 @click.option("--iterations", default=InitOptions.iterations, show_default=True, type=int, callback=non_negative,
               help="Between-layer rounds: solves of the rate model, each corrected by one measured pass when "
                    "the net has LRN/Sigmoid/TanH-like layers (stops early when every rate is within 1%, or "
-                   "after the first measured pass within its standard error over the calibration batches, or "
-                   "after two rounds in a row that were undone).")
+                   "after the first measured pass within its standard error (over the calibration batches, or "
+                   "where larger over the pass's own), or "
+                   "after a round that was undone).")
 @click.option("--damping", default=InitOptions.damping, show_default=True, type=float, callback=damping_range,
               help="Fraction of each round's solved rescaling (in log scale) that is applied "
                    "(1 = all of it).")

@@ -110,18 +110,19 @@ def channel_stats(top: np.ndarray, valid: Optional[int]):
 MIN_ERROR_BATCHES = 4
 
 
-def log_rate_errors(per_batch: Mapping[str, Sequence[float]]) -> Dict[str, float]:
+def log_rate_errors(per_batch: Mapping[str, Sequence[float]],
+                    min_batches: int = MIN_ERROR_BATCHES) -> Dict[str, float]:
     """Per layer, the standard error of the log of its change rate over several batches, each
     under its own top gradient: how far the sample's rate may lie from the rate on other images
     of its kind. ``per_batch`` holds each batch's gradient energy per image; the rate is the
     square root of their mean over the weights' energy, which the batches share, so its log
     has the standard error ``std(g) / (2 mean(g) sqrt(B))`` (the delta method); nan where fewer
-    than ``MIN_ERROR_BATCHES`` batches, or no energy, tell."""
+    than ``min_batches`` batches, or no energy, tell."""
     out = {}
     for name, values in per_batch.items():
         g = np.asarray(values, np.float64)
         mean = float(g.mean()) if g.size else 0.0
-        ok = g.size >= MIN_ERROR_BATCHES and mean > 0 and math.isfinite(mean)
+        ok = g.size >= max(min_batches, 2) and mean > 0 and math.isfinite(mean)
         out[name] = float(g.std(ddof=1) / (2 * mean * math.sqrt(g.size))) if ok else float("nan")
     return out
 

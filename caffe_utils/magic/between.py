@@ -25,8 +25,10 @@ downstream (:mod:`caffe_utils.magic.plan`), so that the net computes what it did
   (:func:`_polish`). A measured state is judged by the flatness its polish reaches, and the
   rounds stop once that is within ``tolerance`` of a common rate, or within its standard
   error where that is larger (the sample cannot tell such rates apart, and more passes would
-  only fit them to its images), or after ``STALL_ROUNDS`` rounds in a row were undone (see
-  :func:`_rounds`). The best state's polish is then applied without another pass;
+  only fit them to its images): the calibration's, or where larger the spread of the
+  measuring pass's own batches (:func:`_wider_errors`). A round whose polish is no flatter
+  than the best state's is undone and also ends them (see :func:`_rounds`). The best state's
+  polish is then applied without another pass;
 * **LRN alphas**: with ``InitOptions.lrn_alpha`` an LRN under one scale takes it in its alpha
   (:func:`~caffe_utils.magic.scale_rules.lrn`) and needs no degree; the report lists the new
   alphas (``lrn_alphas``);
@@ -51,10 +53,6 @@ from caffe_utils.magic.solve import Energies, RateModel, solve
 #: per round, no group's log scale moves further than this behind inexact layers (a factor of
 #: 1000): a safeguard for degrees measured far from where a step lands
 INEXACT_MAX_STEP = math.log(1000.0)
-
-#: behind inexact layers, stage 3 stops after this many rounds in a row that were undone (no
-#: flatter than the best state so far): on GoogLeNet no later round became the flattest (README)
-STALL_ROUNDS = 2
 
 #: how many of the calibration images (rounded up to whole batches) each correcting pass
 #: measures again behind inexact layers: one batch alone corrects GoogLeNet's LRN-dependent
@@ -139,8 +137,10 @@ class _Passes:
         self.errors = measure.log_rate_errors(per_batch)
         return Energies(full, self.weights(), degrees, back), outputs
 
-    def correct(self) -> Energies:
-        """Measure the checked images again: their energies are the new estimate.
+    def correct(self) -> Tuple[Energies, Dict[str, float]]:
+        """Measure the checked images again: their energies are the new estimate. Also the
+        standard errors the rounds stop within at that state (:func:`_wider_errors`): the
+        calibration's, or where larger the spread of this pass's own batches.
 
         Not the calibration's energies scaled by measured / predicted on the checked images:
         behind LRN layers that a rescaling pushed into saturation (GoogLeNet's conv1 output
@@ -150,7 +150,10 @@ class _Passes:
         (README, "How the between-layer stage converges")."""
         self.measured += 1
         degrees, back, resume = self._degrees()
-        return Energies(self._gradients(self.check_images, resume), self.weights(), degrees, back)
+        per_batch: Dict[str, List[float]] = {}
+        grad = self._gradients(self.check_images, resume, per_batch=per_batch)
+        own = measure.log_rate_errors(per_batch, min_batches=2)
+        return Energies(grad, self.weights(), degrees, back), _wider_errors(self.errors, own)
 
     def weights(self) -> Dict[str, np.ndarray]:
         """Every affine layer's weight energy per input channel/column, read from the net."""
@@ -251,30 +254,29 @@ def between_batch(net, batch_size: int, mem_limit: int) -> int:
 def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -> Energies:
     """Solve, rescale and (behind inexact layers) correct by a measured pass, until every rate
     is within ``tolerance`` of a common one (after a measured round: or within its standard
-    error, :func:`_flat`), at most ``iterations`` rounds; the last energies.
+    error at the best state, :func:`_flat`, :meth:`_Passes.correct`), at most ``iterations``
+    rounds; the last energies.
     Behind inexact layers each measured state is judged by its :func:`_polish`, and a round
     can land flatter than predicted or not: a round that does not beat the best state so far
-    is undone, and the next one starts there again with half the step and the model corrected
-    by what that round measured (a trust region); after ``STALL_ROUNDS`` such rounds in a row
-    the best state stands. Its polish is applied last."""
+    is undone and ends the rounds. Behind saturated LRN layers such a round means the passes
+    have reached the noise of their images: each further one draws new noise rather than
+    coming closer (README, "The pass's own spread"). The best state's polish is applied
+    last."""
     opts, report = ctx.opts, ctx.report
     exact = not plan.degree_layers
-    errors = None if exact else passes.errors  # the measured rounds stop within them
     correction = None
-    damping = opts.damping
-    undone = 0  # rounds in a row undone
-    best = _Best(plan, now, None if exact else _polish(plan, now))
+    best = _Best(plan, now, None if exact else _polish(plan, now), None if exact else passes.errors)
     for it in range(1, opts.iterations + 1):
         ctx.tick("between-layer", it - 1, opts.iterations)
-        if _flat(best.judged(), opts.tolerance, errors if it > 1 else None):  # errors spare later rounds
+        if _flat(best.judged(), opts.tolerance, best.errors if it > 1 else None):  # errors spare later rounds
             report.converged = True
             break
         rates = _trained(plan, now.rates())
-        rho, model = _step(plan, passes, now, damping, correction)
+        rho, model = _step(plan, passes, now, opts.damping, correction)
         predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates) and correction is not None:
             correction = None  # what the last rounds learnt leaves no way down: solve without it
-            rho, model = _step(plan, passes, now, damping, correction)
+            rho, model = _step(plan, passes, now, opts.damping, correction)
             predicted, aimed = _predict(plan, model, rho)
         if not _gains(aimed, rates):
             break  # the model's optimum: no rescaling flattens the rates further
@@ -282,27 +284,23 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -
         passes.rescale(scale, model.energies.degrees)
         best.applied.append((scale, model.energies.degrees))
         report.iterations = it
-        polish = None
+        polish, errors = None, None
         if exact:
             now = predicted
             report.rounds.append(RoundReport(aimed))
         else:
-            now = passes.correct()
+            now, errors = passes.correct()
             correction = _broyden(model, rho, predicted, now)
             polish = _polish(plan, now)
             report.rounds.append(RoundReport(aimed, _trained(plan, now.rates()), polish.flatness))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
-        if best.offer(now, polish):
-            damping, undone = min(opts.damping, 2 * damping), 0
-        else:
+        if not best.offer(now, polish, errors):
             now = best.restore(passes.rescale)
-            damping, undone = damping / 2, undone + 1
-            if undone >= STALL_ROUNDS:
-                break  # the trust region keeps failing: the best state so far stands
+            break  # no flatter than the best state: the best state stands
     ctx.tick("between-layer", opts.iterations, opts.iterations)
     now = best.finish(passes)
     report.converged = report.converged or _flat(_trained(plan, now.rates()), opts.tolerance,
-                                                 errors if report.iterations else None)
+                                                 best.errors if report.iterations else None)
     report.passes = passes.measured
     return now
 
@@ -355,8 +353,11 @@ class _Best:
     """The best state stage 3's rounds reached (the flattest, or behind inexact layers the
     one whose polish is flattest), and the rescalings applied since."""
 
-    def __init__(self, plan: ScalePlan, now: Energies, polish: Optional[_Polish]) -> None:
+    def __init__(self, plan: ScalePlan, now: Energies, polish: Optional[_Polish],
+                 errors: Optional[Dict[str, float]]) -> None:
         self.plan, self.now, self.polish = plan, now, polish
+        #: the standard errors of the best state's log rates (None on exact nets: no stop within them)
+        self.errors = errors
         self.flatness = self._score(now, polish)
         self.applied: List[Tuple[Dict[int, float], Dict[str, float]]] = []
 
@@ -367,12 +368,13 @@ class _Best:
         """The learning layers' rates the best state is judged by: its polish's, if any."""
         return _trained(self.plan, (self.polish.energies if self.polish is not None else self.now).rates())
 
-    def offer(self, now: Energies, polish: Optional[_Polish]) -> bool:
-        """Keep ``now`` (with its ``polish``) if it beats the best so far; whether it did."""
+    def offer(self, now: Energies, polish: Optional[_Polish], errors: Optional[Dict[str, float]]) -> bool:
+        """Keep ``now`` (with its ``polish`` and standard ``errors``) if it beats the best so
+        far; whether it did."""
         flatness = self._score(now, polish)
         if not flatness < self.flatness:
             return False
-        self.now, self.polish, self.flatness = now, polish, flatness
+        self.now, self.polish, self.flatness, self.errors = now, polish, flatness, errors
         self.applied = []
         return True
 
@@ -442,6 +444,20 @@ def _flat(rates: Mapping[str, float], tolerance: float, errors: Optional[Mapping
             e = errors.get(name, float("nan"))
             bands.append((math.log(r), max(half, e) if math.isfinite(e) else half))
     return bool(bands) and max(lo - w for lo, w in bands) <= min(lo + w for lo, w in bands)
+
+
+def _wider_errors(calibration: Mapping[str, float], own: Mapping[str, float]) -> Dict[str, float]:
+    """Per layer, the larger known standard error of the calibration's (``MIN_ERROR_BATCHES``
+    batches, at the first state) and a measured pass's ``own`` (its few batches, at the state it
+    measured). Behind saturated LRN layers a rescaling can make a layer's rate vary from image
+    to image much more than at the first state: GoogLeNet's conv1 rate, 0.03 in log over the
+    calibration's batches, differed by up to 0.3 between a pass's two batches (README). Two
+    batches tell that spread only roughly, so it can widen a band but not narrow one."""
+    out = {}
+    for name in set(calibration) | set(own):
+        known = [e for e in (calibration.get(name, math.nan), own.get(name, math.nan)) if math.isfinite(e)]
+        out[name] = max(known) if known else math.nan
+    return out
 
 
 def _record(ctx: InitContext, energies: Energies, when: str) -> None:

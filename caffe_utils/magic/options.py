@@ -17,7 +17,8 @@ class InitOptions:
     bound stage 3's rounds (each one a solve, corrected by a measured pass behind inexact
     layers), the fraction of the solved rescaling each round applies and its stop (after a
     measured round, a rate within its standard error over the ``rate_images`` calibration
-    images' batches counts as within ``tolerance``); the change rates are measured over
+    images' batches, or where larger over the measuring pass's own, counts as within
+    ``tolerance``); the change rates are measured over
     ``rate_images`` images. ``mem_limit`` bytes bound the cached activations and patches.
     With ``lrn_alpha`` stage 3 may scale an LRN layer's ``alpha`` by ``1/r^2`` where it
     scales its input by ``r``, which keeps the layer exact: the net then
