@@ -450,9 +450,10 @@ def _wider_errors(calibration: Mapping[str, float], own: Mapping[str, float]) ->
     """Per layer, the larger known standard error of the calibration's (``MIN_ERROR_BATCHES``
     batches, at the first state) and a measured pass's ``own`` (its few batches, at the state it
     measured). Behind saturated LRN layers a rescaling can make a layer's rate vary from image
-    to image much more than at the first state: GoogLeNet's conv1 rate, 0.03 in log over the
-    calibration's batches, differed by up to 0.3 between a pass's two batches (README). Two
-    batches tell that spread only roughly, so it can widen a band but not narrow one."""
+    to image much more than at the first state: GoogLeNet's conv1 rate has a standard error of
+    0.03-0.07 in log over the calibration's batches, and up to 0.4 over a later pass's two
+    (README, "The pass's own spread"). Two batches tell that spread only roughly, so it can
+    widen a band but not narrow one."""
     out = {}
     for name in set(calibration) | set(own):
         known = [e for e in (calibration.get(name, math.nan), own.get(name, math.nan)) if math.isfinite(e)]
