@@ -282,7 +282,6 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -
             break  # the model's optimum: no rescaling flattens the rates further
         scale = _scales(plan, rho)
         passes.rescale(scale, model.energies.degrees)
-        best.applied.append((scale, model.energies.degrees))
         report.iterations = it
         polish, errors = None, None
         if exact:
@@ -295,7 +294,8 @@ def _rounds(ctx: InitContext, plan: ScalePlan, passes: _Passes, now: Energies) -
             report.rounds.append(RoundReport(aimed, _trained(plan, now.rates()), polish.flatness))
         report.flatness_rounds.append(measure.flatness(_trained(plan, now.rates())))
         if not best.offer(now, polish, errors):
-            now = best.restore(passes.rescale)
+            _undo(passes.rescale, scale, model.energies.degrees)
+            now = best.now
             break  # no flatter than the best state: the best state stands
     ctx.tick("between-layer", opts.iterations, opts.iterations)
     now = best.finish(passes)
@@ -351,7 +351,7 @@ def _gains(predicted: Mapping[str, float], rates: Mapping[str, float]) -> bool:
 
 class _Best:
     """The best state stage 3's rounds reached (the flattest, or behind inexact layers the
-    one whose polish is flattest), and the rescalings applied since."""
+    one whose polish is flattest)."""
 
     def __init__(self, plan: ScalePlan, now: Energies, polish: Optional[_Polish],
                  errors: Optional[Dict[str, float]]) -> None:
@@ -359,7 +359,6 @@ class _Best:
         #: the standard errors of the best state's log rates (None on exact nets: no stop within them)
         self.errors = errors
         self.flatness = self._score(now, polish)
-        self.applied: List[Tuple[Dict[int, float], Dict[str, float]]] = []
 
     def _score(self, now: Energies, polish: Optional[_Polish]) -> float:
         return polish.flatness if polish is not None else measure.flatness(_trained(self.plan, now.rates()))
@@ -375,16 +374,7 @@ class _Best:
         if not flatness < self.flatness:
             return False
         self.now, self.polish, self.flatness, self.errors = now, polish, flatness, errors
-        self.applied = []
         return True
-
-    def restore(self, rescale: Callable[[Dict[int, float], Dict[str, float]], None]) -> Energies:
-        """Undo the later rescalings by ``rescale(scale, degrees)``, last first, each with the
-        degrees it was applied with."""
-        for scale, degrees in reversed(self.applied):
-            rescale({g: 1.0 / r for g, r in scale.items()}, degrees)
-        self.applied = []
-        return self.now
 
     def finish(self, passes: _Passes) -> Energies:
         """Apply the best state's polish (the net is at the best state); the energies then."""
@@ -393,6 +383,13 @@ class _Best:
         passes.rescale(_scales(self.plan, self.polish.rho), self.now.degrees)
         self.now, self.polish = self.polish.energies, None
         return self.now
+
+
+def _undo(rescale: Callable[[Dict[int, float], Dict[str, float]], None], scale: Mapping[int, float],
+          degrees: Mapping[str, float]) -> None:
+    """Undo a round's rescaling ``scale`` by ``rescale(scale, degrees)``, at the degrees it was
+    applied with (the net then computes again what it did before the round, up to float32)."""
+    rescale({g: 1.0 / r for g, r in scale.items()}, degrees)
 
 
 def _broyden(model: RateModel, rho: np.ndarray, predicted: Energies, measured: Energies) -> np.ndarray:
