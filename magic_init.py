@@ -15,7 +15,8 @@ from typing import Optional
 import click
 
 from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive,
-                                  sample_options, signal_name, signals_as_interrupts)
+                                  sample_options, signal_name, signals_as_interrupts,
+                                  ignore_interrupts_at_exit)
 from caffe_utils.magic import INIT_TYPES, InitOptions
 from caffe_utils.pipeline import RunConfig
 
@@ -121,7 +122,10 @@ def _run(cfg: RunConfig, quiet: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name=PROG)
+    try:
+        cli(prog_name=PROG)
+    finally:
+        ignore_interrupts_at_exit()
 
 
 if __name__ == "__main__":

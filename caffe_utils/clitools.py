@@ -158,6 +158,15 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def ignore_interrupts_at_exit() -> None:
+    """Ignore Ctrl-C from here on. Called once the command has finished (its outputs written or
+    its one error line printed): a SIGINT that arrived later, while the interpreter shuts down
+    and joins the engine's worker threads, raised KeyboardInterrupt there and printed a
+    traceback ("Exception ignored in: <module 'threading'>"), seen once in
+    tests/test_hostile.py's signal test on 2026-12-07."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class OneLineCommand(click.Command):
     """A click command whose every error is one line on stderr: ``PROG: error: ...``.
 
