@@ -210,6 +210,43 @@ def test_max_pooling_without_backward_expected(monkeypatch, case, values):
     assert layer._code is not None
 
 
+def _ties(rng, shape):
+    """Many ties (a ReLU's zeros, some twos) and a row that nothing beats (-FLT_MAX)."""
+    x = np.maximum(rng.randint(-2, 3, size=shape), 0).astype(np.float32)
+    x[..., 0, :] = -np.finfo(np.float32).max
+    return x
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["channels first", "channels last"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c[1] for c in POOL_CASES])
+def test_pooling_with_the_channels_innermost(monkeypatch, case, channels_last):
+    """12 channels, more than any case's output row: worked on as stored and, where a window is
+    clipped, with each block copied channels innermost (``CHANNELS_LAST_BELOW`` set so that
+    the rule picks each), in tiny blocks and 2 threads. MAX (its places kept; its places found
+    again from the data, with ties; the mask top) and AVE all as Caffe's loops."""
+    monkeypatch.setattr(pooling, "BLOCK", 7)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    monkeypatch.setattr(pooling, "CHANNELS_LAST_BELOW", 1000 if channels_last else 0)
+    (n, _, h, w), pp, k, p, s = case
+    shape = (n, 12, h, w)
+    for method, ntop, expect, init in [("MAX", 1, True, None), ("MAX", 2, True, None), ("MAX", 1, False, _ties),
+                                       ("AVE", 1, True, None)]:
+        layer, bottom, top = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: {method} {pp} }}',
+                                        [shape], ntop=ntop, init=init)
+        (kh, kw), (ph, pw), (sh, sw), (oh, ow) = layer.kernel, layer.pad, layer.stride, layer.out
+        clipped = ph or pw or (oh - 1) * sh + kh > h or (ow - 1) * sw + kw > w
+        taps = pooling.window_taps((h, w), layer.out, layer.kernel, layer.pad, layer.stride)
+        assert pooling._channels_innermost(taps, layer.out, 12) == bool(channels_last and clipped)
+        layer.expect_backward(expect)
+        tops, dys = fwd_bwd(layer, bottom, top)
+        ref, mask = naive_pool(bottom[0].data, method, k, p, s)
+        close(tops[0], ref, 1e-6)
+        if ntop > 1:
+            np.testing.assert_array_equal(tops[1], mask)
+        close(bottom[0].diff, naive_pool_backward(shape, dys[0], method, k, p, s, mask), 1e-6)
+
+
 FLOOR_CASES = [
     # (shape, kernel, pad, stride) with floor rounding
     ((2, 3, 7, 7), 2, 1, 2),

@@ -14,8 +14,12 @@ bottom diff. MAX keeps, per output, the offset of its maximum (int8 for windows 
 positions) for the backward pass; told that no backward follows (``expect_backward(False)``,
 stages 1 and 2 of the initialization) it keeps only the maxima, a quarter of the work, and a
 backward pass after all finds the offsets again from the bottom data. The work goes in blocks
-of images and channels (cache-sized, split over threads). Global pooling reduces each plane at
-once.
+of images and channels (cache-sized, split over threads). Where windows are clipped (padding,
+a last partial window) and the output rows are short (an inception block's 7x7 or 14x14
+planes), a block is first copied with its channels innermost in memory
+(:func:`_channels_innermost`): numpy's ufuncs iterate in memory order, so every tap's operation
+then runs over the block's channels in one inner loop instead of over a row of a few outputs.
+Global pooling reduces each plane at once.
 
 Limits (each raises a clear error): STOCHASTIC pooling is not implemented (Caffe's CPU build has
 none either). Pooling reads ``round_mode`` (BVLC) or ``ceil_mode`` (forks such as the one pycaffe
@@ -63,6 +67,35 @@ def window_taps(in_hw: Tuple[int, int], out_hw: Tuple[int, int], kernel, pad, st
             for j, (co, ci) in enumerate(cols) if co.stop > co.start]
 
 
+#: only output rows shorter than this are worked on channels innermost (:func:`_channels_innermost`)
+CHANNELS_LAST_BELOW = 64
+
+
+def _channels_last(a: np.ndarray, fill: Optional[float] = None) -> np.ndarray:
+    """A copy of block ``a`` (n, c, h, w), or with ``fill`` an array of that value, whose memory
+    has the channels innermost, viewed with ``a``'s axes: the kernels index it as they index
+    ``a``, and the ufuncs' inner loops run over its channels."""
+    n, c, h, w = a.shape
+    out = np.empty((n, h, w, c), a.dtype).transpose(0, 3, 1, 2)
+    if fill is None:
+        np.copyto(out, a)
+    else:
+        out[...] = fill
+    return out
+
+
+def _channels_innermost(taps: Taps, out_hw: Tuple[int, int], channels: int) -> bool:
+    """Whether a problem of ``channels`` channels is worked on with its blocks copied channels
+    innermost (:func:`_channels_last`): where some window is clipped (padding, or a last
+    partial window) and the output rows are shorter than the channel count and than
+    :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
+    so numpy's loops over them run a row at a time; unclipped taps cover whole blocks and run
+    fast as stored (README, "Benchmarks", 2026-12-07)."""
+    oh, ow = out_hw
+    clipped = any(ro.stop - ro.start < oh or co.stop - co.start < ow for _, ro, co, _, _ in taps)
+    return clipped and ow < min(CHANNELS_LAST_BELOW, channels)
+
+
 def _by_blocks(work: Callable[[slice, slice], None], shape, out_hw: Tuple[int, int]) -> None:
     """Run ``work(images, channels)`` over blocks of an (N, C, ...) problem, in threads."""
     blocks = tile_blocks(int(shape[0]), int(shape[1]), out_hw[0] * out_hw[1], BLOCK)
@@ -105,13 +138,21 @@ def ave_pool_forward(x: np.ndarray, kernel, pad, stride, out, top: Optional[np.n
     taps = window_taps((H, W), out, kernel, pad, stride)
     div = _divisor((H, W), kernel, pad, stride, out)
 
+    last = _channels_innermost(taps, out, C)
+
     def work(ns: slice, cs: slice) -> None:
         yb, xb = y[ns, cs], x[ns, cs]
-        yb[...] = 0
+        acc = _channels_last(yb, 0) if last else yb
+        if last:
+            xb = _channels_last(xb)
+        else:
+            acc[...] = 0
         for _, ro, co, ri, ci in taps:
-            v = yb[:, :, ro, co]
+            v = acc[:, :, ro, co]
             v += xb[:, :, ri, ci]
-        yb /= div
+        acc /= div
+        if last:
+            yb[...] = acc
 
     _by_blocks(work, x.shape, out)
     return y
@@ -127,12 +168,18 @@ def ave_pool_backward(dy: np.ndarray, in_shape, kernel, pad, stride,
     taps = window_taps((H, W), out, kernel, pad, stride)
     div = _divisor((H, W), kernel, pad, stride, out)
 
+    last = _channels_innermost(taps, out, C)
+
     def work(ns: slice, cs: slice) -> None:
-        t = dy[ns, cs] / div
-        gb = g[ns, cs]
+        t = _channels_last(dy[ns, cs]) if last else dy[ns, cs] / div
+        if last:
+            t /= div
+        gb = _channels_last(g[ns, cs], 0) if last else g[ns, cs]
         for _, ro, co, ri, ci in taps:
             v = gb[:, :, ri, ci]
             v += t[:, :, ro, co]
+        if last:
+            g[ns, cs] += gb
 
     _by_blocks(work, in_shape, out)
     return g
@@ -263,14 +310,19 @@ class Pooling(Layer):
             best[...] = np.where(none, DTYPE(-FLT_MAX), b).reshape(best.shape)
             return code.reshape(N, C, 1, 1).astype(ctype)
         taps = window_taps((H, W), self.out, self.kernel, self.pad, self.stride)
-        code = np.empty((N, C, oh, ow), ctype)
+        last = _channels_innermost(taps, self.out, C)
+        code = np.empty((N, oh, ow, C), ctype).transpose(0, 3, 1, 2) if last else np.empty((N, C, oh, ow), ctype)
 
         def work(ns: slice, cs: slice) -> None:
-            bb, cb, xb = best[ns, cs], code[ns, cs], x[ns, cs]
-            bb[...] = -FLT_MAX
+            cb, xb = code[ns, cs], x[ns, cs]
+            bb = _channels_last(best[ns, cs], -FLT_MAX) if last else best[ns, cs]
+            if last:
+                xb = _channels_last(xb)
+            else:
+                bb[...] = -FLT_MAX
             cb[...] = -1
-            gt = np.empty(bb.shape, bool)
-            tmp = np.empty(bb.shape, ctype)
+            gt = np.empty_like(bb, bool)
+            tmp = np.empty_like(bb, ctype)
             for kk, ro, co, ri, ci in taps:
                 v, bv, g, t = xb[:, :, ri, ci], bb[:, :, ro, co], gt[:, :, ro, co], tmp[:, :, ro, co]
                 np.greater(v, bv, out=g)
@@ -278,6 +330,8 @@ class Pooling(Layer):
                 # offsets only grow, so "set the code to kk where v > best" is a maximum
                 np.multiply(g.view(np.int8), ctype(kk), out=t, casting="unsafe")
                 np.maximum(cb[:, :, ro, co], t, out=cb[:, :, ro, co])
+            if last:
+                best[ns, cs] = bb
 
         _by_blocks(work, x.shape, self.out)
         return code
@@ -287,7 +341,15 @@ class Pooling(Layer):
         nothing), without their places: a forward pass that no backward follows (stages 1 and
         2) needs only these, a quarter of the work of :meth:`_max_forward`."""
         taps = window_taps(x.shape[2:], self.out, self.kernel, self.pad, self.stride)
-        _by_blocks(lambda ns, cs: _block_max(x[ns, cs], taps, best[ns, cs]), x.shape, self.out)
+        last = _channels_innermost(taps, self.out, x.shape[1])
+
+        def work(ns: slice, cs: slice) -> None:
+            if not last:
+                _block_max(x[ns, cs], taps, best[ns, cs])
+                return
+            best[ns, cs] = _block_max(_channels_last(x[ns, cs]), taps, _channels_last(best[ns, cs], 0))
+
+        _by_blocks(work, x.shape, self.out)
 
     def _flat_index(self, code: np.ndarray, width: int) -> np.ndarray:
         """Caffe's mask: index ``h*W + w`` of the maximum in its channel plane (-1 if none)."""
@@ -332,16 +394,22 @@ class Pooling(Layer):
         one tap, different outputs read different inputs, so no sum collides)."""
         taps = window_taps(dx.shape[2:], self.out, self.kernel, self.pad, self.stride)
 
+        last = _channels_innermost(taps, self.out, dx.shape[1])
+
         def work(ns: slice, cs: slice) -> None:
             cb, db, xb = code[ns, cs], dy[ns, cs], dx[ns, cs]
-            eq = np.empty(cb.shape, bool)
-            tmp = np.empty(cb.shape, DTYPE)
+            if last:
+                db, xb = _channels_last(db), _channels_last(xb, 0)
+            eq = np.empty_like(db, bool)
+            tmp = np.empty_like(db)
             for kk, ro, co, ri, ci in taps:
                 e, t = eq[:, :, ro, co], tmp[:, :, ro, co]
                 np.equal(cb[:, :, ro, co], kk, out=e)
                 np.multiply(db[:, :, ro, co], e, out=t)
                 dst = xb[:, :, ri, ci]
                 dst += t
+            if last:
+                dx[ns, cs] += xb
 
         _by_blocks(work, dx.shape, self.out)
 
@@ -353,12 +421,16 @@ class Pooling(Layer):
         values; a window without a value above ``-FLT_MAX``, or with a NaN, gets none)."""
         taps = window_taps(dx.shape[2:], self.out, self.kernel, self.pad, self.stride)
 
+        last = _channels_innermost(taps, self.out, dx.shape[1])
+
         def work(ns: slice, cs: slice) -> None:
             db, xb, dst = dy[ns, cs], x[ns, cs], dx[ns, cs]
-            best = _block_max(xb, taps, np.empty(db.shape, DTYPE))
+            if last:
+                db, xb, dst = _channels_last(db), _channels_last(xb), _channels_last(dst, 0)
+            best = _block_max(xb, taps, np.empty_like(db))
             claimed = ~(best > -FLT_MAX)
-            eq = np.empty(db.shape, bool)
-            tmp = np.empty(db.shape, DTYPE)
+            eq = np.empty_like(db, bool)
+            tmp = np.empty_like(db)
             for _, ro, co, ri, ci in taps:
                 e, c, t = eq[:, :, ro, co], claimed[:, :, ro, co], tmp[:, :, ro, co]
                 np.equal(xb[:, :, ri, ci], best[:, :, ro, co], out=e)
@@ -367,5 +439,7 @@ class Pooling(Layer):
                 np.multiply(db[:, :, ro, co], e, out=t)
                 d = dst[:, :, ri, ci]
                 d += t
+            if last:
+                dx[ns, cs] += dst
 
         _by_blocks(work, dx.shape, self.out)
