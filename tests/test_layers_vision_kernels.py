@@ -7,6 +7,8 @@ and thread splits forced on.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,27 @@ def test_depthwise_matches_direct_loops(monkeypatch, case, split):
         monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
     shape, cp, k, p, s, d, group = case
     _check_conv(shape, cp, k, p, s, d, group, "depthwise")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["channels first", "channels last"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[c[1] for c in DEPTHWISE_CASES])
+def test_depthwise_with_the_channels_innermost(monkeypatch, case, channels_last):
+    """Each case with 12 channels (more than any case's output row, the multiplier kept), in
+    tiny blocks and 2 threads: as stored and, where a tap is clipped, with each block copied
+    channels innermost (``CHANNELS_LAST_BELOW`` set so that the rule picks each)."""
+    monkeypatch.setattr(conv_kernels, "BLOCK", 7)
+    monkeypatch.setattr(i2c, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(i2c, "_num_threads", lambda: 2)
+    monkeypatch.setattr(conv_kernels, "CHANNELS_LAST_BELOW", 1000 if channels_last else 0)
+    (n, c, h, w), cp, k, p, s, d, group = case
+    mult = int(re.search(r"num_output: (\d+)", cp).group(1)) // group
+    cp = re.sub(r"group: \d+", "group: 12", re.sub(r"num_output: \d+", f"num_output: {12 * mult}", cp))
+    layer, _, _ = _check_conv((n, 12, h, w), cp, k, p, s, d, 12, "depthwise")
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = layer._conv_args()
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    clipped = ph or pw or (oh - 1) * sh + dh * (kh - 1) >= h or (ow - 1) * sw + dw * (kw - 1) >= w
+    taps = conv_kernels._taps((n, 12, h, w), (oh, ow), *layer._conv_args())
+    assert conv_kernels.depthwise_channels_last(taps, (oh, ow), 12) == bool(channels_last and clipped)
 
 
 @pytest.mark.parametrize("kind", ["DepthwiseConvolution", "ConvolutionDepthwise"])

@@ -13,7 +13,9 @@ is wasted work, and the general im2col + GEMM path (:mod:`.im2col`) for the rest
   a direct stencil, the sum over the ``kh*kw`` taps of a shifted (strided, dilated) slice of the
   input times each channel's tap weight. Taps reaching into the padding are clipped rather than
   padded, and the work goes in blocks of images and channels small enough to stay in cache,
-  split over threads (numpy releases the GIL in the elementwise loops).
+  split over threads (numpy releases the GIL in the elementwise loops). On small planes with
+  clipped taps (MobileNet's 14x14 and 7x7 ones) each block is copied with its channels
+  innermost first (:func:`depthwise_channels_last`).
 
 Both follow the engine's protocol: the forward pass overwrites the top, backward adds (``+=``)
 into the bottom and weight diffs. Results agree with Caffe's im2col + GEMM up to float32
@@ -27,12 +29,15 @@ import numpy as np
 
 from caffe_utils.layers.blas import matmul_groups, matmul_nt_long
 from caffe_utils.layers.im2col import blocks as tile_blocks
-from caffe_utils.layers.im2col import parallel, scratch, tap_range
+from caffe_utils.layers.im2col import channels_last, clipped, parallel, scratch, tap_range
 
 Pair = Tuple[int, int]
 
 #: elements of one depthwise block's output (cache-sized: the block and its tap products)
 BLOCK = 1 << 18
+
+#: only output rows shorter than this are worked on channels innermost (:func:`depthwise_channels_last`)
+CHANNELS_LAST_BELOW = 20
 
 
 def is_pointwise(kernel: Pair, pad: Pair) -> bool:
@@ -108,6 +113,17 @@ def _taps(shape: Sequence[int], out_hw: Pair, kernel: Pair, pad: Pair, stride: P
             for j, co, ci in cols if co.stop > co.start]
 
 
+def depthwise_channels_last(taps, out_hw: Pair, channels: int) -> bool:
+    """Whether a depthwise stencil of ``channels`` channels works on its blocks copied channels
+    innermost (:func:`~caffe_utils.layers.im2col.channels_last`): where some tap is clipped
+    (padding) and the output rows are shorter than the channel count and than
+    :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
+    so numpy's loops over them run a row of a few values at a time; on larger planes the
+    copies cost more than they save (README, "Benchmarks", 2026-12-07)."""
+    return (clipped([(ro, co) for _, _, ro, co, _, _ in taps], out_hw)
+            and out_hw[1] < min(CHANNELS_LAST_BELOW, channels))
+
+
 def _block_size(blocks: List[Tuple[slice, slice]], per_channel: int) -> int:
     """Elements of the largest block's output."""
     return max((ns.stop - ns.start) * (cs.stop - cs.start) for ns, cs in blocks) * per_channel
@@ -126,18 +142,27 @@ def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray,
     y5 = y.reshape(n, c, mult, oh, ow)
     blocks = tile_blocks(n, c, mult * oh * ow, BLOCK)
     size = _block_size(blocks, mult * oh * ow)
+    last = depthwise_channels_last(taps, (oh, ow), c)
 
     def work(part: slice) -> None:
         tmp = np.empty(size, x.dtype)
         for ns, cs in blocks[part]:
-            yb = y5[ns, cs]
-            yb[...] = 0 if bias is None else bias.reshape(c, mult, 1, 1)[cs]
+            start = 0 if bias is None else bias.reshape(c, mult, 1, 1)[cs]
+            yb, xb = y5[ns, cs], x[ns, cs]
+            if last:
+                yb, xb = channels_last(yb, 0), channels_last(xb)
+                yb += start
+                tb = np.empty_like(yb)
+            else:
+                yb[...] = start
             for i, j, ro, co, ri, ci in taps:
-                xv = x[ns, cs, ri, ci][:, :, None]
-                t = tmp[:yb[..., ro, co].size].reshape(yb[..., ro, co].shape)
+                xv = xb[:, :, ri, ci][:, :, None]
+                t = tb[..., ro, co] if last else tmp[:yb[..., ro, co].size].reshape(yb[..., ro, co].shape)
                 np.multiply(xv, w5[cs, :, i, j][None, :, :, None, None], out=t)
                 yv = yb[..., ro, co]
                 yv += t
+            if last:
+                y5[ns, cs] = yb
 
     parallel(work, len(blocks), y.size)
 
@@ -156,21 +181,31 @@ def depthwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, geometry,
     blocks = tile_blocks(n, c, mult * oh * ow, BLOCK)
     partial = np.zeros((len(blocks), c, mult, kh, kw), np.float32)
     size = _block_size(blocks, mult * oh * ow)
+    last = depthwise_channels_last(taps, (oh, ow), c)
 
     def work(part: slice) -> None:
         tmp = np.empty(size, x.dtype)
         for b in range(part.start, part.stop):
             ns, cs = blocks[b]
+            dyb, xb, dxb = dy5[ns, cs], x[ns, cs], None if dx is None else dx[ns, cs]
+            if last:
+                dyb, xb = channels_last(dyb), channels_last(xb)
+                dxb = None if dxb is None else channels_last(dxb, 0)
+                tb = np.empty_like(dyb)
             for i, j, ro, co, ri, ci in taps:
-                dyv = dy5[ns, cs][..., ro, co]
-                t = tmp[:dyv.size].reshape(dyv.shape)
-                np.multiply(dyv, x[ns, cs, ri, ci][:, :, None], out=t)
-                partial[b, cs, :, i, j] = t.reshape(t.shape[:3] + (-1,)).sum(axis=(0, 3))
-                if dx is None:
+                dyv = dyb[..., ro, co]
+                t = tb[..., ro, co] if last else tmp[:dyv.size].reshape(dyv.shape)
+                np.multiply(dyv, xb[:, :, ri, ci][:, :, None], out=t)
+                # channels innermost, t is no contiguous block to flatten
+                partial[b, cs, :, i, j] = (t.sum(axis=(0, 3, 4)) if last
+                                           else t.reshape(t.shape[:3] + (-1,)).sum(axis=(0, 3)))
+                if dxb is None:
                     continue
                 np.multiply(dyv, w5[cs, :, i, j][None, :, :, None, None], out=t)
-                dxv = dx[ns, cs, ri, ci]
+                dxv = dxb[:, :, ri, ci]
                 dxv += t[:, :, 0] if mult == 1 else t.sum(axis=2)
+            if last and dxb is not None:
+                dx[ns, cs] += dxb
 
     parallel(work, len(blocks), dy.size)
     dw += partial.sum(axis=0).reshape(dw.shape)

@@ -154,6 +154,29 @@ def blocks(n: int, c: int, per_channel: int, budget: int) -> List[Tuple[slice, s
     return [(slice(a, a + 1), slice(b, min(c, b + cb))) for a in range(n) for b in range(0, c, cb)]
 
 
+def channels_last(a: np.ndarray, fill: Optional[float] = None) -> np.ndarray:
+    """A copy of block ``a`` (n, c, ...), or with ``fill`` an array of that value, whose memory
+    has the channels (axis 1) innermost, viewed with ``a``'s axes: a kernel indexes it as it
+    indexes ``a``, and numpy's ufuncs, which iterate in memory order, run their inner loops over
+    its channels. For kernels whose window taps are strided slices of small planes, where a
+    loop over a row would cover a few values."""
+    order = (0,) + tuple(range(2, a.ndim)) + (1,)
+    out = np.empty([a.shape[i] for i in order], a.dtype).transpose(tuple(np.argsort(order)))
+    if fill is None:
+        np.copyto(out, a)
+    else:
+        out[...] = fill
+    return out
+
+
+def clipped(taps: Sequence[Tuple[slice, slice]], out_hw: Tuple[int, int]) -> bool:
+    """Whether some window tap, given as its (output rows, output columns), misses part of the
+    ``out_hw`` outputs (it reads padding or past the input's end there): its slices of a block
+    are then strided in every axis."""
+    oh, ow = out_hw
+    return any(ro.stop - ro.start < oh or co.stop - co.start < ow for ro, co in taps)
+
+
 def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:
     if out is None:
         return np.empty(size, dtype)

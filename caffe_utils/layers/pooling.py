@@ -33,7 +33,7 @@ import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
 from caffe_utils.layers.im2col import blocks as tile_blocks
-from caffe_utils.layers.im2col import parallel, tap_range
+from caffe_utils.layers.im2col import channels_last, clipped, parallel, tap_range
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -71,29 +71,15 @@ def window_taps(in_hw: Tuple[int, int], out_hw: Tuple[int, int], kernel, pad, st
 CHANNELS_LAST_BELOW = 64
 
 
-def _channels_last(a: np.ndarray, fill: Optional[float] = None) -> np.ndarray:
-    """A copy of block ``a`` (n, c, h, w), or with ``fill`` an array of that value, whose memory
-    has the channels innermost, viewed with ``a``'s axes: the kernels index it as they index
-    ``a``, and the ufuncs' inner loops run over its channels."""
-    n, c, h, w = a.shape
-    out = np.empty((n, h, w, c), a.dtype).transpose(0, 3, 1, 2)
-    if fill is None:
-        np.copyto(out, a)
-    else:
-        out[...] = fill
-    return out
-
-
 def _channels_innermost(taps: Taps, out_hw: Tuple[int, int], channels: int) -> bool:
     """Whether a problem of ``channels`` channels is worked on with its blocks copied channels
-    innermost (:func:`_channels_last`): where some window is clipped (padding, or a last
-    partial window) and the output rows are shorter than the channel count and than
-    :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
+    innermost (:func:`~caffe_utils.layers.im2col.channels_last`): where some window is clipped
+    (padding, or a last partial window) and the output rows are shorter than the channel count
+    and than :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
     so numpy's loops over them run a row at a time; unclipped taps cover whole blocks and run
     fast as stored (README, "Benchmarks", 2026-12-07)."""
-    oh, ow = out_hw
-    clipped = any(ro.stop - ro.start < oh or co.stop - co.start < ow for _, ro, co, _, _ in taps)
-    return clipped and ow < min(CHANNELS_LAST_BELOW, channels)
+    return (clipped([(ro, co) for _, ro, co, _, _ in taps], out_hw)
+            and out_hw[1] < min(CHANNELS_LAST_BELOW, channels))
 
 
 def _by_blocks(work: Callable[[slice, slice], None], shape, out_hw: Tuple[int, int]) -> None:
@@ -142,9 +128,9 @@ def ave_pool_forward(x: np.ndarray, kernel, pad, stride, out, top: Optional[np.n
 
     def work(ns: slice, cs: slice) -> None:
         yb, xb = y[ns, cs], x[ns, cs]
-        acc = _channels_last(yb, 0) if last else yb
+        acc = channels_last(yb, 0) if last else yb
         if last:
-            xb = _channels_last(xb)
+            xb = channels_last(xb)
         else:
             acc[...] = 0
         for _, ro, co, ri, ci in taps:
@@ -171,10 +157,10 @@ def ave_pool_backward(dy: np.ndarray, in_shape, kernel, pad, stride,
     last = _channels_innermost(taps, out, C)
 
     def work(ns: slice, cs: slice) -> None:
-        t = _channels_last(dy[ns, cs]) if last else dy[ns, cs] / div
+        t = channels_last(dy[ns, cs]) if last else dy[ns, cs] / div
         if last:
             t /= div
-        gb = _channels_last(g[ns, cs], 0) if last else g[ns, cs]
+        gb = channels_last(g[ns, cs], 0) if last else g[ns, cs]
         for _, ro, co, ri, ci in taps:
             v = gb[:, :, ri, ci]
             v += t[:, :, ro, co]
@@ -315,9 +301,9 @@ class Pooling(Layer):
 
         def work(ns: slice, cs: slice) -> None:
             cb, xb = code[ns, cs], x[ns, cs]
-            bb = _channels_last(best[ns, cs], -FLT_MAX) if last else best[ns, cs]
+            bb = channels_last(best[ns, cs], -FLT_MAX) if last else best[ns, cs]
             if last:
-                xb = _channels_last(xb)
+                xb = channels_last(xb)
             else:
                 bb[...] = -FLT_MAX
             cb[...] = -1
@@ -347,7 +333,7 @@ class Pooling(Layer):
             if not last:
                 _block_max(x[ns, cs], taps, best[ns, cs])
                 return
-            best[ns, cs] = _block_max(_channels_last(x[ns, cs]), taps, _channels_last(best[ns, cs], 0))
+            best[ns, cs] = _block_max(channels_last(x[ns, cs]), taps, channels_last(best[ns, cs], 0))
 
         _by_blocks(work, x.shape, self.out)
 
@@ -399,7 +385,7 @@ class Pooling(Layer):
         def work(ns: slice, cs: slice) -> None:
             cb, db, xb = code[ns, cs], dy[ns, cs], dx[ns, cs]
             if last:
-                db, xb = _channels_last(db), _channels_last(xb, 0)
+                db, xb = channels_last(db), channels_last(xb, 0)
             eq = np.empty_like(db, bool)
             tmp = np.empty_like(db)
             for kk, ro, co, ri, ci in taps:
@@ -426,7 +412,7 @@ class Pooling(Layer):
         def work(ns: slice, cs: slice) -> None:
             db, xb, dst = dy[ns, cs], x[ns, cs], dx[ns, cs]
             if last:
-                db, xb, dst = _channels_last(db), _channels_last(xb), _channels_last(dst, 0)
+                db, xb, dst = channels_last(db), channels_last(xb), channels_last(dst, 0)
             best = _block_max(xb, taps, np.empty_like(db))
             claimed = ~(best > -FLT_MAX)
             eq = np.empty_like(db, bool)
