@@ -52,8 +52,8 @@ def worker(engine: str, net_path: str, batch: int, repeat: int, layers: bool = F
 
     Imports only ``caffe_utils`` (found through PYTHONPATH), so that ``--compare`` can run it
     against another commit's tree."""
+    import caffe_utils  # before numpy: it sets OpenBLAS's environment (see its docstring)
     import numpy as np
-    import caffe_utils
     from caffe_utils import netio
     from caffe_utils.engine import open_net
     param = netio.read_net(net_path)

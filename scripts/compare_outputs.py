@@ -117,11 +117,15 @@ def write_image_list(photos: Sequence[Path], path: Path) -> Path:
 
 def tree_env(tree: Path) -> Dict[str, str]:
     """The environment for a run of ``tree``: its root first on PYTHONPATH, ahead of anything
-    else, including an editable install of another checkout."""
+    else, including an editable install of another checkout. Without the
+    ``OPENBLAS_THREAD_TIMEOUT`` that this process's ``caffe_utils`` may have set (a user's
+    stays), so that each tree's run has what its own package sets."""
     env = dict(os.environ)
     rest = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(tree) + (os.pathsep + rest if rest else "")
     env.setdefault("GLOG_minloglevel", "2")
+    if getattr(sys.modules.get("caffe_utils"), "OPENBLAS_TIMEOUT_SET_HERE", False):
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     return env
 
 

@@ -63,9 +63,16 @@ def resolve_net(net: str, folder: Path) -> Tuple[str, str]:
 
 
 def worker_env(tree: Path) -> Dict[str, str]:
-    """The environment of a worker that imports ``tree``'s ``caffe_utils``."""
+    """The environment of a worker that imports ``tree``'s ``caffe_utils``. It has no
+    ``OPENBLAS_THREAD_TIMEOUT`` where this process's ``caffe_utils`` put one there (a user's
+    stays): each tree's run then has what its own package sets, and an older tree runs as it
+    ran before it set one."""
+    import caffe_utils
     path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=path)
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=path)
+    if getattr(caffe_utils, "OPENBLAS_TIMEOUT_SET_HERE", False):
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    return env
 
 
 def run_worker(script: str, tree: Path, args: List[str]) -> dict:
