@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import caffe_utils  # noqa: E402,F401  (before numpy: it sets OpenBLAS's environment)
+import numpy as np  # noqa: E402
 
 INITS = {
     "caffe-gaussian": None,

@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import caffe_utils  # noqa: E402,F401  (before numpy: it sets OpenBLAS's environment)
+import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
     from caffe_utils.images import Transform

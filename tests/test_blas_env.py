@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import caffe_utils
 from scripts.support import benchrun
 
@@ -34,9 +36,12 @@ def test_importing_the_package_sets_the_timeout_unless_the_user_did():
     assert _imported(code, **{VAR: "7"}) == "7 False"
 
 
-def test_the_cli_imports_the_package_before_numpy():
-    """OpenBLAS reads the variable when it is loaded, which importing numpy does."""
-    res = subprocess.run([sys.executable, "-X", "importtime", "magic_init.py", "--help"], capture_output=True,
+@pytest.mark.parametrize("program", ["magic_init.py", "scripts/fashion_mnist.py", "scripts/imagenet_train.py",
+                                     "scripts/voc_classification.py"])
+def test_programs_that_initialize_import_the_package_before_numpy(program):
+    """OpenBLAS reads the variable when it is loaded, which importing numpy does. (The
+    benchmark workers import the package first inside their worker functions.)"""
+    res = subprocess.run([sys.executable, "-X", "importtime", program, "--help"], capture_output=True,
                          text=True, cwd=str(ROOT), env=_env())
     assert res.returncode == 0, res.stderr
     order = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
