@@ -113,7 +113,8 @@ def _taps(shape: Sequence[int], out_hw: Pair, kernel: Pair, pad: Pair, stride: P
             for j, co, ci in cols if co.stop > co.start]
 
 
-def depthwise_channels_last(taps, out_hw: Pair, channels: int) -> bool:
+def depthwise_channels_last(taps: Sequence[Tuple[int, int, slice, slice, slice, slice]], out_hw: Pair,
+                            channels: int) -> bool:
     """Whether a depthwise stencil of ``channels`` channels works on its blocks copied channels
     innermost (:func:`~caffe_utils.layers.im2col.channels_last`): where some tap is clipped
     (padding) and the output rows are shorter than the channel count and than
@@ -145,7 +146,7 @@ def depthwise_forward(x: np.ndarray, w: np.ndarray, geometry, y: np.ndarray,
     last = depthwise_channels_last(taps, (oh, ow), c)
 
     def work(part: slice) -> None:
-        tmp = np.empty(size, x.dtype)
+        tmp = None if last else np.empty(size, x.dtype)
         for ns, cs in blocks[part]:
             start = 0 if bias is None else bias.reshape(c, mult, 1, 1)[cs]
             yb, xb = y5[ns, cs], x[ns, cs]
@@ -184,7 +185,7 @@ def depthwise_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, geometry,
     last = depthwise_channels_last(taps, (oh, ow), c)
 
     def work(part: slice) -> None:
-        tmp = np.empty(size, x.dtype)
+        tmp = None if last else np.empty(size, x.dtype)
         for b in range(part.start, part.stop):
             ns, cs = blocks[b]
             dyb, xb, dxb = dy5[ns, cs], x[ns, cs], None if dx is None else dx[ns, cs]
