@@ -11,6 +11,10 @@ the partial products.
 OpenBLAS's thread count is set through its C API (``openblas_set_num_threads`` under the names
 numpy's builds export), found among the libraries loaded from numpy's own folder; where there
 is none (another BLAS, another OS), the product is one plain ``np.matmul``.
+
+Products that run on OpenBLAS's own threads (plain ``np.matmul``) leave those threads spinning
+for a while, which takes cores from the threads here; :mod:`caffe_utils` sets
+``OPENBLAS_THREAD_TIMEOUT`` so that they sleep at once (see its docstring).
 """
 from __future__ import annotations
 
