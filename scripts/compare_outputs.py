@@ -124,9 +124,8 @@ def tree_env(tree: Path) -> Dict[str, str]:
     rest = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(tree) + (os.pathsep + rest if rest else "")
     env.setdefault("GLOG_minloglevel", "2")
-    if getattr(sys.modules.get("caffe_utils"), "OPENBLAS_TIMEOUT_SET_HERE", False):
-        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
-    return env
+    own = sys.modules.get("caffe_utils")  # not imported: it set nothing here
+    return own.untouched_environ(env) if own is not None else env
 
 
 def _tail(text: str) -> str:

@@ -69,10 +69,7 @@ def worker_env(tree: Path) -> Dict[str, str]:
     ran before it set one."""
     import caffe_utils
     path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=path)
-    if getattr(caffe_utils, "OPENBLAS_TIMEOUT_SET_HERE", False):
-        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
-    return env
+    return caffe_utils.untouched_environ(dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=path))
 
 
 def run_worker(script: str, tree: Path, args: List[str]) -> dict:
