@@ -432,6 +432,7 @@ def format_report(result: RunResult) -> str:
     lines.append("")
     lines.append(f"change-rate flatness (max/min): {_fmt(r.flatness_before)} before, {_fmt(r.flatness_after)} after "
                  f"{r.iterations} between-layer round(s), {r.passes} of them measured"
+                 f"{f' ({r.pass_images} images each)' if r.passes else ''}"
                  f"{' (converged)' if r.converged else ''}")
     for i, rnd in enumerate(r.rounds, 1):
         measured = "" if rnd.flatness_measured is None else f", measured {_fmt(rnd.flatness_measured)}"

@@ -14,12 +14,14 @@ FLOPs of one forward and one backward of every image (see scripts/support/floor.
 initialization runs more passes than that one) at the sgemm rate measured in the same run; and as a
 multiple of the initialization floor, the GEMM FLOPs no initialization of the job avoids: one forward
 of every image (stage 2), stage 1's numerics for --init (k-means: covariance, whitening, the rounds'
-dots) and the forward and backward of stage 3's calibration images.
+dots) and the forward and backward of stage 3's calibration images. Where the run's tree
+reports its measured passes, also as a multiple of the work floor: the initialization floor
+plus the forward and backward of the images those passes ran again (this tree's and newer).
 ``--engine both`` adds the ratio pycaffe time / numpy time.
 
 ``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
 tree, back to back, and prints both times and the ratio new/old (``--target`` says whether the
-ratio is at most RATIO); ``--repeat N`` runs the two trees N times in turns and compares each
+ratio is at most RATIO, and what multiple of this tree's work floor that time would be); ``--repeat N`` runs the two trees N times in turns and compares each
 one's fastest run. Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
 importable.
 """
@@ -31,7 +33,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -80,7 +82,8 @@ def worker(args: argparse.Namespace) -> dict:
     return {"engine": res.engine, "total_s": total, "stages": split, "images_used": res.images_used,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "flatness": [res.report.flatness_before, res.report.flatness_after],
-            "rounds": res.report.iterations, "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
+            "rounds": res.report.iterations, "passes": getattr(res.report, "passes", None),
+            "pass_images": getattr(res.report, "pass_images", None), "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
 
 
 def _option_defaults() -> type:
@@ -113,14 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _floor(path: str, args: argparse.Namespace) -> Dict[str, float]:
-    """Print the job's GEMM FLOPs and the sgemm rate, and the initialization's own floor; the
-    floors in seconds by name (none when the net could not be counted)."""
+@dataclass
+class Floors:
+    """The job's GEMM floors in seconds by name (none when the net could not be counted), and
+    the GEMM floor of one image's forward and backward at the same rate."""
+    named: Dict[str, float] = field(default_factory=dict)
+    image_pass: float = 0.0
+
+    def work(self, r: dict) -> Optional[float]:
+        """The GEMM floor of the work run ``r`` did: the initialization floor and the forward and
+        backward of the images stage 3's measured passes ran again; None where the run's tree
+        does not report its passes."""
+        init = self.named.get("initialization floor")
+        if not init or r.get("pass_images") is None:
+            return None
+        return init + r["passes"] * r["pass_images"] * self.image_pass
+
+
+def _floor(path: str, args: argparse.Namespace) -> Floors:
+    """Print the job's GEMM FLOPs and the sgemm rate, and the initialization's own floor."""
     from scripts.support import floor
     images = args.images
     floor_s = floor.report_floor(path, images, f"floor: one forward + one backward of the {images} images")
     if floor_s is None:
-        return {}
+        return Floors()
     from caffe_utils.magic import InitOptions
     within, numerics, calibration = floor.init_flops(path, images, args.init, InitOptions(batch_size=args.batch_size))
     total = within + numerics + calibration
@@ -129,7 +148,7 @@ def _floor(path: str, args: argparse.Namespace) -> Dict[str, float]:
     print(f"initialization floor: {total / 1e9:.4g} GFLOP: the forward of the {images} images (stage 2) "
           f"{within / 1e9:.4g}, stage 1's {args.init} numerics {numerics / 1e9:.4g}, stage 3's calibration "
           f"(forward + backward) {calibration / 1e9:.4g}; {init_s:.4g} s at that rate")
-    return {"GEMM floor": floor_s, "initialization floor": init_s}
+    return Floors({"GEMM floor": floor_s, "initialization floor": init_s}, floor_s / images)
 
 
 def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
@@ -141,18 +160,22 @@ def _job(engine: str, tree: Path, args: argparse.Namespace, path: str) -> dict:
     return benchrun.run_worker(__file__, tree, argv)
 
 
-def _report(label: str, r: dict, floors: Dict[str, float]) -> None:
+def _report(label: str, r: dict, floors: Floors) -> None:
     """Print one job's time, memory, floor multiples, flatness and stage times."""
-    mult = "".join(f"; {r['total_s'] / s:.1f}x the {name}" for name, s in floors.items() if s)
+    mult = "".join(f"; {r['total_s'] / s:.1f}x the {name}" for name, s in floors.named.items() if s)
     before, after = r["flatness"]
     print(f"{label}: end to end {r['total_s']:.2f} s; peak RSS {r['peak_rss_mb']:.0f} MB{mult}; flatness "
           f"{before:.3g} -> {after:.3g} in {r['rounds']} round(s); {r['images_used']} distinct photos")
     for stage, seconds in r["stages"]:
         print(f"    {stage:<16s} {seconds:7.2f} s")
+    work = floors.work(r)
+    if work:
+        print(f"    work floor: {work:.3g} s, the initialization floor and {r['passes']} measured pass(es) of "
+              f"{r['pass_images']} images; {r['total_s'] / work:.1f}x it")
 
 
 def _run_engines(args: argparse.Namespace, engines: Sequence[str], path: str,
-                 floors: Dict[str, float]) -> int:
+                 floors: Floors) -> int:
     """Each engine on this tree, then the pycaffe/numpy ratio; exit 1 when any engine fails."""
     from scripts.support.benchrun import WorkerFailed
     results: Dict[str, dict] = {}
@@ -194,7 +217,7 @@ def _alternate(engine: str, trees: Dict[str, Path], args: argparse.Namespace, pa
 
 
 def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
-             floors: Dict[str, float]) -> int:
+             floors: Floors) -> int:
     """Each engine on commit ``args.compare`` and on this tree, in turns; exit 1 when any run fails."""
     from scripts.support import benchrun
     rev = benchrun.short_rev(args.compare)
@@ -216,7 +239,18 @@ def _compare(args: argparse.Namespace, engines: Sequence[str], path: str,
             if args.target is not None:
                 met = f" (target {args.target:g}: {'met' if ratio <= args.target else 'not met'})"
             print(f"{engine} ratio new/old: {ratio:.2f}{met}")
+            _target_against_work(args.target, best[f"at {rev}"], best["on this tree"], floors)
     return 1 if failed else 0
+
+
+def _target_against_work(target: Optional[float], old: dict, new: dict, floors: Floors) -> None:
+    """Print the time ``target`` x ``old`` asks of this tree as a multiple of the GEMM floor of
+    the work this tree's run did: below 1, no engine could reach it without doing less work."""
+    work = floors.work(new)
+    if target is None or not work:
+        return
+    asked = target * old["total_s"]
+    print(f"target {target:g}: {asked:.2f} s, {asked / work:.2f}x the work floor of this tree's run ({work:.3g} s)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -239,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         engines = benchrun.available_engines(args.engine)
         status = benchrun.run_or_compare(bool(args.compare), lambda: _run_engines(args, engines, path, floors),
                                          lambda: _compare(args, engines, path, floors))
-    if floors:
+    if floors.named:
         floor.report_rate_again()
     return status
 

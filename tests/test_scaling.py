@@ -478,6 +478,28 @@ def test_measured_rounds_stop_once_the_rates_are_within_their_errors(tmp_path):
     assert between._flat(after, 0.01, errors) and not between._flat(after, 0.01)
 
 
+def test_report_counts_the_images_of_the_calibration_and_of_each_measured_pass(tmp_path):
+    """Stage 3's work is in the report: the calibration ran its ``rate_images`` images, and each
+    measured pass its first CHECK_IMAGES (32) rounded up to whole batches of 12, 36; the summary
+    line says so."""
+    from caffe_utils import magic, netio
+    from caffe_utils.pipeline import RunResult, format_report
+    net = _net(tmp_path, _LRN_CHAIN)
+    net.blobs["data"].reshape(12, *net.blobs["data"].data.shape[1:])
+    net.reshape()
+    prepared = magic.prepare_net(netio.read_net(str(tmp_path / "net.prototxt")))
+    sample = np.random.RandomState(0).standard_normal((60, 3, 10, 10)).astype(np.float32)
+    with np.errstate(all="ignore"):  # the degree probes push this tiny LRN far out
+        rep = magic.initialize(net, prepared, sample, magic.InitOptions(init="gaussian", batch_size=12,
+                                                                        rate_images=48, iterations=2))
+    assert between.CHECK_IMAGES == 32
+    assert (rep.calibration_images, rep.pass_images) == (48, 36) and rep.passes >= 1
+    summary = format_report(RunResult(rep, "numpy", 60))
+    assert f"{rep.passes} of them measured (36 images each)" in summary
+    rep.passes = 0
+    assert "images each" not in format_report(RunResult(rep, "numpy", 60))
+
+
 def test_a_rounds_prediction_carries_the_models_correction(tmp_path):
     """What a round reports as predicted, and judges its gain by, is the corrected model's
     prediction: the rates its solve aimed at."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow
 def _script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # importlib's recipe: a dataclass looks its module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -227,6 +229,16 @@ def test_bench_initialization_floor_by_hand(tmp_path):
     assert floor.init_flops(wide, 1, "kmeans")[1] == 2 * (2 * 40 * 10 ** 2 + 10 ** 3 // 3 + 10 * 2 * 40 * 10 * 2)
 
 
+def test_bench_work_floor_by_hand():
+    """The work floor adds each measured pass's images at one image's forward and backward to
+    the initialization floor; a run from a tree that does not report its passes has none."""
+    floors = _script("bench_init").Floors({"GEMM floor": 1.0, "initialization floor": 2.0}, 0.25)
+    assert floors.work({"passes": 3, "pass_images": 4}) == 2.0 + 3 * 4 * 0.25
+    assert floors.work({"passes": 0, "pass_images": 32}) == 2.0
+    assert floors.work({"passes": None, "pass_images": None}) is None
+    assert type(floors)().work({"passes": 3, "pass_images": 4}) is None
+
+
 def test_bench_full_size_nets_have_the_published_cost(tmp_path):
     """The named nets' forward GEMM cost matches their papers' multiply-adds (x2 for FLOPs):
     ResNet-50 3.8e9 and ResNet-101 7.6e9 (He et al. Table 1), MobileNet v1 569e6 (Howard et al.
@@ -268,6 +280,8 @@ def test_bench_init_both_engines_and_failure(tmp_path, capsys):
     assert "floor: one forward + one backward of the 4 images" in out and "sgemm:" in out
     assert "numpy: end to end" in out and "x the GEMM floor" in out and "within-layer" in out
     assert "initialization floor:" in out and "x the initialization floor" in out
+    assert re.search(r"    work floor: [\d.e+-]+ s, the initialization floor and \d+ measured pass\(es\) of \d+ images; "
+                     r"[\d.]+x it", out), out
     assert ("speed ratio pycaffe/numpy" in out) if pycaffe_importable() else ("caffe: skipped" in out)
     bad = _tiny_net(tmp_path, _TINY_GEMM_NET.replace("num_output: 4 kernel_size: 3", "num_output: 0 kernel_size: 3"))
     assert mod.main(["--net", bad, "--images", "2", "--iterations", "1"]) == 1
@@ -287,6 +301,7 @@ def test_bench_init_compare_against_head(tmp_path, capsys):
                           text=True).stdout.strip()
     assert f"numpy at {head}: end to end" in out and "numpy on this tree: end to end" in out
     assert "numpy ratio new/old:" in out and "(target 100: met)" in out
+    assert re.search(r"target 100: [\d.]+ s, [\d.]+x the work floor of this tree's run", out), out
     trees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "magic-init-compare-" not in trees
     assert mod.main(["--net", _tiny_net(tmp_path), "--images", "2", "--compare", "no-such-rev"]) == 1

@@ -69,6 +69,8 @@ def equalize(ctx: InitContext) -> None:
     report.unknown_scale_layers = list(plan.unknown)
     report.frozen_layers = list(plan.frozen)
     passes = _Passes(ctx, plan)
+    report.calibration_images = int(passes.images.shape[0])
+    report.pass_images = int(passes.check_images.shape[0])
     with measure.param_diffs_only(net), passes.weight_diffs_off():
         now, before = passes.calibrate()
         _record(ctx, now, "before")

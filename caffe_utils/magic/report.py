@@ -92,6 +92,10 @@ class InitReport:
     layers: List[LayerReport] = field(default_factory=list)
     iterations: int = 0
     passes: int = 0
+    #: the images stage 3's calibration ran forward and backward, and those each measured pass
+    #: ran again (the calibration's first ones): with ``passes``, the work stage 3 did
+    calibration_images: int = 0
+    pass_images: int = 0
     rounds: List[RoundReport] = field(default_factory=list)
     converged: bool = False
     flatness_before: float = float("nan")
