@@ -29,7 +29,7 @@ import numpy as np
 
 from caffe_utils.layers.blas import matmul_groups, matmul_nt_long
 from caffe_utils.layers.im2col import blocks as tile_blocks
-from caffe_utils.layers.im2col import channels_last, clipped, parallel, scratch, tap_range
+from caffe_utils.layers.im2col import channels_last, channels_last_pays, parallel, scratch, tap_range
 
 Pair = Tuple[int, int]
 
@@ -116,13 +116,9 @@ def _taps(shape: Sequence[int], out_hw: Pair, kernel: Pair, pad: Pair, stride: P
 def depthwise_channels_last(taps: Sequence[Tuple[int, int, slice, slice, slice, slice]], out_hw: Pair,
                             channels: int) -> bool:
     """Whether a depthwise stencil of ``channels`` channels works on its blocks copied channels
-    innermost (:func:`~caffe_utils.layers.im2col.channels_last`): where some tap is clipped
-    (padding) and the output rows are shorter than the channel count and than
-    :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
-    so numpy's loops over them run a row of a few values at a time; on larger planes the
-    copies cost more than they save (README, "Benchmarks", 2026-12-07)."""
-    return (clipped([(ro, co) for _, _, ro, co, _, _ in taps], out_hw)
-            and out_hw[1] < min(CHANNELS_LAST_BELOW, channels))
+    innermost: :func:`~caffe_utils.layers.im2col.channels_last_pays` with
+    :data:`CHANNELS_LAST_BELOW` (README, "Benchmarks", 2026-12-07)."""
+    return channels_last_pays([(ro, co) for _, _, ro, co, _, _ in taps], out_hw, channels, CHANNELS_LAST_BELOW)
 
 
 def _block_size(blocks: List[Tuple[slice, slice]], per_channel: int) -> int:

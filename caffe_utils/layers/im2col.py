@@ -169,12 +169,17 @@ def channels_last(a: np.ndarray, fill: Optional[float] = None) -> np.ndarray:
     return out
 
 
-def clipped(taps: Sequence[Tuple[slice, slice]], out_hw: Tuple[int, int]) -> bool:
-    """Whether some window tap, given as its (output rows, output columns), misses part of the
-    ``out_hw`` outputs (it reads padding or past the input's end there): its slices of a block
-    are then strided in every axis."""
+def channels_last_pays(taps: Sequence[Tuple[slice, slice]], out_hw: Tuple[int, int], channels: int,
+                       below: int) -> bool:
+    """Whether a window kernel of ``channels`` channels should work on its blocks copied with
+    :func:`channels_last`: where some tap, given as its (output rows, output columns), misses
+    part of the ``out_hw`` outputs (it reads padding or past the input's end there, so its
+    slices of a block are strided in every axis and numpy's loops run a row of a few values at
+    a time), and the output rows are shorter than the channel count and than ``below`` (on
+    larger planes the copies cost more than they save)."""
     oh, ow = out_hw
-    return any(ro.stop - ro.start < oh or co.stop - co.start < ow for ro, co in taps)
+    clipped = any(ro.stop - ro.start < oh or co.stop - co.start < ow for ro, co in taps)
+    return clipped and ow < min(below, channels)
 
 
 def _buffer(out: Optional[np.ndarray], size: int, dtype) -> np.ndarray:

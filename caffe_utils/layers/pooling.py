@@ -33,7 +33,7 @@ import numpy as np
 
 from caffe_utils.layers.base import DTYPE, Blob, Layer, register
 from caffe_utils.layers.im2col import blocks as tile_blocks
-from caffe_utils.layers.im2col import channels_last, clipped, parallel, tap_range
+from caffe_utils.layers.im2col import channels_last, channels_last_pays, parallel, tap_range
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -73,13 +73,10 @@ CHANNELS_LAST_BELOW = 64
 
 def _channels_innermost(taps: Taps, out_hw: Tuple[int, int], channels: int) -> bool:
     """Whether a problem of ``channels`` channels is worked on with its blocks copied channels
-    innermost (:func:`~caffe_utils.layers.im2col.channels_last`): where some window is clipped
-    (padding, or a last partial window) and the output rows are shorter than the channel count
-    and than :data:`CHANNELS_LAST_BELOW`. A clipped tap's slices of a block are strided in every axis,
-    so numpy's loops over them run a row at a time; unclipped taps cover whole blocks and run
-    fast as stored (README, "Benchmarks", 2026-12-07)."""
-    return (clipped([(ro, co) for _, ro, co, _, _ in taps], out_hw)
-            and out_hw[1] < min(CHANNELS_LAST_BELOW, channels))
+    innermost: :func:`~caffe_utils.layers.im2col.channels_last_pays` with
+    :data:`CHANNELS_LAST_BELOW`. Unclipped taps cover whole blocks and run fast as stored
+    (README, "Benchmarks", 2026-12-07)."""
+    return channels_last_pays([(ro, co) for _, ro, co, _, _ in taps], out_hw, channels, CHANNELS_LAST_BELOW)
 
 
 def _by_blocks(work: Callable[[slice, slice], None], shape, out_hw: Tuple[int, int]) -> None:
