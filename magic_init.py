@@ -14,9 +14,8 @@ from typing import Optional
 
 import click
 
-from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, non_negative, positive,
-                                  sample_options, signal_name, signals_as_interrupts,
-                                  ignore_interrupts_at_exit)
+from caffe_utils.clitools import (OneLineCommand, damping_range, exit_status, ignore_interrupts_at_exit,
+                                  non_negative, positive, sample_options, signal_name, signals_as_interrupts)
 from caffe_utils.magic import INIT_TYPES, InitOptions
 from caffe_utils.pipeline import RunConfig
 

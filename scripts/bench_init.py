@@ -21,8 +21,8 @@ plus the forward and backward of the images those passes ran again (this tree's 
 
 ``--compare REV`` runs the same job on a temporary ``git worktree`` of commit REV and then on this
 tree, back to back, and prints both times and the ratio new/old (``--target`` says whether the
-ratio is at most RATIO, and what multiple of this tree's work floor that time would be); ``--repeat N`` runs the two trees N times in turns and compares each
-one's fastest run. Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
+ratio is at most RATIO, and what multiple of this tree's work floor that time would be);
+``--repeat N`` runs the two trees N times in turns and compares each one's fastest run. Exits 1 when an engine fails; skips pycaffe, saying so, when it is not
 importable.
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "flatness": [res.report.flatness_before, res.report.flatness_after],
             "rounds": res.report.iterations, "passes": getattr(res.report, "passes", None),
-            "pass_images": getattr(res.report, "pass_images", None), "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
+            "pass_images": getattr(res.report, "pass_images", None),
+            "caffe_utils": str(Path(caffe_utils.__file__).resolve())}
 
 
 def _option_defaults() -> type:
